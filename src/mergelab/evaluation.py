@@ -1,0 +1,95 @@
+"""Scoring a (merged) backbone with each task's head, under Lightning, with torchmetrics."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from mergelab.suite import TextClassificationSuite
+
+Scores = dict[str, dict[str, float]]  # task -> {"acc": .., "f1": ..}
+
+
+def attach_backbone(head_shell: nn.Module, backbone: nn.Module) -> nn.Module:
+    """A copy of a task model whose backbone slot (emptied by the model pool) points at ``backbone``."""
+    model = copy.deepcopy(head_shell)
+    setattr(model, model.base_model_prefix, backbone)
+    return model
+
+
+class MultiTaskClassifier(L.LightningModule):
+    """One shared backbone, one classification model per task built around it.
+
+    ``heads`` are sequence-classification models whose backbone attribute is ``None`` (see
+    :meth:`mergelab.modelpool.ModelPool.head_shell`); each gets ``backbone`` attached, so any
+    ``AutoModelForSequenceClassification`` architecture works unchanged.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.task_models = nn.ModuleDict({t: attach_backbone(h, backbone) for t, h in heads.items()})
+        self.eval_tasks: list[str] = list(heads)
+        self.metrics = nn.ModuleDict()
+        self.scores: Scores = {}
+
+    def forward(self, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.task_models[task](**inputs).logits
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics = nn.ModuleDict(
+            {
+                t: nn.ModuleDict(
+                    {
+                        "acc": MulticlassAccuracy(self.num_labels(t), average="micro"),
+                        "f1": MulticlassF1Score(self.num_labels(t), average="macro"),
+                    }
+                )
+                for t in self.eval_tasks
+            }
+        ).to(self.device)
+
+    def num_labels(self, task: str) -> int:
+        return int(self.task_models[task].config.num_labels)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.eval_tasks[dataloader_idx]
+        preds = self(task, batch).argmax(-1)
+        for m in self.metrics[task].values():
+            m.update(preds, batch["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        self.scores = {t: {k: float(m.compute()) for k, m in ms.items()} for t, ms in self.metrics.items()}
+
+
+def evaluate(
+    model: MultiTaskClassifier,
+    suite: TextClassificationSuite,
+    split: str,
+    tokenizer: Any,
+    trainer_kwargs: Mapping[str, Any],
+    tasks: Sequence[str] | None = None,
+) -> Scores:
+    """Accuracy and macro-F1 of ``model`` on ``split`` of each task (default: every task it has a head for)."""
+    model.eval_tasks = list(tasks or model.task_models.keys())
+    loaders = [suite.dataloader(suite.eval_dataset(t, split), tokenizer) for t in model.eval_tasks]
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.test(model, dataloaders=loaders, verbose=False)
+    return dict(model.scores)
+
+
+def average(scores: Scores, key: str = "acc") -> float:
+    """Unweighted mean of one metric over tasks."""
+    return sum(s[key] for s in scores.values()) / len(scores)
+
+
+def normalized(scores: Scores, reference: Scores, key: str = "acc") -> dict[str, float]:
+    """Per task merged / expert score (the normalized accuracy of the merging literature)."""
+    return {t: scores[t][key] / reference[t][key] if reference[t][key] > 0 else float("nan") for t in scores}

@@ -1,0 +1,67 @@
+"""Sending a run's config, metrics and results table to Lightning loggers (wandb, CSV)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mergelab.reports import table_records
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user configured wandb (WANDB_MODE=online or an API key in the environment / netrc)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """``row/task/metric`` scalars, plus averages and the objective."""
+    out: dict[str, float] = {}
+    split = results["report_split"]
+    for name, row in results["rows"].items():
+        for task, scores in row["scores"].items():
+            for metric, value in scores.items():
+                out[f"{split}/{name}/{task}/{metric}"] = value
+        for key in ("avg_acc", "avg_f1", "avg_norm_acc"):
+            if row.get(key) is not None:
+                out[f"{split}/{name}/{key}"] = row[key]
+        for pname, value in (row.get("params") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"chosen/{name}/{pname}"] = float(value)
+        for key, value in (row.get("method_report") or {}).items():
+            if isinstance(value, int | float):
+                out[f"method/{name}/{key}"] = float(value)
+    out[results["objective"]["name"]] = results["objective"]["value"]
+    return out
+
+
+def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
+    """Log everything a run produced to each logger and close it."""
+    if not loggers:
+        return
+    container = OmegaConf.to_container(cfg, resolve=True)
+    metrics = flat_metrics(results)
+    columns, data = table_records(results["rows"], results["tasks"])
+    for lg in loggers:
+        lg.log_hyperparams(container)  # type: ignore[arg-type]
+        lg.log_metrics(metrics)
+        if isinstance(lg, WandbLogger):
+            lg.log_table(key="results", columns=columns, data=data)
+            chart = out_dir / "results.png"
+            if chart.is_file():
+                lg.log_image(key="results_chart", images=[str(chart)])
+        lg.finalize("success")
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()

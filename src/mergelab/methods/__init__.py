@@ -1,0 +1,9 @@
+"""Merge methods: each is one module here plus one YAML in ``conf/method/``."""
+
+from mergelab.methods.base import MergeMethod, TaskVectorMethod
+from mergelab.methods.dare import DARE
+from mergelab.methods.task_arithmetic import TaskArithmetic
+from mergelab.methods.ties import TIES
+from mergelab.methods.weight_averaging import WeightAveraging
+
+__all__ = ["DARE", "TIES", "MergeMethod", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]

@@ -1,0 +1,227 @@
+"""Model pools: the pretrained model and one expert per task (hub ids or local dirs, or built on demand)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from mergelab import task_vectors as tv
+from mergelab.evaluation import MultiTaskClassifier
+from mergelab.experts import build_expert
+from mergelab.outputs import atomic_write_json, move_dir_into_place
+from mergelab.suite import TextClassificationSuite
+
+log = logging.getLogger(__name__)
+
+HEADS_FILE = "task_heads.safetensors"
+HEADS_META = "task_heads.json"
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is a local path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
+
+
+def load_classifier(name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
+    """Load a sequence-classification model, with an error that names the pool entry at fault."""
+    if _looks_local(path):
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise FileNotFoundError(f"model pool: {name} dir '{path}' does not exist")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model pool: {name} dir '{path}' has no config.json (not a HF model dir)")
+        path = str(p)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as e:  # transformers raises several types for unreadable/unreachable checkpoints
+        raise OSError(f"model pool: cannot load {name} from '{path}': {type(e).__name__}: {e}") from e
+    return model.eval()
+
+
+class ModelPool:
+    """The pretrained model and the experts, with the shared (merged) / per-task (head) split.
+
+    Args:
+        pretrained: hub id or local dir of the pretrained model.
+        experts: task name -> hub id or local dir; a null value (or ``experts: null`` for every suite task)
+            means "fine-tune this expert from the suite's train split" (cached, see :mod:`mergelab.experts`).
+        exclude: regexes over backbone parameter names that are not merged (they stay pretrained).
+        finetune: the recipe for experts built on demand.
+        cache_dir: where built experts and cached reference scores live.
+        trust_remote_code: passed to transformers; off unless the user turns it on.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        experts: Mapping[str, str | None] | None = None,
+        exclude: Sequence[str] = (),
+        finetune: Mapping[str, Any] | None = None,
+        cache_dir: str = "~/.cache/mergelab",
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.pretrained_path = str(pretrained)
+        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
+        try:
+            self.exclude = [re.compile(p) for p in exclude]
+        except re.error as e:
+            raise ValueError(f"model.exclude: invalid regex: {e}") from e
+        self.finetune = dict(finetune or {})
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.trust_remote_code = trust_remote_code
+        self.tasks: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- loading
+
+    def setup(self, suite: TextClassificationSuite, trainer_kwargs: Mapping[str, Any]) -> None:
+        """Resolve (building if needed) and load every model, and check they fit together and the suite."""
+        paths = self.expert_paths if self.expert_paths is not None else dict.fromkeys(suite.task_names)
+        missing = [t for t in suite.task_names if t not in paths]
+        if missing:
+            raise ValueError(f"model pool has no expert for suite task(s) {missing}; experts: {sorted(paths)}")
+        self.tasks = list(suite.task_names)
+        transformers.logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+        pre = load_classifier("pretrained model", self.pretrained_path, self.trust_remote_code, num_labels=2)
+        self._pretrained_backbone: nn.Module = getattr(pre, pre.base_model_prefix)
+        self.model_type = pre.config.model_type
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(self.pretrained_path).expanduser())
+            if _looks_local(self.pretrained_path)
+            else self.pretrained_path,
+            trust_remote_code=self.trust_remote_code,
+        )
+        base = self.pretrained_state()
+        tv.check_finite(base, f"pretrained model '{self.pretrained_path}'")
+        self.resolved: dict[str, str] = {}
+        self._expert_states: dict[str, tv.StateDict] = {}
+        self._shells: dict[str, nn.Module] = {}
+        for task in self.tasks:
+            path = paths[task]
+            if path is None:
+                if not self.finetune:
+                    raise ValueError(f"model pool: expert '{task}' has no path and model.finetune is empty")
+                path = str(
+                    build_expert(self.pretrained_path, suite, task, self.finetune, self.cache_dir, trainer_kwargs)
+                )
+            self.resolved[task] = path
+            model = load_classifier(f"expert '{task}'", path, self.trust_remote_code)
+            where = f"expert '{task}' ({path})"
+            if model.config.model_type != self.model_type:
+                raise ValueError(
+                    f"{where}: architecture '{model.config.model_type}' differs from the pretrained "
+                    f"model's '{self.model_type}'"
+                )
+            self._check_labels(task, model, suite, where)
+            state = {k: v.detach() for k, v in model.state_dict().items()}
+            tv.check_finite(state, where)
+            backbone_state = getattr(model, model.base_model_prefix).state_dict()
+            tv.check_compatible(base, backbone_state, where)
+            self._expert_states[task] = {k: backbone_state[k].detach() for k in base}
+            setattr(model, model.base_model_prefix, None)
+            self._shells[task] = model
+
+    @staticmethod
+    def _check_labels(task: str, model: nn.Module, suite: TextClassificationSuite, where: str) -> None:
+        labels = suite.tasks[task].labels
+        if model.config.num_labels != len(labels):
+            raise ValueError(
+                f"{where}: head has {model.config.num_labels} outputs but task '{task}' has {len(labels)} labels "
+                f"{labels} ({suite.data_dir / 'tasks.yaml'})"
+            )
+        names = [str(model.config.id2label[i]) for i in range(len(labels))]
+        default = [f"LABEL_{i}" for i in range(len(labels))]
+        if names != default and names != [str(x) for x in labels]:
+            raise ValueError(
+                f"{where}: head labels {names} do not match task '{task}' labels {labels} "
+                f"({suite.data_dir / 'tasks.yaml'})"
+            )
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def pretrained_state(self) -> tv.StateDict:
+        """The pretrained backbone's state dict."""
+        return {k: v.detach() for k, v in self._pretrained_backbone.state_dict().items()}
+
+    def expert_states(self) -> list[tv.StateDict]:
+        """The experts' backbone state dicts, in task order."""
+        return [self._expert_states[t] for t in self.tasks]
+
+    def is_mergeable(self, name: str, tensor: torch.Tensor) -> bool:
+        """Floating-point backbone parameters not matched by ``exclude``."""
+        return tensor.is_floating_point() and not any(p.search(name) for p in self.exclude)
+
+    def mergeable(self, state: Mapping[str, torch.Tensor]) -> tv.StateDict:
+        """The subset of a backbone state dict that merge methods operate on."""
+        return {k: v for k, v in state.items() if self.is_mergeable(k, v)}
+
+    # ----------------------------------------------------------------------------------------- models
+
+    def backbone(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """A copy of the pretrained backbone, with ``state`` (possibly partial) loaded into it."""
+        bb = copy.deepcopy(self._pretrained_backbone)
+        if state is not None:
+            bb.load_state_dict(dict(state), strict=False)
+        return bb.eval()
+
+    def classifier(
+        self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
+    ) -> MultiTaskClassifier:
+        """A multi-task model: the given backbone weights with each task's expert head."""
+        return MultiTaskClassifier(self.backbone(state), {t: self._shells[t] for t in (tasks or self.tasks)})
+
+    def expert_classifier(self, task: str) -> MultiTaskClassifier:
+        """The expert of ``task`` alone, as a one-task classifier."""
+        return self.classifier(self._expert_states[task], [task])
+
+    def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """Write the merged model: an HF backbone dir (``AutoModel.from_pretrained`` loads it) plus task heads.
+
+        Written to a temporary dir and renamed into place when complete.
+        """
+        out = Path(out_dir)
+        tmp = out.parent / f".tmp-{out.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        clf = self.classifier(state)
+        clf.backbone.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        heads: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"tasks": {}}
+        for task, model in clf.task_models.items():
+            prefix = model.base_model_prefix + "."
+            for k, v in model.state_dict().items():
+                if not k.startswith(prefix):
+                    heads[f"{task}/{k}"] = v.detach().contiguous().clone()
+            meta["tasks"][task] = model.config.to_dict()
+        save_file(heads, str(tmp / HEADS_FILE))
+        atomic_write_json(tmp / HEADS_META, meta)
+        move_dir_into_place(tmp, out)
+        return out
+
+
+def load_merged(path: str | Path) -> MultiTaskClassifier:
+    """Load a merged model written by :meth:`ModelPool.save_merged` back into a multi-task classifier."""
+    path = Path(path)
+    backbone = AutoModel.from_pretrained(path).eval()
+    meta = json.loads((path / HEADS_META).read_text())
+    heads_state = load_file(str(path / HEADS_FILE))
+    shells = {}
+    for task, cfg_dict in meta["tasks"].items():
+        cfg = AutoConfig.for_model(**cfg_dict)
+        shell = AutoModelForSequenceClassification.from_config(cfg)
+        setattr(shell, shell.base_model_prefix, None)
+        prefix = f"{task}/"
+        shell.load_state_dict({k[len(prefix) :]: v for k, v in heads_state.items() if k.startswith(prefix)})
+        shells[task] = shell.eval()
+    return MultiTaskClassifier(backbone, shells)

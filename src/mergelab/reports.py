@@ -1,0 +1,93 @@
+"""Paper-style result tables (markdown, CSV) and bar charts."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mergelab.outputs import atomic_save_figure, atomic_write_text
+
+# rows: name -> {"scores": {task: {"acc", "f1"}}, "avg_acc": float, "avg_norm_acc": float | None, "params": {}}
+Rows = Mapping[str, Mapping[str, Any]]
+
+
+def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and values (accuracies in %) of the comparison table."""
+    columns = ["method", *tasks, "avg_acc", "avg_f1", "norm_acc", "params"]
+    data = []
+    for name, row in rows.items():
+        scores = row["scores"]
+        norm = row.get("avg_norm_acc")
+        params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
+        data.append(
+            [
+                name,
+                *[round(100 * scores[t]["acc"], 2) for t in tasks],
+                round(100 * row["avg_acc"], 2),
+                round(100 * row["avg_f1"], 2),
+                None if norm is None else round(100 * norm, 2),
+                params,
+            ]
+        )
+    return columns, data
+
+
+def markdown_table(rows: Rows, tasks: Sequence[str], title: str = "") -> str:
+    """A markdown table: accuracy (%) per task, average accuracy and macro-F1, normalized accuracy."""
+    _columns, data = table_records(rows, tasks)
+    header = ["Method", *tasks, "Avg acc", "Avg F1", "Norm acc", "Chosen"]
+    lines = [f"## {title}\n" if title else "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|")
+    for rec in data:
+        cells = [rec[0]] + ["-" if v is None else f"{v:.2f}" for v in rec[1:-1]] + [rec[-1] or ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(x for x in lines if x) + "\n"
+
+
+def csv_table(rows: Rows, tasks: Sequence[str]) -> str:
+    """The same table as CSV."""
+    columns, data = table_records(rows, tasks)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    w.writerows(data)
+    return buf.getvalue()
+
+
+def bar_chart(rows: Rows, tasks: Sequence[str], path: str | Path, title: str = "") -> None:
+    """Grouped bars: accuracy per task and on average, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*tasks, "average"]
+    n = len(rows)
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups) + 0.25 * n), 4.5))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, row) in enumerate(rows.items()):
+        vals = [100 * row["scores"][t]["acc"] for t in tasks] + [100 * row["avg_acc"]]
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width=width, label=name, color=cmap(i % 10))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.grid(axis="y", alpha=0.3)
+    atomic_save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_reports(rows: Rows, tasks: Sequence[str], out_dir: str | Path, title: str, chart: bool) -> None:
+    """results.md, results.csv and (optionally) results.png in ``out_dir``."""
+    out = Path(out_dir)
+    atomic_write_text(out / "results.md", markdown_table(rows, tasks, title))
+    atomic_write_text(out / "results.csv", csv_table(rows, tasks))
+    if chart:
+        bar_chart(rows, tasks, out / "results.png", title)

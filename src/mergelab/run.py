@@ -1,0 +1,185 @@
+"""The one entry point: instantiate pool, suite and method(s) from the config, merge, evaluate, report."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mergelab import evaluation as ev
+from mergelab.experts import model_fingerprint
+from mergelab.loggers import log_run
+from mergelab.methods.base import MergeMethod
+from mergelab.modelpool import ModelPool
+from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
+from mergelab.reports import write_reports
+from mergelab.suite import TextClassificationSuite
+
+log = logging.getLogger(__name__)
+
+NOT_METHOD_OPTIONS = ("name", "grid")
+
+
+def method_candidates(mcfg: DictConfig, tune: bool) -> list[tuple[dict[str, Any], MergeMethod]]:
+    """The method built at each point of its coefficient grid (or only as configured when not tuning).
+
+    Every candidate is built up front so an out-of-range value fails before any work is done.
+    """
+    base = {k: v for k, v in OmegaConf.to_container(mcfg, resolve=True).items() if k not in NOT_METHOD_OPTIONS}
+    grid = OmegaConf.to_container(mcfg.get("grid") or {}, resolve=True) if tune else {}
+    keys = list(grid)
+    points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+    out = []
+    for point in points:
+        params = {k: v for k, v in base.items() if not k.startswith("_")} | point
+        try:
+            method = instantiate({**base, **point})
+        except Exception as e:
+            # Hydra wraps constructor errors; surface the method's own message.
+            cause = e.__cause__ or e
+            raise ValueError(f"method '{mcfg.get('name')}': {cause}") from e
+        out.append((params, method))
+    return out
+
+
+def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[], ev.Scores]) -> ev.Scores:
+    """Scores of a model that does not change between runs (pretrained, experts), cached on disk."""
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir / "scores" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["scores"]
+    scores = compute()
+    atomic_write_json(path, {"key": dict(parts), "scores": scores})
+    return scores
+
+
+def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One table row: per-task scores, averages and the normalized accuracy against the experts."""
+    out: dict[str, Any] = {
+        "scores": scores,
+        "avg_acc": ev.average(scores, "acc"),
+        "avg_f1": ev.average(scores, "f1"),
+    }
+    if reference is not None:
+        norm = ev.normalized(scores, reference)
+        out["norm_acc"] = norm
+        out["avg_norm_acc"] = sum(norm.values()) / len(norm)
+    if params:
+        out["params"] = dict(params)
+    return out
+
+
+def quiet_libraries() -> None:
+    """Keep the console to progress bars and results: no per-evaluation banners or dataset-map bars."""
+    datasets.disable_progress_bars()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run the configured job; returns the objective (mean accuracy of the last method on the tune split)."""
+    quiet_libraries()
+    out_dir = Path(cfg.paths.output_dir)
+    guard_output_dir(out_dir, bool(cfg.overwrite))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+
+    # Everything that can be wrong with the config fails here, before models load or outputs are written.
+    suite: TextClassificationSuite = instantiate(cfg.eval, _convert_="all")
+    method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
+    tune = bool(cfg.tune)
+    candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
+    pool: ModelPool = instantiate(cfg.model, _convert_="all")
+    loggers = [instantiate(lc) for lc in (cfg.get("logger") or {}).values() if lc]
+
+    t0 = time.perf_counter()
+    pool.setup(suite, trainer_kwargs)
+    t_setup = time.perf_counter() - t0
+    tok, report, tune_split = pool.tokenizer, suite.report_split, suite.tune_split
+
+    def score(model: ev.MultiTaskClassifier, split: str, tasks: list[str] | None = None) -> ev.Scores:
+        return ev.evaluate(model, suite, split, tok, trainer_kwargs, tasks)
+
+    base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
+    pre_scores = cached_scores(
+        pool.cache_dir,
+        {
+            **base_key,
+            "model": model_fingerprint(pool.pretrained_path),
+            "heads": [model_fingerprint(pool.resolved[t]) for t in pool.tasks],
+        },
+        lambda: score(pool.classifier(), report),
+    )
+    expert_scores: ev.Scores = {}
+    for t in pool.tasks:
+        expert_scores[t] = cached_scores(
+            pool.cache_dir,
+            {**base_key, "model": model_fingerprint(pool.resolved[t]), "task": t},
+            lambda t=t: score(pool.expert_classifier(t), report, [t]),
+        )[t]
+    rows: dict[str, dict[str, Any]] = {
+        "pretrained": row(pre_scores, expert_scores),
+        "experts": row(expert_scores, expert_scores),
+    }
+
+    objective = float("nan")
+    merged_state = None
+    timings: dict[str, float] = {"setup_s": round(t_setup, 1)}
+    for name, cands in candidates.items():
+        t1 = time.perf_counter()
+        tried = []
+        best: tuple[float, dict[str, Any], MergeMethod, Any] | None = None
+        for params, method in cands:
+            state = method.run(pool)
+            if len(cands) > 1:
+                val = ev.average(score(pool.classifier(state), tune_split))
+                tried.append({"params": params, f"{tune_split}_avg_acc": val})
+                log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
+            else:
+                val = float("nan")
+            if best is None or val > best[0]:
+                best = (val, params, method, state)
+        assert best is not None
+        _, params, method, state = best
+        test_scores = score(pool.classifier(state), report)
+        objective = ev.average(score(pool.classifier(state), tune_split)) if len(cands) == 1 else best[0]
+        rows[name] = row(test_scores, expert_scores, params)
+        rows[name][f"{tune_split}_avg_acc"] = objective
+        if tried:
+            rows[name]["tuning"] = tried
+        if method.report():
+            rows[name]["method_report"] = method.report()
+        timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
+        merged_state = state
+
+    results = {
+        "suite": suite.name,
+        "report_split": report,
+        "tune_split": tune_split,
+        "tasks": pool.tasks,
+        "experts": pool.resolved,
+        "rows": rows,
+        "objective": {"name": f"{tune_split}/avg_acc", "value": objective},
+        "timings": timings,
+        "overrides": list(cfg.get("overrides") or []),
+    }
+    title = f"{suite.name}: {report} accuracy (%)"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.save_merged and merged_state is not None:
+        pool.save_merged(merged_state, out_dir / "merged_model")
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_reports(rows, pool.tasks, out_dir, title, chart=bool(cfg.plot))
+    atomic_write_json(out_dir / "metrics.json", results)
+    log_run(loggers, cfg, results, out_dir)
+    log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
+    return objective

@@ -1,0 +1,177 @@
+"""Text-classification task suites: data + YAML, loaded through ``datasets``.
+
+A suite directory holds ``tasks.yaml`` (per task: label names, source, licence) and
+``<task>/{train,validation,test}.parquet`` with columns ``text`` and ``label``. Adding a task means adding its
+files and a ``tasks.yaml`` entry; no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the suite knows about one task."""
+
+    name: str
+    labels: list[str]
+    description: str
+    files: dict[str, Path]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (used in cache keys)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TextClassificationSuite:
+    """Scores models on every task of a suite.
+
+    Args:
+        name: suite name (for reports).
+        data_dir: directory with ``tasks.yaml`` and one sub-directory per task.
+        tasks: the task names to use, in report order.
+        batch_size: evaluation batch size.
+        max_length: tokens per example (longer texts are truncated).
+        max_eval_examples: evaluate on the first N examples of each split (None = all); a fixed, seeded
+            subset so that every model sees the same examples.
+        tune_split / report_split: the split used to choose coefficients, and the one reported.
+        seed: seed of the evaluation subset.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        tasks: Sequence[str],
+        batch_size: int = 64,
+        max_length: int = 64,
+        max_eval_examples: int | None = None,
+        tune_split: str = "validation",
+        report_split: str = "test",
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.task_names = list(tasks)
+        if batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+        if max_eval_examples is not None and max_eval_examples < 1:
+            raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
+        for key, split in (("tune_split", tune_split), ("report_split", report_split)):
+            if split not in SPLITS:
+                raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.max_eval_examples = max_eval_examples
+        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+        self.tasks = self._read_tasks()
+
+    def _read_tasks(self) -> dict[str, TaskInfo]:
+        index = self.data_dir / "tasks.yaml"
+        if not index.is_file():
+            raise FileNotFoundError(f"suite '{self.name}': no tasks.yaml in data_dir {self.data_dir}")
+        doc = yaml.safe_load(index.read_text()) or {}
+        meta = doc.get("tasks", {})
+        unknown = [t for t in self.task_names if t not in meta]
+        if unknown:
+            raise ValueError(f"suite '{self.name}': unknown task(s) {unknown}; {index} defines {sorted(meta)}")
+        if not self.task_names:
+            raise ValueError(f"suite '{self.name}': eval.tasks is empty")
+        out = {}
+        for t in self.task_names:
+            files = {s: self.data_dir / t / f"{s}.parquet" for s in SPLITS}
+            for s, f in files.items():
+                if not f.is_file():
+                    raise FileNotFoundError(f"suite '{self.name}': task '{t}' has no {s} split at {f}")
+            out[t] = TaskInfo(t, list(meta[t]["labels"]), str(meta[t].get("description", "")), files)
+        return out
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def dataset(self, task: str, split: str, max_examples: int | None = None) -> datasets.Dataset:
+        """One split of one task as a ``datasets.Dataset``, checked against the task's label names."""
+        info = self.tasks[task]
+        ds = datasets.load_dataset("parquet", data_files={split: str(info.files[split])}, split=split)
+        labels = ds["label"]
+        bad = sorted({int(v) for v in labels if not 0 <= int(v) < info.num_labels})
+        if bad:
+            raise ValueError(
+                f"task '{task}': {info.files[split]} has label id(s) {bad[:10]} outside the "
+                f"{info.num_labels} labels {info.labels} of tasks.yaml"
+            )
+        if max_examples is not None and len(ds) > max_examples:
+            ds = ds.shuffle(seed=self.seed).select(range(max_examples))
+        return ds
+
+    def eval_dataset(self, task: str, split: str) -> datasets.Dataset:
+        """The (possibly subsampled) split every model is scored on."""
+        return self.dataset(task, split, self.max_eval_examples)
+
+    def tokenize(self, ds: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+        """Tokenized without padding; batches are padded to their own longest example."""
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            return tokenizer(batch["text"], truncation=True, max_length=self.max_length)
+
+        ds = ds.map(encode, batched=True, remove_columns=["text"], keep_in_memory=True)
+        return ds.rename_column("label", "labels")
+
+    def dataloader(
+        self, ds: datasets.Dataset, tokenizer: Any, shuffle: bool = False, batch_size: int | None = None, seed: int = 0
+    ) -> DataLoader:
+        """Batches of a tokenized dataset; evaluation batches are formed from length-sorted examples."""
+        tok = self.tokenize(ds, tokenizer)
+        pad_id = tokenizer.pad_token_id or 0
+        if not shuffle:
+            # Sorting by length removes most padding: the same predictions, several times faster on CPU.
+            lengths = [len(x) for x in tok["input_ids"]]
+            tok = tok.select(sorted(range(len(tok)), key=lengths.__getitem__))
+        rows = tok.to_list()
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            rows,  # type: ignore[arg-type]
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            generator=gen if shuffle else None,
+            collate_fn=lambda b: pad_batch(b, pad_id),
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the data every score depends on (files, subset, truncation)."""
+        h = hashlib.sha256()
+        for t in self.task_names:
+            for s in SPLITS:
+                h.update(f"{t}/{s}:{file_digest(self.tasks[t].files[s])}".encode())
+        h.update(f"{self.max_eval_examples}|{self.max_length}|{self.seed}".encode())
+        return h.hexdigest()[:16]
+
+
+def pad_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token lists to the longest row; build the attention mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        if key == "labels":
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
+    return batch

@@ -1,0 +1,155 @@
+"""State-dict arithmetic shared by every merge method.
+
+All methods express themselves through these functions, so a merge is a composition of small, separately
+tested operations on ``{parameter name: tensor}`` mappings. Arithmetic runs in float32 (or the input's wider
+dtype) and results are cast back to the pretrained tensor's dtype by :func:`apply_task_vector`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """Low-precision tensors are upcast so that sums of several experts do not lose precision."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def task_vector(base: Mapping[str, Tensor], expert: Mapping[str, Tensor]) -> StateDict:
+    """tau = theta_expert - theta_0 for every parameter of ``base`` (keys must match)."""
+    return {k: expert[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base.items()}
+
+
+def task_vectors(base: Mapping[str, Tensor], experts: Iterable[Mapping[str, Tensor]]) -> list[StateDict]:
+    """Task vectors of several experts against the same pretrained weights."""
+    return [task_vector(base, e) for e in experts]
+
+
+def map_tensors(fn: Callable[[str, Sequence[Tensor]], Tensor], vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:
+    """Apply ``fn(name, [v_1[name], ..., v_T[name]])`` to every parameter name of ``vectors[0]``."""
+    if not vectors:
+        raise ValueError("at least one task vector is needed")
+    return {k: fn(k, [v[k] for v in vectors]) for k in vectors[0]}
+
+
+def weighted_sum(vectors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
+    """sum_t w_t * v_t, parameter by parameter."""
+    if len(vectors) != len(weights):
+        raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
+    return map_tensors(lambda _, ts: sum(w * t for w, t in zip(weights, ts, strict=True)), vectors)
+
+
+def scale(vector: Mapping[str, Tensor], factor: float) -> StateDict:
+    """factor * v."""
+    return {k: factor * t for k, t in vector.items()}
+
+
+def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> StateDict:
+    """theta_0 + delta, cast back to the pretrained dtypes. Parameters absent from ``delta`` stay pretrained."""
+    out: StateDict = {}
+    for k, v in base.items():
+        out[k] = (v.to(_compute_dtype(v)) + delta[k]).to(v.dtype) if k in delta else v.clone()
+    return out
+
+
+def squared_norm(vector: Mapping[str, Tensor]) -> float:
+    """||v||^2 over all parameters, accumulated in float64."""
+    return float(sum(t.double().pow(2).sum() for t in vector.values()))
+
+
+# ----------------------------------------------------------------------------------------------- TIES pieces
+
+
+def topk_count(numel: int, k_percent: float) -> int:
+    """Number of coordinates kept by a top-k% trim of ``numel`` coordinates (at least one)."""
+    return max(1, math.ceil(numel * k_percent / 100.0))
+
+
+def magnitude_threshold(tensors: Iterable[Tensor], k_percent: float) -> float:
+    """Smallest magnitude among the top-k% largest-magnitude coordinates of the concatenated tensors.
+
+    Keeping ``|x| >= threshold`` keeps exactly the top-k% (plus any coordinates tied with the threshold).
+    """
+    flat = torch.cat([t.detach().abs().flatten().float() for t in tensors])
+    keep = topk_count(flat.numel(), k_percent)
+    # kthvalue is the k-th *smallest*: the keep-th largest is the (n - keep + 1)-th smallest.
+    return float(flat.kthvalue(flat.numel() - keep + 1).values)
+
+
+def trim(t: Tensor, threshold: float) -> Tensor:
+    """Zero the coordinates whose magnitude is below ``threshold``."""
+    return torch.where(t.abs() >= threshold, t, torch.zeros((), dtype=t.dtype))
+
+
+def elect_sign(trimmed: Sequence[Tensor], majority_sign: float) -> Tensor:
+    """Per-coordinate sign of sum_t trimmed_t; coordinates whose sum is exactly zero take ``majority_sign``."""
+    sign = torch.sign(torch.stack(list(trimmed)).sum(0))
+    return torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
+
+
+def majority_sign(sign_sums: Iterable[Tensor]) -> float:
+    """Sign of the total of the per-coordinate signs (+1 when it is zero): the fallback for exact ties."""
+    total = sum(float(torch.sign(s).sum()) for s in sign_sums)
+    return -1.0 if total < 0 else 1.0
+
+
+def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tensor:
+    """Mean (or sum) over the tasks whose non-zero coordinate agrees with the elected sign."""
+    stacked = torch.stack(list(trimmed))
+    agree = torch.where(sign > 0, stacked > 0, stacked < 0)
+    selected = stacked * agree
+    total = selected.sum(0)
+    if reduce == "sum":
+        return total
+    if reduce == "mean":
+        return total / agree.sum(0).clamp(min=1)
+    raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+# ----------------------------------------------------------------------------------------------- DARE pieces
+
+
+def tensor_seed(seed: int, name: str, index: int) -> int:
+    """A seed for one (parameter, task) pair that does not depend on the order tensors are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % (2**63 - 1)
+
+
+def drop_and_rescale(
+    t: Tensor, p: float, generator: torch.Generator | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """DARE: zero each coordinate with probability ``p`` and rescale the survivors by 1 / (1 - p).
+
+    ``mask`` (True = keep) may be injected; otherwise it is drawn from ``generator``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
+    if mask is None:
+        mask = torch.rand(t.shape, generator=generator) >= p
+    return torch.where(mask, t / (1.0 - p), torch.zeros((), dtype=t.dtype))
+
+
+def check_finite(state: Mapping[str, Tensor], where: str) -> None:
+    """Raise if any tensor holds NaN or inf, naming the checkpoint and parameter."""
+    for k, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{where}: parameter '{k}' contains {bad} NaN/inf value(s)")
+
+
+def check_compatible(base: Mapping[str, Tensor], other: Mapping[str, Tensor], where: str) -> None:
+    """Raise if ``other`` lacks a parameter of ``base`` or has it with another shape."""
+    missing = [k for k in base if k not in other]
+    if missing:
+        raise ValueError(f"{where}: missing parameter(s) {missing[:5]} present in the pretrained model")
+    for k, v in base.items():
+        if tuple(other[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{where}: parameter '{k}' has shape {tuple(other[k].shape)}, pretrained has {tuple(v.shape)}"
+            )
