@@ -16,6 +16,13 @@ from mergelab.suite import TextClassificationSuite
 Scores = dict[str, dict[str, float]]  # task -> {"acc": .., "f1": ..}
 
 
+def split_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a sequence-classification model into its backbone and a head shell (the model, backbone slot empty)."""
+    backbone = getattr(model, model.base_model_prefix)
+    setattr(model, model.base_model_prefix, None)
+    return backbone, model
+
+
 def attach_backbone(head_shell: nn.Module, backbone: nn.Module) -> nn.Module:
     """A copy of a task model whose backbone slot (emptied by the model pool) points at ``backbone``."""
     model = copy.deepcopy(head_shell)

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
 from mergelab.outputs import atomic_write_text
 from mergelab.suite import TextClassificationSuite, file_digest
 
@@ -102,8 +103,6 @@ def build_expert(
     The dir is written under a temporary name and renamed into place once complete, so an interrupted build
     never leaves a half-written expert that a later run would trust.
     """
-    from mergelab.evaluation import MultiTaskClassifier, evaluate  # evaluation imports this package's suite
-
     key = expert_key(pretrained, suite, task, finetune)
     final = Path(cache_dir) / "experts" / f"{task}-{key}"
     if (final / RECORD).is_file():
@@ -137,10 +136,7 @@ def build_expert(
     # The expert's own scores on the full test and validation splits.
     full = copy.copy(suite)
     full.max_eval_examples = None
-    model.eval()
-    backbone = getattr(model, model.base_model_prefix)
-    shell = copy.deepcopy(model)
-    setattr(shell, shell.base_model_prefix, None)
+    backbone, shell = split_backbone(copy.deepcopy(model).eval())
     clf = MultiTaskClassifier(backbone, {task: shell})
     scores = {s: evaluate(clf, full, s, tokenizer, trainer_kwargs)[task] for s in ("validation", "test")}
 

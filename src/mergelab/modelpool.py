@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from mergelab import task_vectors as tv
-from mergelab.evaluation import MultiTaskClassifier
+from mergelab.evaluation import MultiTaskClassifier, split_backbone
 from mergelab.experts import build_expert
 from mergelab.outputs import atomic_write_json, move_dir_into_place
 from mergelab.suite import TextClassificationSuite
@@ -126,11 +126,10 @@ class ModelPool:
             self._check_labels(task, model, suite, where)
             state = {k: v.detach() for k, v in model.state_dict().items()}
             tv.check_finite(state, where)
-            backbone_state = getattr(model, model.base_model_prefix).state_dict()
+            backbone, self._shells[task] = split_backbone(model)
+            backbone_state = backbone.state_dict()
             tv.check_compatible(base, backbone_state, where)
             self._expert_states[task] = {k: backbone_state[k].detach() for k in base}
-            setattr(model, model.base_model_prefix, None)
-            self._shells[task] = model
 
     @staticmethod
     def _check_labels(task: str, model: nn.Module, suite: TextClassificationSuite, where: str) -> None:
@@ -219,8 +218,7 @@ def load_merged(path: str | Path) -> MultiTaskClassifier:
     shells = {}
     for task, cfg_dict in meta["tasks"].items():
         cfg = AutoConfig.for_model(**cfg_dict)
-        shell = AutoModelForSequenceClassification.from_config(cfg)
-        setattr(shell, shell.base_model_prefix, None)
+        _, shell = split_backbone(AutoModelForSequenceClassification.from_config(cfg))
         prefix = f"{task}/"
         shell.load_state_dict({k[len(prefix) :]: v for k, v in heads_state.items() if k.startswith(prefix)})
         shells[task] = shell.eval()

@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,24 +31,33 @@ log = logging.getLogger(__name__)
 NOT_METHOD_OPTIONS = ("name", "grid")
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the component's own error (it names the key or value at fault)."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
+
+
 def method_candidates(mcfg: DictConfig, tune: bool) -> list[tuple[dict[str, Any], MergeMethod]]:
     """The method built at each point of its coefficient grid (or only as configured when not tuning).
 
     Every candidate is built up front so an out-of-range value fails before any work is done.
     """
-    base = {k: v for k, v in OmegaConf.to_container(mcfg, resolve=True).items() if k not in NOT_METHOD_OPTIONS}
-    grid = OmegaConf.to_container(mcfg.get("grid") or {}, resolve=True) if tune else {}
+    full = OmegaConf.to_container(mcfg, resolve=True)
+    base = {k: v for k, v in full.items() if k not in NOT_METHOD_OPTIONS}
+    grid = (full.get("grid") or {}) if tune else {}
     keys = list(grid)
     points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
     out = []
     for point in points:
         params = {k: v for k, v in base.items() if not k.startswith("_")} | point
         try:
-            method = instantiate({**base, **point})
-        except Exception as e:
-            # Hydra wraps constructor errors; surface the method's own message.
-            cause = e.__cause__ or e
-            raise ValueError(f"method '{mcfg.get('name')}': {cause}") from e
+            method = build({**base, **point})
+        except ValueError as e:
+            raise ValueError(f"method '{mcfg.get('name')}': {e}") from e
         out.append((params, method))
     return out
 
@@ -95,12 +105,12 @@ def run(cfg: DictConfig) -> float:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
 
     # Everything that can be wrong with the config fails here, before models load or outputs are written.
-    suite: TextClassificationSuite = instantiate(cfg.eval, _convert_="all")
+    suite: TextClassificationSuite = build(cfg.eval)
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
-    pool: ModelPool = instantiate(cfg.model, _convert_="all")
-    loggers = [instantiate(lc) for lc in (cfg.get("logger") or {}).values() if lc]
+    pool: ModelPool = build(cfg.model)
+    loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
     pool.setup(suite, trainer_kwargs)
