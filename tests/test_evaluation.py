@@ -80,7 +80,7 @@ def test_pretrained_classifier_has_pretrained_backbone(
 
 def test_mergeable_respects_exclude(tmp_path: Path, pool_and_suite: tuple[ModelPool, TextClassificationSuite]) -> None:
     pool, _ = pool_and_suite
-    cfg = make_cfg(tmp_path, ["model.exclude=[^embeddings\\.]"])
+    cfg = make_cfg(tmp_path, ["model.exclude=['^embeddings\\.']"])
     excl = instantiate(cfg.model, _convert_="all")
     names = set(excl.mergeable(pool.pretrained_state()))
     assert names and not any(n.startswith("embeddings.") for n in names)
