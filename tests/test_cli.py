@@ -106,7 +106,8 @@ def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> Non
     ]
     run(make_cfg(tmp_path, overrides))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(metrics["rows"]) == ["pretrained", "experts", "weight_averaging", "task_arithmetic", "ties", "dare"]
+    rows = ["pretrained", "experts", "weight_averaging", "task_arithmetic", "ties", "dare", "metagpt"]
+    assert list(metrics["rows"]) == rows
     ta = metrics["rows"]["task_arithmetic"]
     tried = {t["params"]["scaling"]: t["validation_avg_acc"] for t in ta["tuning"]}
     assert set(tried) == {0.2, 0.6}
@@ -114,7 +115,11 @@ def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> Non
     assert (tmp_path / "results.png").stat().st_size > 1000
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,tweet_sentiment,food_review,avg_acc")
-    assert len(csv_lines) == 7
+    assert len(csv_lines) == 8
+    # MetaGPT's coefficients are reported with the row, one per task, summing to 1.
+    lambdas = metrics["rows"]["metagpt"]["method_report"]
+    assert set(lambdas) == {"lambda/tweet_sentiment", "lambda/food_review"}
+    assert sum(lambdas.values()) == pytest.approx(1.0)
 
 
 def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

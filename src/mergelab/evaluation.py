@@ -83,11 +83,22 @@ def evaluate(
     tokenizer: Any,
     trainer_kwargs: Mapping[str, Any],
     tasks: Sequence[str] | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> Scores:
-    """Accuracy and macro-F1 of ``model`` on ``split`` of each task (default: every task it has a head for)."""
+    """Accuracy and macro-F1 of ``model`` on ``split`` of each task (default: every task it has a head for).
+
+    ``callbacks`` run in the evaluation trainer (e.g. a :class:`mergelab.callbacks.MergeCallback` that
+    merges into the backbone when testing starts).
+    """
     model.eval_tasks = list(tasks or model.task_models.keys())
     loaders = [suite.dataloader(suite.eval_dataset(t, split), tokenizer) for t in model.eval_tasks]
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
     trainer.test(model, dataloaders=loaders, verbose=False)
     return dict(model.scores)
 

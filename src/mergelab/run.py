@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab import evaluation as ev
+from mergelab.callbacks import MergeCallback
 from mergelab.experts import model_fingerprint
 from mergelab.loggers import log_run
 from mergelab.methods.base import MergeMethod
@@ -117,8 +118,10 @@ def run(cfg: DictConfig) -> float:
     t_setup = time.perf_counter() - t0
     tok, report, tune_split = pool.tokenizer, suite.report_split, suite.tune_split
 
-    def score(model: ev.MultiTaskClassifier, split: str, tasks: list[str] | None = None) -> ev.Scores:
-        return ev.evaluate(model, suite, split, tok, trainer_kwargs, tasks)
+    def score(
+        model: ev.MultiTaskClassifier, split: str, tasks: list[str] | None = None, merge: MergeCallback | None = None
+    ) -> ev.Scores:
+        return ev.evaluate(model, suite, split, tok, trainer_kwargs, tasks, callbacks=[merge] if merge else [])
 
     base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
     pre_scores = cached_scores(
@@ -148,21 +151,23 @@ def run(cfg: DictConfig) -> float:
     for name, cands in candidates.items():
         t1 = time.perf_counter()
         tried = []
-        best: tuple[float, dict[str, Any], MergeMethod, Any] | None = None
+        best: tuple[float, dict[str, Any], MergeCallback, ev.MultiTaskClassifier] | None = None
         for params, method in cands:
-            state = method.run(pool)
+            # Data-free methods merge inside the evaluation trainer, as a callback, when testing starts.
+            merge, model = MergeCallback(method, pool), pool.classifier()
             if len(cands) > 1:
-                val = ev.average(score(pool.classifier(state), tune_split))
+                val = ev.average(score(model, tune_split, merge=merge))
                 tried.append({"params": params, f"{tune_split}_avg_acc": val})
                 log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
             else:
                 val = float("nan")
             if best is None or val > best[0]:
-                best = (val, params, method, state)
+                best = (val, params, merge, model)
         assert best is not None
-        _, params, method, state = best
-        test_scores = score(pool.classifier(state), report)
-        objective = ev.average(score(pool.classifier(state), tune_split)) if len(cands) == 1 else best[0]
+        val, params, merge, model = best
+        test_scores = score(model, report, merge=merge)
+        objective = ev.average(score(model, tune_split, merge=merge)) if len(cands) == 1 else val
+        method, state = merge.method, merge.merged_state()
         rows[name] = row(test_scores, expert_scores, params)
         rows[name][f"{tune_split}_avg_acc"] = objective
         if tried:

@@ -77,10 +77,8 @@ def magnitude_threshold(tensors: Iterable[Tensor], k_percent: float) -> float:
 
     Keeping ``|x| >= threshold`` keeps exactly the top-k% (plus any coordinates tied with the threshold).
     """
-    flat = torch.cat([t.detach().abs().flatten().float() for t in tensors])
-    keep = topk_count(flat.numel(), k_percent)
-    # kthvalue is the k-th *smallest*: the keep-th largest is the (n - keep + 1)-th smallest.
-    return float(flat.kthvalue(flat.numel() - keep + 1).values)
+    mags = [t.detach().abs().flatten() for t in tensors]
+    return kth_largest(mags, topk_count(sum(m.numel() for m in mags), k_percent))
 
 
 def trim(t: Tensor, threshold: float) -> Tensor:
@@ -100,11 +98,16 @@ def majority_sign(sign_sums: Iterable[Tensor]) -> float:
     return -1.0 if total < 0 else 1.0
 
 
-def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tensor:
-    """Mean (or sum) over the tasks whose non-zero coordinate agrees with the elected sign."""
+def agreeing(trimmed: Sequence[Tensor], sign: Tensor) -> tuple[Tensor, Tensor]:
+    """The stacked entries whose sign agrees with the elected sign (others zeroed), and that mask."""
     stacked = torch.stack(list(trimmed))
     agree = torch.where(sign > 0, stacked > 0, stacked < 0)
-    selected = stacked * agree
+    return stacked * agree, agree
+
+
+def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tensor:
+    """Mean (or sum) over the tasks whose non-zero coordinate agrees with the elected sign."""
+    selected, agree = agreeing(trimmed, sign)
     total = selected.sum(0)
     if reduce == "sum":
         return total
@@ -113,12 +116,43 @@ def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tens
     raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
+# Exact top-k over a whole model without holding it: the bit pattern of a non-negative float32 grows with its
+# value, so its top 16 bits bucket magnitudes in order (2**15 buckets, 128 per octave). One pass counts the
+# buckets, a second collects only the bucket holding the k-th largest value and selects within it exactly.
+MAGNITUDE_BUCKETS = 1 << 15
+
+
+def magnitude_buckets(t: Tensor) -> Tensor:
+    """Order-preserving bucket index of |t| (float32 bit pattern >> 16)."""
+    return (t.detach().abs().float().contiguous().view(torch.int32) >> 16).long()
+
+
+def magnitude_histogram(t: Tensor) -> Tensor:
+    """Counts of |t| per magnitude bucket."""
+    return torch.bincount(magnitude_buckets(t).flatten(), minlength=MAGNITUDE_BUCKETS)
+
+
+def locate_kth_largest(hist: Tensor, keep: int) -> tuple[int, int]:
+    """The bucket holding the ``keep``-th largest value, and its rank (1 = largest) within that bucket."""
+    from_top = hist.flip(0).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(keep, dtype=from_top.dtype)))
+    bucket = MAGNITUDE_BUCKETS - 1 - idx
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return bucket, keep - above
+
+
+def kth_largest(values: Sequence[Tensor], rank: int) -> float:
+    """The ``rank``-th largest of the concatenated values (rank 1 = largest)."""
+    flat = torch.cat([v.flatten() for v in values])
+    return float(flat.kthvalue(flat.numel() - rank + 1).values)
+
+
 # ----------------------------------------------------------------------------------------------- DARE pieces
 
 
-def tensor_seed(seed: int, name: str, index: int) -> int:
-    """A seed for one (parameter, task) pair that does not depend on the order tensors are visited in."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % (2**63 - 1)
+def tensor_seed(seed: int, name: str, index: int, chunk: int = 0) -> int:
+    """A seed for one (parameter, row block, task) that does not depend on the order tensors are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(f"{name}#{chunk}".encode()) * 31 + index) % (2**63 - 1)
 
 
 def drop_and_rescale(

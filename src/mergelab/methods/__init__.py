@@ -2,8 +2,9 @@
 
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.methods.dare import DARE
+from mergelab.methods.metagpt import MetaGPT
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.ties import TIES
 from mergelab.methods.weight_averaging import WeightAveraging
 
-__all__ = ["DARE", "TIES", "MergeMethod", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]
+__all__ = ["DARE", "TIES", "MergeMethod", "MetaGPT", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]

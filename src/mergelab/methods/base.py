@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.engine import combine_in_memory
 
 if TYPE_CHECKING:
     from mergelab.modelpool import ModelPool
@@ -17,8 +18,12 @@ if TYPE_CHECKING:
 class MergeMethod(ABC):
     """A merge method turns the pretrained weights and the experts' weights into one set of weights."""
 
+    #: Task names in expert order, set by :meth:`run` (for reports such as per-task coefficients).
+    task_names: list[str] | None = None
+
     def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained."""
+        self.task_names = list(pool.tasks)
         return self.merge(pool.mergeable(pool.pretrained_state()), [pool.mergeable(s) for s in pool.expert_states()])
 
     @abstractmethod
@@ -26,22 +31,45 @@ class MergeMethod(ABC):
         """Merged parameters for every key of ``base``."""
 
     def report(self) -> dict[str, Any]:
-        """Quantities the method computed and wants logged (e.g. per-task coefficients)."""
+        """Scalars the method computed and wants logged (e.g. per-task coefficients)."""
         return {}
+
+    def task_label(self, i: int) -> str:
+        """Name of the i-th task vector for reports."""
+        return self.task_names[i] if self.task_names and i < len(self.task_names) else str(i)
 
 
 class TaskVectorMethod(MergeMethod):
-    """Methods of the form theta_0 + combine(tau_1, ..., tau_T).
+    """Methods of the form theta_0 + f(tau_1, ..., tau_T), run chunk by chunk by :mod:`mergelab.engine`.
 
-    Subclasses implement :meth:`combine`; wrappers such as DARE transform the task vectors and delegate.
+    Subclasses implement :meth:`merge_chunk`; methods that need whole-model statistics (a global magnitude
+    threshold, task-vector norms) declare ``stat_passes`` and accumulate them in :meth:`observe`. Methods
+    whose result for a coordinate depends on other coordinates of the same tensor set ``elementwise = False``
+    and then always see whole tensors.
     """
+
+    stat_passes: int = 0
+    elementwise: bool = True
 
     def merge(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
         return tv.apply_task_vector(base, self.combine(tv.task_vectors(base, experts)))
 
-    @abstractmethod
     def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        """The merged task vector."""
+        """The merged task vector of in-memory task vectors."""
+        return combine_in_memory(self, vectors)
+
+    def begin(self, names: Sequence[str]) -> None:
+        """Reset statistics before the first pass over ``names``."""
+
+    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+        """Accumulate statistics from one chunk of every task vector."""
+
+    def end_pass(self, pass_idx: int) -> None:
+        """Turn the statistics of a finished pass into what the next pass needs."""
+
+    @abstractmethod
+    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+        """The merged task vector for one chunk."""
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -51,3 +79,9 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
     if below or above:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"method option '{name}' must be in {interval}, got {value}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the option when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"method option '{name}' must be one of {tuple(choices)}, got {value!r}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from mergelab import task_vectors as tv
 from mergelab.methods.base import TaskVectorMethod, check_range
 
 
@@ -17,5 +17,5 @@ class TaskArithmetic(TaskVectorMethod):
         check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
         self.scaling = float(scaling)
 
-    def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        return tv.weighted_sum(vectors, [self.scaling] * len(vectors))
+    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+        return self.scaling * torch.stack(list(vectors)).sum(0)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.methods.base import TaskVectorMethod, check_range
+from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 
 PRUNE_MODES = ("global", "per_tensor")
 DISJOINT_MODES = ("sum", "mean")
@@ -24,36 +24,75 @@ class TIES(TaskVectorMethod):
             same granularity.
         disjoint: ``sum`` (AdaMerging / FusionBench) or ``mean`` (TIES paper) over sign-agreeing tasks.
         scaling: lambda applied to the merged vector.
+
+    Global pruning is exact and streams: pass 1 histograms magnitudes, pass 2 selects the threshold inside the
+    bucket that holds it, pass 3 sums the elected signs for the majority sign.
     """
 
     def __init__(self, k: float = 20.0, prune: str = "global", disjoint: str = "sum", scaling: float = 0.3) -> None:
         check_range("k", k, 0.0, 100.0, low_open=True, high_open=False)
         check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
-        if prune not in PRUNE_MODES:
-            raise ValueError(f"method option 'prune' must be one of {PRUNE_MODES}, got {prune!r}")
-        if disjoint not in DISJOINT_MODES:
-            raise ValueError(f"method option 'disjoint' must be one of {DISJOINT_MODES}, got {disjoint!r}")
+        check_choice("prune", prune, PRUNE_MODES)
+        check_choice("disjoint", disjoint, DISJOINT_MODES)
         self.k, self.prune, self.disjoint, self.scaling = float(k), prune, disjoint, float(scaling)
+        self.elementwise = prune == "global"
+        self.stat_passes = 3 if prune == "global" else 0
 
-    def trim_all(self, vectors: Sequence[Mapping[str, Tensor]]) -> list[tv.StateDict]:
-        """Top-k% trim of each task vector at the configured granularity."""
-        out = []
-        for v in vectors:
-            if self.prune == "global":
-                thr = tv.magnitude_threshold(v.values(), self.k)
-                out.append({n: tv.trim(t, thr) for n, t in v.items()})
-            else:
-                out.append({n: tv.trim(t, tv.magnitude_threshold([t], self.k)) for n, t in v.items()})
-        return out
+    # ------------------------------------------------------------------------------- global statistics
 
-    def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        trimmed = self.trim_all(vectors)
-        names = list(trimmed[0])
-        sums = {n: torch.stack([t[n] for t in trimmed]).sum(0) for n in names}
-        global_majority = tv.majority_sign(sums.values()) if self.prune == "global" else None
-        merged: tv.StateDict = {}
-        for n in names:
-            maj = global_majority if global_majority is not None else tv.majority_sign([sums[n]])
-            per_task = [t[n] for t in trimmed]
-            merged[n] = self.scaling * tv.disjoint_merge(per_task, tv.elect_sign(per_task, maj), self.disjoint)
-        return merged
+    def begin(self, names: Sequence[str]) -> None:
+        self._hist: list[Tensor] = []
+        self._numel = 0
+        self._bucket: list[tuple[int, int]] = []
+        self._boundary: list[list[Tensor]] = []
+        self._thresholds: list[float] = []
+        self._sign_total = 0.0
+        self._majority = 1.0
+
+    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+        if pass_idx == 0:
+            if not self._hist:
+                self._hist = [torch.zeros(tv.MAGNITUDE_BUCKETS, dtype=torch.long) for _ in vectors]
+            for h, v in zip(self._hist, vectors, strict=True):
+                h += tv.magnitude_histogram(v)
+            self._numel += vectors[0].numel()
+        elif pass_idx == 1:
+            for (bucket, _), acc, v in zip(self._bucket, self._boundary, vectors, strict=True):
+                acc.append(v.abs()[tv.magnitude_buckets(v) == bucket])
+        else:
+            trimmed = [tv.trim(v, th) for v, th in zip(vectors, self._thresholds, strict=True)]
+            self._sign_total += float(torch.sign(torch.stack(trimmed).sum(0)).sum())
+
+    def end_pass(self, pass_idx: int) -> None:
+        if pass_idx == 0:
+            keep = tv.topk_count(self._numel, self.k)
+            self._bucket = [tv.locate_kth_largest(h, keep) for h in self._hist]
+            self._boundary = [[] for _ in self._hist]
+        elif pass_idx == 1:
+            self._thresholds = [
+                tv.kth_largest(acc, rank) for acc, (_, rank) in zip(self._boundary, self._bucket, strict=True)
+            ]
+            self._boundary = []
+        else:
+            self._majority = -1.0 if self._sign_total < 0 else 1.0
+
+    # ------------------------------------------------------------------------------- merging
+
+    def trim_and_elect(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Trimmed task vectors of one chunk and the elected sign per coordinate."""
+        if self.prune == "global":
+            trimmed = [tv.trim(v, th) for v, th in zip(vectors, self._thresholds, strict=True)]
+            majority = self._majority
+        else:
+            trimmed = [tv.trim(v, tv.magnitude_threshold([v], self.k)) for v in vectors]
+            majority = tv.majority_sign([torch.stack(trimmed).sum(0)])
+        return trimmed, tv.elect_sign(trimmed, majority)
+
+    def select(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """Each task's surviving entries: trimmed, and agreeing with the elected sign (for combinations)."""
+        trimmed, sign = self.trim_and_elect(vectors)
+        return list(tv.agreeing(trimmed, sign)[0])
+
+    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+        trimmed, sign = self.trim_and_elect(vectors)
+        return self.scaling * tv.disjoint_merge(trimmed, sign, self.disjoint)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from mergelab import task_vectors as tv
 from mergelab.methods.base import TaskVectorMethod
 
 
 class WeightAveraging(TaskVectorMethod):
     """Uniform average of the experts, written as theta_0 + mean_t tau_t (identical up to rounding)."""
 
-    def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        return tv.weighted_sum(vectors, [1.0 / len(vectors)] * len(vectors))
+    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+        return torch.stack(list(vectors)).mean(0)

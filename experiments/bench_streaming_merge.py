@@ -1,0 +1,143 @@
+"""Benchmark (not a test): streaming merges of three experts of a ~1.1B-parameter Llama-shaped checkpoint.
+
+Builds random bf16 checkpoints (TinyLlama-1.1B shapes, 1 GB shards) once under --workdir, then times
+reading the input files and merging with task arithmetic, MetaGPT and TIES (exact global pruning, and per
+tensor), each in a fresh process whose peak RSS is reported.
+
+    python experiments/bench_streaming_merge.py [--workdir /tmp/mergelab-bench] [--methods ta,metagpt,ties]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA_1B = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+}
+
+METHODS = {
+    "ta": "TaskArithmetic(scaling=0.3)",
+    "metagpt": "MetaGPT()",
+    "ties": "TIES(k=20, prune='global', scaling=0.3)",
+    "ties_per_tensor": "TIES(k=20, prune='per_tensor', scaling=0.3)",
+}
+
+
+def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    return shapes
+
+
+def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
+    """Random bf16 weights; an expert is the base plus a small random task vector."""
+    import torch
+
+    from mergelab.checkpoints import ShardedWriter
+
+    if (path / "model.safetensors.index.json").is_file():
+        return
+    writer = ShardedWriter(path, max_shard_bytes=1 << 30, overwrite=True)
+    for n, (name, shape) in enumerate(llama_shapes(LLAMA_1B).items()):
+        g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + n)
+        w = 0.02 * torch.randn(shape, generator=g)
+        if base_seed is not None:
+            g2 = torch.Generator().manual_seed(seed * 100_003 + n)
+            w += 0.002 * torch.randn(shape, generator=g2)
+        writer.add(name, w.to(torch.bfloat16))
+        del w
+    (writer.tmp / "config.json").write_text(
+        json.dumps(
+            {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **LLAMA_1B}
+        )
+    )
+    writer.close()
+
+
+def read_files(dirs: list[Path]) -> float:
+    """Seconds to read every safetensors byte of ``dirs``."""
+    start = time.perf_counter()
+    buf = bytearray(64 << 20)
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    return time.perf_counter() - start
+
+
+def child(method: str, base: str, experts: list[str], out: str) -> None:
+    """Run one merge and print its wall time and peak RSS as JSON."""
+    from mergelab.methods import TIES, MetaGPT, TaskArithmetic  # noqa: F401 - used by eval below
+    from mergelab.streaming import stream_merge
+
+    start = time.perf_counter()
+    m = eval(METHODS[method])  # a fixed table of constructors above
+    stream_merge(m, base, experts, out, overwrite=True, progress=False)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    print(json.dumps({"method": method, "wall_s": round(wall, 1), "peak_rss_mib": round(peak), **m.report()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/mergelab-bench")
+    ap.add_argument("--methods", default="ta,metagpt,ties,ties_per_tensor")
+    ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        method, base, experts, out = args.child
+        child(method, base, experts.split(","), out)
+        return
+    work = Path(args.workdir)
+    base = work / "base"
+    experts = [work / f"expert{i}" for i in range(3)]
+    t0 = time.perf_counter()
+    build_checkpoint(base, seed=1, base_seed=None)
+    for i, e in enumerate(experts):
+        build_checkpoint(e, seed=10 + i, base_seed=1)
+    print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
+    size = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
+    read_files([base, *experts])  # warm the page cache
+    print(f"read {size / 2**30:.1f} GiB of input files (page cache): {read_files([base, *experts]):.1f} s", flush=True)
+    print(f"{'method':<16} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--child", method, str(base), ",".join(map(str, experts)), str(work / "out")]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if res.returncode != 0:
+            print(f"{method:<16} failed:\n{res.stderr[-2000:]}")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        extra = {k: round(v, 4) for k, v in r.items() if k.startswith("lambda")}
+        print(f"{method:<16} {r['wall_s']:>9} {r['peak_rss_mib']:>15} {extra or ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

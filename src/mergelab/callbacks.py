@@ -1,0 +1,50 @@
+"""Data-free merging as a Lightning callback: the merge happens when evaluation starts, with no training."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+
+from mergelab import task_vectors as tv
+from mergelab.methods.base import MergeMethod
+
+if TYPE_CHECKING:
+    from mergelab.evaluation import MultiTaskClassifier
+    from mergelab.modelpool import ModelPool
+
+log = logging.getLogger(__name__)
+
+
+class MergeCallback(L.Callback):
+    """Merge the pool with ``method`` and load the result into the module's backbone before it is evaluated.
+
+    MetaGPT and the other closed-form methods need neither data nor gradient steps, so they run here rather
+    than as a LightningModule. The merge is computed once; later evaluations reuse it.
+    """
+
+    def __init__(self, method: MergeMethod, pool: ModelPool) -> None:
+        self.method, self.pool = method, pool
+        self.state: tv.StateDict | None = None
+        self._loaded: set[int] = set()
+
+    def merged_state(self) -> tv.StateDict:
+        """The merged backbone weights (computed on first use)."""
+        if self.state is None:
+            self.state = self.method.run(self.pool)
+            if self.method.report():
+                log.info("%s: %s", type(self.method).__name__, self.method.report())
+        return self.state
+
+    def _apply(self, pl_module: MultiTaskClassifier) -> None:
+        if id(pl_module) in self._loaded:
+            return
+        pl_module.backbone.load_state_dict(self.merged_state(), strict=False)
+        self._loaded.add(id(pl_module))
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._apply(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._apply(pl_module)

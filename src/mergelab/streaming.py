@@ -1,0 +1,181 @@
+"""Merging checkpoints larger than memory: tensor by tensor from safetensors shards to safetensors shards."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mergelab.checkpoints import TOKENIZER_FILES, LazyCheckpoint, ShardedWriter
+from mergelab.engine import DEFAULT_CHUNK_ELEMS, run_method, task_vector_loader
+from mergelab.methods.base import TaskVectorMethod
+
+log = logging.getLogger(__name__)
+
+VOCAB_POLICIES = ("extend", "base", "error")
+
+
+def _row_extension(base: tuple[int, ...], other: tuple[int, ...]) -> bool:
+    """``other`` is ``base`` with extra rows appended (an expert with added tokens)."""
+    return len(base) == len(other) >= 1 and other[1:] == base[1:] and other[0] > base[0]
+
+
+def plan_tensors(
+    base: LazyCheckpoint,
+    experts: Sequence[LazyCheckpoint],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    vocab: str = "extend",
+) -> tuple[list[str], dict[str, int]]:
+    """Which tensors are merged, and the output row count of those experts extend with extra rows.
+
+    Raises a ValueError naming the expert and tensor for a missing tensor, a shape that is not a pure row
+    extension, or any extension when ``vocab='error'``.
+    """
+    if vocab not in VOCAB_POLICIES:
+        raise ValueError(f"vocab policy must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    merged, extended = [], {}
+    for name in base:
+        shape = base.shape(name)
+        for e in experts:
+            if name not in e:
+                raise ValueError(f"expert '{e.name}': tensor '{name}' of the pretrained model is missing")
+            other = e.shape(name)
+            if other == shape:
+                continue
+            if not _row_extension(shape, other):
+                raise ValueError(
+                    f"expert '{e.name}': tensor '{name}' has shape {other}, pretrained has {shape} "
+                    "(only extra rows, as from added tokens, can be reconciled)"
+                )
+            if vocab == "error":
+                raise ValueError(
+                    f"expert '{e.name}': tensor '{name}' has {other[0]} rows, pretrained {shape[0]}; "
+                    "set vocab=extend or vocab=base"
+                )
+            if vocab == "extend":
+                extended[name] = max(extended.get(name, shape[0]), other[0])
+        if not base.dtype(name).is_floating_point:
+            continue
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if any(p.search(name) for p in exc):
+            continue
+        merged.append(name)
+    return merged, extended
+
+
+def extra_rows(name: str, base_rows: int, out_rows: int, experts: Sequence[LazyCheckpoint]) -> Tensor:
+    """Rows only some experts have: each output row is the mean of the experts that have it."""
+    blocks = []
+    for r in range(base_rows, out_rows):
+        have = [e for e in experts if e.shape(name)[0] > r]
+        blocks.append(torch.stack([e.get_rows(name, r, r + 1)[0].float() for e in have]).mean(0))
+    return torch.stack(blocks)
+
+
+def check_block(name: str, block: Tensor, base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], s, e) -> None:
+    """Name the checkpoint that brought NaN/inf into a merged block."""
+    if torch.isfinite(block).all():
+        return
+    for ck in (base, *experts):
+        if not torch.isfinite(ck.get_rows(name, s, e).float()).all():
+            raise ValueError(f"checkpoint '{ck.name}': tensor '{name}' contains NaN/inf")
+    raise ValueError(f"merging tensor '{name}' produced NaN/inf")
+
+
+def stream_merge(
+    method: TaskVectorMethod,
+    pretrained: str | Path,
+    experts: Sequence[str | Path],
+    out_dir: str | Path,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    vocab: str = "extend",
+    max_shard_bytes: int = 2**30,
+    chunk_elems: int | None = DEFAULT_CHUNK_ELEMS,
+    overwrite: bool = False,
+    task_names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Merge safetensors checkpoints (local dirs or hub ids) tensor by tensor into ``out_dir``.
+
+    Peak memory is a few row blocks of ``chunk_elems`` elements per expert (whole tensors for methods that
+    need them). ``vocab`` reconciles experts with extra embedding rows: ``extend`` merges the shared rows
+    and takes each extra row from the experts that have it (the output vocabulary and tokenizer are the
+    largest expert's), ``base`` keeps only the pretrained rows, ``error`` refuses. The result is written to
+    a temporary dir and moved into place when complete, with config and tokenizer files.
+    """
+    base = LazyCheckpoint(pretrained, name="pretrained")
+    names = [str(e) for e in experts]
+    exps = [LazyCheckpoint(e, name=n) for e, n in zip(experts, task_names or names, strict=True)]
+    method.task_names = list(task_names or names)
+    merged, extended = plan_tensors(base, exps, include, exclude, vocab)
+    writer = ShardedWriter(out_dir, max_shard_bytes, overwrite)
+    try:
+        shapes = {n: base.shape(n) for n in merged}
+        load = task_vector_loader(base, exps)
+        blocks_of = _BlockStream(run_method(method, merged, shapes, load, chunk_elems, progress=progress))
+        for name in base:
+            dtype = base.dtype(name)
+            shape = base.shape(name)
+            out_rows = extended.get(name, shape[0] if shape else 0)
+            out_shape = (out_rows, *shape[1:]) if name in extended else shape
+            if name in shapes:
+                blocks = _merged_blocks(name, blocks_of.take(name), base, exps, dtype)
+            else:
+                blocks = iter([base.get(name)])
+            if name in extended:
+                blocks = _chain(blocks, extra_rows(name, shape[0], out_rows, exps))
+            writer.add_blocks(name, out_shape, dtype, blocks)
+        writer.copy_side_files(base.dir)
+        if extended:
+            donor = max(exps, key=lambda e: max(e.shape(n)[0] for n in extended))
+            writer.copy_side_files(donor.dir, TOKENIZER_FILES)
+            vocab_size = max(extended.values())
+            writer.update_config({"vocab_size": vocab_size})
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for ck in (base, *exps):
+            ck.close()
+
+
+class _BlockStream:
+    """Hands out the engine's blocks tensor by tensor, computing each block only when it is written."""
+
+    def __init__(self, stream: Iterator[tuple[str, int | None, int | None, Tensor]]) -> None:
+        self.stream = stream
+        self.head = next(stream, None)
+
+    def take(self, name: str) -> Iterator[tuple[str, int | None, int | None, Tensor]]:
+        while self.head is not None and self.head[0] == name:
+            yield self.head
+            self.head = next(self.stream, None)
+
+
+Block = tuple[str, int | None, int | None, Tensor]
+
+
+def _merged_blocks(
+    name: str, blocks: Iterator[Block], base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], dtype: torch.dtype
+) -> Iterator[Tensor]:
+    for block_name, s, e, delta in blocks:
+        assert block_name == name, (block_name, name)
+        start, stop = (0, base.shape(name)[0]) if s is None and base.shape(name) else (s, e)
+        out = (base.get_rows(name, start, stop).to(delta.dtype) + delta).to(dtype)
+        check_block(name, out, base, experts, start, stop)
+        yield out
+
+
+def _chain(blocks: Iterator[Tensor], extra: Tensor) -> Iterator[Tensor]:
+    yield from blocks
+    yield extra

@@ -1,0 +1,200 @@
+"""The streaming engine: identical to in-memory merging, sharded output that transformers loads, vocab policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from mergelab import task_vectors as tv
+from mergelab.checkpoints import LazyCheckpoint, ShardedWriter
+from mergelab.engine import combine_in_memory
+from mergelab.methods import DARE, TIES, MetaGPT, TaskArithmetic, WeightAveraging
+from mergelab.streaming import stream_merge
+
+VOCAB = 64
+
+
+def llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
+    """A tiny random-weight Llama: plumbing only (file formats, shapes, sharding)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def save_expert(base: LlamaForCausalLM, path: Path, seed: int, extra_rows: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model = llama(0, VOCAB + extra_rows)
+    state = {}
+    for k, v in base.state_dict().items():
+        t = v + 0.02 * torch.randn(v.shape, generator=g)
+        if extra_rows and k in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = torch.cat([t, torch.randn(extra_rows, v.shape[1], generator=g)])
+        state[k] = t
+    model.load_state_dict(state)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="40KB")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("llama_pool")
+    base = llama(0)
+    base.to(torch.bfloat16).save_pretrained(root / "base", max_shard_size="40KB")
+    experts = []
+    for i in range(3):
+        save_expert(base.float(), root / f"expert{i}", seed=10 + i)
+        experts.append(root / f"expert{i}")
+    return root / "base", experts
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    ck = LazyCheckpoint(path)
+    return {k: ck.get(k) for k in ck}
+
+
+METHODS = {
+    "weight_averaging": lambda: WeightAveraging(),
+    "task_arithmetic": lambda: TaskArithmetic(scaling=0.4),
+    "ties_global_mean": lambda: TIES(k=30, prune="global", disjoint="mean", scaling=0.8),
+    "ties_per_tensor": lambda: TIES(k=30, prune="per_tensor", scaling=0.5),
+    "dare_ta": lambda: DARE(p=0.3, seed=1, scaling=0.5),
+    "dare_ties": lambda: DARE(p=0.3, seed=1, merge="ties", k=50, scaling=0.5),
+    "metagpt": lambda: MetaGPT(),
+    "metagpt_tensor": lambda: MetaGPT(granularity="tensor"),
+    "metagpt_ties_sparse": lambda: MetaGPT(sparsify="ties", lambda_from="sparsified", k=40),
+    "metagpt_dare": lambda: MetaGPT(sparsify="dare", p=0.2),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_streaming_equals_in_memory(name: str, pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    chunk = 256  # small row blocks: every matrix is split into several chunks
+    out = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "out", chunk_elems=chunk, progress=False)
+    streamed = load_all(out)
+    base = load_all(base_dir)
+    experts = [load_all(e) for e in expert_dirs]
+    delta = combine_in_memory(METHODS[name](), tv.task_vectors(base, experts), chunk_elems=chunk)
+    expected = tv.apply_task_vector(base, delta)
+    assert streamed.keys() == expected.keys()
+    for k, v in expected.items():
+        assert streamed[k].dtype == torch.bfloat16
+        assert torch.equal(streamed[k], v), k
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties_global_mean", "ties_per_tensor", "metagpt"])
+def test_chunking_does_not_change_deterministic_methods(name: str, pool: tuple[Path, list[Path]]) -> None:
+    base_dir, expert_dirs = pool
+    base = load_all(base_dir)
+    vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
+    whole = combine_in_memory(METHODS[name](), vecs, chunk_elems=None)
+    chunked = combine_in_memory(METHODS[name](), vecs, chunk_elems=100)
+    for k in whole:
+        torch.testing.assert_close(whole[k], chunked[k], rtol=0, atol=1e-7)
+
+
+def test_sharded_output_loads_in_transformers(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    out = stream_merge(TaskArithmetic(0.3), base_dir, expert_dirs, tmp_path / "m", max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    assert all((out / s).stat().st_size <= 20_000 + 4096 for s in shards)  # data within the limit, plus header
+    model = AutoModelForCausalLM.from_pretrained(out)
+    merged = load_all(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[k]), k
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_existing_output_is_not_overwritten(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        stream_merge(WeightAveraging(), base_dir, expert_dirs, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    stream_merge(WeightAveraging(), base_dir, expert_dirs, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+
+
+def test_nan_in_an_expert_names_it_and_writes_nothing(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    bad = tmp_path / "bad"
+    state = load_all(expert_dirs[1])
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    model = llama(0)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.to(torch.bfloat16).save_pretrained(bad)
+    with pytest.raises(ValueError, match=r"'.*bad'.*'model.layers.1.mlp.up_proj.weight' contains NaN/inf"):
+        stream_merge(TaskArithmetic(0.3), base_dir, [expert_dirs[0], bad], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def extended_expert(pool: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base_dir, _ = pool
+    path = tmp_path_factory.mktemp("ext") / "expert_plus2"
+    base = AutoModelForCausalLM.from_pretrained(base_dir).float()
+    save_expert(base, path, seed=99, extra_rows=2)
+    return path
+
+
+def test_vocab_extension_policy(pool: tuple[Path, list[Path]], extended_expert: Path, tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    experts = [expert_dirs[0], extended_expert, expert_dirs[1]]
+    out = stream_merge(TaskArithmetic(0.5), base_dir, experts, tmp_path / "ext", vocab="extend")
+    merged = load_all(out)
+    base = load_all(base_dir)
+    ext = load_all(extended_expert)
+    shared = [load_all(expert_dirs[0]), {k: v[:VOCAB] if v.shape[0] > VOCAB else v for k, v in ext.items()}]
+    shared.append(load_all(expert_dirs[1]))
+    expected = tv.apply_task_vector(base, combine_in_memory(TaskArithmetic(0.5), tv.task_vectors(base, shared)))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert merged[k].shape == (VOCAB + 2, 32)
+        assert torch.equal(merged[k][:VOCAB], expected[k])  # shared rows: merged as usual
+        assert torch.equal(merged[k][VOCAB:], ext[k][VOCAB:])  # extra rows: from the only expert that has them
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == VOCAB + 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == VOCAB + 2
+
+    kept = load_all(stream_merge(TaskArithmetic(0.5), base_dir, experts, tmp_path / "base", vocab="base"))
+    assert torch.equal(kept["lm_head.weight"], expected["lm_head.weight"])
+    with pytest.raises(ValueError, match=r"'model.embed_tokens.weight' has 66 rows, pretrained 64; set vocab="):
+        stream_merge(TaskArithmetic(0.5), base_dir, experts, tmp_path / "err", vocab="error")
+    assert not (tmp_path / "err").exists()
+
+
+def test_vocab_mismatch_that_is_not_a_row_extension(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    ck = load_all(expert_dirs[0])
+    ck["model.layers.0.mlp.up_proj.weight"] = ck["model.layers.0.mlp.up_proj.weight"][:, :16]
+    writer = ShardedWriter(tmp_path / "odd")
+    for k, v in ck.items():
+        writer.add(k, v)
+    odd = writer.close()
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \(64, 16\).*only extra rows"):
+        stream_merge(TaskArithmetic(0.5), base_dir, [expert_dirs[1], odd], tmp_path / "out")
+
+
+def test_metagpt_lambdas_from_the_streamed_pass(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base_dir, expert_dirs = pool
+    method = MetaGPT()
+    stream_merge(method, base_dir, expert_dirs, tmp_path / "m", task_names=["a", "b", "c"], progress=False)
+    base = load_all(base_dir)
+    norms = [tv.squared_norm(v) for v in tv.task_vectors(base, [load_all(e) for e in expert_dirs])]
+    report = method.report()
+    for name, n in zip("abc", norms, strict=True):
+        assert report[f"lambda/{name}"] == pytest.approx(n / sum(norms), rel=1e-9)
