@@ -64,8 +64,10 @@ def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
 
     if (path / "model.safetensors.index.json").is_file():
         return
-    writer = ShardedWriter(path, max_shard_bytes=1 << 30, overwrite=True)
-    for n, (name, shape) in enumerate(llama_shapes(LLAMA_1B).items()):
+    shapes = llama_shapes(LLAMA_1B)
+    layout = [(name, shape, torch.bfloat16) for name, shape in shapes.items()]
+    writer = ShardedWriter(path, layout, max_shard_bytes=1 << 30, overwrite=True)
+    for n, (name, shape) in enumerate(shapes.items()):
         g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + n)
         w = 0.02 * torch.randn(shape, generator=g)
         if base_seed is not None:
@@ -129,6 +131,7 @@ def main() -> None:
     print(f"read {size / 2**30:.1f} GiB of input files (page cache): {read_files([base, *experts]):.1f} s", flush=True)
     print(f"{'method':<16} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
     for method in args.methods.split(","):
+        os.sync()  # start each run with no dirty pages left by the previous one
         cmd = [sys.executable, __file__, "--child", method, str(base), ",".join(map(str, experts)), str(work / "out")]
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:

@@ -22,6 +22,8 @@ def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[lis
         scores = row["scores"]
         norm = row.get("avg_norm_acc")
         params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
+        computed = ", ".join(f"{k}={v:.3f}" for k, v in (row.get("method_report") or {}).items())
+        params = "; ".join(x for x in (params, computed) if x)
         data.append(
             [
                 name,

@@ -54,7 +54,8 @@ def method_candidates(mcfg: DictConfig, tune: bool) -> list[tuple[dict[str, Any]
     points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
     out = []
     for point in points:
-        params = {k: v for k, v in base.items() if not k.startswith("_")} | point
+        # What the table shows as chosen: the grid point when tuning, else every option.
+        params = point if grid else {k: v for k, v in base.items() if not k.startswith("_")}
         try:
             method = build({**base, **point})
         except ValueError as e:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mergelab.checkpoints import TOKENIZER_FILES, LazyCheckpoint, ShardedWriter
-from mergelab.engine import DEFAULT_CHUNK_ELEMS, run_method, task_vector_loader
+from mergelab.engine import DEFAULT_CHUNK_ELEMS, TaskVectorLoader, run_method
 from mergelab.methods.base import TaskVectorMethod
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ def extra_rows(name: str, base_rows: int, out_rows: int, experts: Sequence[LazyC
     return torch.stack(blocks)
 
 
-def check_block(name: str, block: Tensor, base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], s, e) -> None:
+def check_block(
+    name: str, block: Tensor, base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], s: int | None, e: int | None
+) -> None:
     """Name the checkpoint that brought NaN/inf into a merged block."""
     if torch.isfinite(block).all():
         return
@@ -117,23 +119,24 @@ def stream_merge(
     exps = [LazyCheckpoint(e, name=n) for e, n in zip(experts, task_names or names, strict=True)]
     method.task_names = list(task_names or names)
     merged, extended = plan_tensors(base, exps, include, exclude, vocab)
-    writer = ShardedWriter(out_dir, max_shard_bytes, overwrite)
+
+    def out_shape(name: str) -> tuple[int, ...]:
+        shape = base.shape(name)
+        return (extended[name], *shape[1:]) if name in extended else shape
+
+    writer = ShardedWriter(out_dir, [(n, out_shape(n), base.dtype(n)) for n in base], max_shard_bytes, overwrite)
     try:
         shapes = {n: base.shape(n) for n in merged}
-        load = task_vector_loader(base, exps)
+        load = TaskVectorLoader(base, exps)
         blocks_of = _BlockStream(run_method(method, merged, shapes, load, chunk_elems, progress=progress))
         for name in base:
-            dtype = base.dtype(name)
-            shape = base.shape(name)
-            out_rows = extended.get(name, shape[0] if shape else 0)
-            out_shape = (out_rows, *shape[1:]) if name in extended else shape
             if name in shapes:
-                blocks = _merged_blocks(name, blocks_of.take(name), base, exps, dtype)
+                blocks = _merged_blocks(name, blocks_of.take(name), load, base, exps, base.dtype(name))
             else:
                 blocks = iter([base.get(name)])
             if name in extended:
-                blocks = _chain(blocks, extra_rows(name, shape[0], out_rows, exps))
-            writer.add_blocks(name, out_shape, dtype, blocks)
+                blocks = _chain(blocks, extra_rows(name, base.shape(name)[0], extended[name], exps))
+            writer.add_blocks(name, blocks)
         writer.copy_side_files(base.dir)
         if extended:
             donor = max(exps, key=lambda e: max(e.shape(n)[0] for n in extended))
@@ -166,14 +169,19 @@ Block = tuple[str, int | None, int | None, Tensor]
 
 
 def _merged_blocks(
-    name: str, blocks: Iterator[Block], base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], dtype: torch.dtype
+    name: str,
+    blocks: Iterator[Block],
+    load: TaskVectorLoader,
+    base: LazyCheckpoint,
+    experts: Sequence[LazyCheckpoint],
+    dtype: torch.dtype,
 ) -> Iterator[Tensor]:
     for block_name, s, e, delta in blocks:
         assert block_name == name, (block_name, name)
-        start, stop = (0, base.shape(name)[0]) if s is None and base.shape(name) else (s, e)
-        out = (base.get_rows(name, start, stop).to(delta.dtype) + delta).to(dtype)
-        check_block(name, out, base, experts, start, stop)
-        yield out
+        out = load.base_block(name, s, e).add(delta)
+        if not torch.isfinite(out.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
+            check_block(name, out, base, experts, s, e)
+        yield out.to(dtype)
 
 
 def _chain(blocks: Iterator[Tensor], extra: Tensor) -> Iterator[Tensor]:

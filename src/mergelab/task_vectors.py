@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -32,39 +32,12 @@ def task_vectors(base: Mapping[str, Tensor], experts: Iterable[Mapping[str, Tens
     return [task_vector(base, e) for e in experts]
 
 
-def map_tensors(fn: Callable[[str, Sequence[Tensor]], Tensor], vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:
-    """Apply ``fn(name, [v_1[name], ..., v_T[name]])`` to every parameter name of ``vectors[0]``."""
-    if not vectors:
-        raise ValueError("at least one task vector is needed")
-    return {k: fn(k, [v[k] for v in vectors]) for k in vectors[0]}
-
-
-def weighted_sum(vectors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
-    """sum_t w_t * v_t, parameter by parameter."""
-    if len(vectors) != len(weights):
-        raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
-    return map_tensors(lambda _, ts: sum(w * t for w, t in zip(weights, ts, strict=True)), vectors)
-
-
-def scale(vector: Mapping[str, Tensor], factor: float) -> StateDict:
-    """factor * v."""
-    return {k: factor * t for k, t in vector.items()}
-
-
 def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> StateDict:
     """theta_0 + delta, cast back to the pretrained dtypes. Parameters absent from ``delta`` stay pretrained."""
     out: StateDict = {}
     for k, v in base.items():
         out[k] = (v.to(_compute_dtype(v)) + delta[k]).to(v.dtype) if k in delta else v.clone()
     return out
-
-
-def squared_norm(vector: Mapping[str, Tensor]) -> float:
-    """||v||^2 over all parameters, accumulated in float64."""
-    return float(sum(t.double().pow(2).sum() for t in vector.values()))
-
-
-# ----------------------------------------------------------------------------------------------- TIES pieces
 
 
 def topk_count(numel: int, k_percent: float) -> int:
@@ -116,29 +89,42 @@ def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tens
     raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
-# Exact top-k over a whole model without holding it: the bit pattern of a non-negative float32 grows with its
-# value, so its top 16 bits bucket magnitudes in order (2**15 buckets, 128 per octave). One pass counts the
-# buckets, a second collects only the bucket holding the k-th largest value and selects within it exactly.
-MAGNITUDE_BUCKETS = 1 << 15
+# Exact top-k over a whole model without holding it (a two-level radix select): the bit pattern of a
+# non-negative float32 grows with its value, so one pass histograms the top 16 bits and finds the bucket that
+# holds the k-th largest magnitude, and a second pass histograms the low 16 bits inside that bucket only.
+# The two halves together are the k-th largest float32 magnitude itself: exact, in two small histograms.
+HIGH_BUCKETS = 1 << 15  # sign bit cleared by abs(): bits >> 16 < 2**15
+LOW_BUCKETS = 1 << 16
 
 
-def magnitude_buckets(t: Tensor) -> Tensor:
-    """Order-preserving bucket index of |t| (float32 bit pattern >> 16)."""
-    return (t.detach().abs().float().contiguous().view(torch.int32) >> 16).long()
+def magnitude_bits(t: Tensor) -> Tensor:
+    """The int32 bit patterns of |t| in float32 (ordered like the magnitudes)."""
+    return t.detach().abs().float().contiguous().view(torch.int32)
 
 
-def magnitude_histogram(t: Tensor) -> Tensor:
-    """Counts of |t| per magnitude bucket."""
-    return torch.bincount(magnitude_buckets(t).flatten(), minlength=MAGNITUDE_BUCKETS)
+def high_histogram(t: Tensor) -> Tensor:
+    """Counts of |t| per top-16-bit bucket."""
+    return torch.bincount((magnitude_bits(t) >> 16).flatten(), minlength=HIGH_BUCKETS)
 
 
-def locate_kth_largest(hist: Tensor, keep: int) -> tuple[int, int]:
-    """The bucket holding the ``keep``-th largest value, and its rank (1 = largest) within that bucket."""
+def low_histogram(t: Tensor, high: int) -> Tensor:
+    """Counts of the low 16 bits of the |t| whose top 16 bits are ``high``."""
+    bits = magnitude_bits(t).flatten()
+    inside = bits[(bits >> 16) == high]
+    return torch.bincount(inside & 0xFFFF, minlength=LOW_BUCKETS)
+
+
+def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
+    """The bucket holding the ``rank``-th largest counted value (1 = largest), and its rank inside the bucket."""
     from_top = hist.flip(0).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(keep, dtype=from_top.dtype)))
-    bucket = MAGNITUDE_BUCKETS - 1 - idx
+    idx = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
     above = int(from_top[idx - 1]) if idx > 0 else 0
-    return bucket, keep - above
+    return hist.numel() - 1 - idx, rank - above
+
+
+def bits_to_float(high: int, low: int) -> float:
+    """The float32 value whose bit pattern is ``high << 16 | low``."""
+    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32))
 
 
 def kth_largest(values: Sequence[Tensor], rank: int) -> float:

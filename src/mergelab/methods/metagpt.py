@@ -78,7 +78,8 @@ class MetaGPT(TaskVectorMethod):
         key = "" if self.granularity == "model" else name
         acc = self._sq.setdefault(key, [0.0] * len(used))
         for i, v in enumerate(used):
-            acc[i] += float(v.double().pow(2).sum())
+            flat = v.reshape(-1)
+            acc[i] += float(torch.dot(flat, flat))  # chunk sums in float32, the total in float64
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx < self._norm_pass:
@@ -106,9 +107,9 @@ class MetaGPT(TaskVectorMethod):
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
         used = self._sparse(name, chunk, vectors)
         lam = self.lambdas(name)
-        out = torch.zeros_like(used[0])
-        for w, v in zip(lam, used, strict=True):
-            out += w * v
+        out = used[0] * lam[0]
+        for w, v in zip(lam[1:], used[1:], strict=True):
+            out.add_(v, alpha=w)
         return out
 
     def report(self) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from mergelab.methods.base import TaskVectorMethod, check_range
@@ -18,4 +17,7 @@ class TaskArithmetic(TaskVectorMethod):
         self.scaling = float(scaling)
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return self.scaling * torch.stack(list(vectors)).sum(0)
+        out = vectors[0] * self.scaling
+        for v in vectors[1:]:
+            out.add_(v, alpha=self.scaling)
+        return out

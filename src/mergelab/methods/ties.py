@@ -25,8 +25,9 @@ class TIES(TaskVectorMethod):
         disjoint: ``sum`` (AdaMerging / FusionBench) or ``mean`` (TIES paper) over sign-agreeing tasks.
         scaling: lambda applied to the merged vector.
 
-    Global pruning is exact and streams: pass 1 histograms magnitudes, pass 2 selects the threshold inside the
-    bucket that holds it, pass 3 sums the elected signs for the majority sign.
+    Global pruning is exact and streams: passes 1 and 2 find the k-th largest float32 magnitude of each task
+    vector by a two-level radix select (see :mod:`mergelab.task_vectors`), pass 3 sums the elected signs for
+    the majority sign. Task vectors are float32, so this is the same threshold a full sort would give.
     """
 
     def __init__(self, k: float = 20.0, prune: str = "global", disjoint: str = "sum", scaling: float = 0.3) -> None:
@@ -43,8 +44,7 @@ class TIES(TaskVectorMethod):
     def begin(self, names: Sequence[str]) -> None:
         self._hist: list[Tensor] = []
         self._numel = 0
-        self._bucket: list[tuple[int, int]] = []
-        self._boundary: list[list[Tensor]] = []
+        self._high: list[tuple[int, int]] = []  # per task: top-16-bit bucket of the k-th largest, rank inside
         self._thresholds: list[float] = []
         self._sign_total = 0.0
         self._majority = 1.0
@@ -52,13 +52,13 @@ class TIES(TaskVectorMethod):
     def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
         if pass_idx == 0:
             if not self._hist:
-                self._hist = [torch.zeros(tv.MAGNITUDE_BUCKETS, dtype=torch.long) for _ in vectors]
+                self._hist = [torch.zeros(tv.HIGH_BUCKETS, dtype=torch.long) for _ in vectors]
             for h, v in zip(self._hist, vectors, strict=True):
-                h += tv.magnitude_histogram(v)
+                h += tv.high_histogram(v)
             self._numel += vectors[0].numel()
         elif pass_idx == 1:
-            for (bucket, _), acc, v in zip(self._bucket, self._boundary, vectors, strict=True):
-                acc.append(v.abs()[tv.magnitude_buckets(v) == bucket])
+            for h, (high, _), v in zip(self._hist, self._high, vectors, strict=True):
+                h += tv.low_histogram(v, high)
         else:
             trimmed = [tv.trim(v, th) for v, th in zip(vectors, self._thresholds, strict=True)]
             self._sign_total += float(torch.sign(torch.stack(trimmed).sum(0)).sum())
@@ -66,13 +66,12 @@ class TIES(TaskVectorMethod):
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx == 0:
             keep = tv.topk_count(self._numel, self.k)
-            self._bucket = [tv.locate_kth_largest(h, keep) for h in self._hist]
-            self._boundary = [[] for _ in self._hist]
+            self._high = [tv.locate_rank(h, keep) for h in self._hist]
+            self._hist = [torch.zeros(tv.LOW_BUCKETS, dtype=torch.long) for _ in self._hist]
         elif pass_idx == 1:
-            self._thresholds = [
-                tv.kth_largest(acc, rank) for acc, (_, rank) in zip(self._boundary, self._bucket, strict=True)
-            ]
-            self._boundary = []
+            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(self._hist, self._high, strict=True)]
+            self._thresholds = [tv.bits_to_float(high, low) for (high, _), low in zip(self._high, lows, strict=True)]
+            self._hist = []
         else:
             self._majority = -1.0 if self._sign_total < 0 else 1.0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from mergelab.methods.base import TaskVectorMethod
@@ -14,4 +13,8 @@ class WeightAveraging(TaskVectorMethod):
     """Uniform average of the experts, written as theta_0 + mean_t tau_t (identical up to rounding)."""
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return torch.stack(list(vectors)).mean(0)
+        w = 1.0 / len(vectors)
+        out = vectors[0] * w
+        for v in vectors[1:]:
+            out.add_(v, alpha=w)
+        return out
