@@ -182,3 +182,9 @@ def test_expert_head_does_not_know_the_task_labels(tmp_path: Path) -> None:
 def test_unknown_task_in_suite(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['imdb'\]"):
         run(make_cfg(tmp_path / "out", ["eval.tasks=[tweet_sentiment,imdb]"]))
+
+
+def test_classification_pool_needs_a_suite(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="eval=none only applies to checkpoint pools"):
+        run(make_cfg(tmp_path / "out", ["eval=none", "logger=none"], tiny=False))
+    assert_nothing_written(tmp_path / "out")

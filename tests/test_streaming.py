@@ -201,3 +201,47 @@ def test_metagpt_lambdas_from_the_streamed_pass(pool: tuple[Path, list[Path]], t
     report = method.report()
     for name, n in zip("abc", norms, strict=True):
         assert report[f"lambda/{name}"] == pytest.approx(n / sum(norms), rel=1e-6)
+
+
+def test_cli_streams_a_checkpoint_pool(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from mergelab.run import run
+    from tests.conftest import make_cfg
+
+    base_dir, expert_dirs = pool
+    experts = "{" + ",".join(f"e{i}:'{p}'" for i, p in enumerate(expert_dirs)) + "}"
+    overrides = ["model=checkpoints", f"model.pretrained={base_dir}", f"model.experts={experts}", "logger=none"]
+    cfg = make_cfg(tmp_path / "run", [*overrides, "method=metagpt", "eval=none"], tiny=False)
+    run(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    lambdas = metrics["method_report"]
+    assert set(lambdas) == {"lambda/e0", "lambda/e1", "lambda/e2"}
+    assert sum(lambdas.values()) == pytest.approx(1.0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged_model")
+    base = load_all(base_dir)
+    vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
+    expected = tv.apply_task_vector(base, combine_in_memory(MetaGPT(), vecs))
+    state = model.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    with pytest.raises(ValueError, match="set eval=none"):
+        run(make_cfg(tmp_path / "run2", [*overrides, "method=metagpt"], tiny=False))
+    assert not (tmp_path / "run2").exists()
+
+
+def test_paper_pools_compose_with_the_table_8_hub_ids() -> None:
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(Path("/unused"), ["experiment=metagpt_llama2_7b"], tiny=False)
+    assert cfg.model.pretrained == "meta-llama/Llama-2-7b-hf"
+    assert dict(cfg.model.experts) == {
+        "general": "meta-llama/Llama-2-7b-chat-hf",
+        "math": "TIGER-Lab/MAmmoTH-7B",
+        "code": "mrm8488/llama-2-coder-7b",
+    }
+    assert cfg.method.name == "metagpt" and not cfg.eval
+    assert make_cfg(Path("/unused"), ["experiment=metagpt_mistral_7b"], tiny=False).model.experts.math == (
+        "TIGER-Lab/MAmmoTH2-7B"
+    )
+    assert make_cfg(Path("/unused"), ["experiment=metagpt_llama2_13b"], tiny=False).model.pretrained == (
+        "meta-llama/Llama-2-13b-hf"
+    )

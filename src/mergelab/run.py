@@ -21,10 +21,11 @@ from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.experts import model_fingerprint
 from mergelab.loggers import log_run
-from mergelab.methods.base import MergeMethod
+from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.modelpool import ModelPool
 from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
 from mergelab.reports import write_reports
+from mergelab.streaming import CheckpointPool
 from mergelab.suite import TextClassificationSuite
 
 log = logging.getLogger(__name__)
@@ -107,14 +108,19 @@ def run(cfg: DictConfig) -> float:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
 
     # Everything that can be wrong with the config fails here, before models load or outputs are written.
-    suite: TextClassificationSuite = build(cfg.eval)
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
-    pool: ModelPool = build(cfg.model)
+    pool = build(cfg.model)
+    if isinstance(pool, CheckpointPool):
+        return run_streaming(cfg, pool, candidates, out_dir)
+    if not cfg.get("eval"):
+        raise ValueError("eval=none only applies to checkpoint pools; this model pool needs an evaluation suite")
+    suite: TextClassificationSuite = build(cfg.eval)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
+    assert isinstance(pool, ModelPool), f"model: unknown pool type {type(pool).__name__}"
     pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
     tok, report, tune_split = pool.tokenizer, suite.report_split, suite.tune_split
@@ -199,3 +205,43 @@ def run(cfg: DictConfig) -> float:
     log_run(loggers, cfg, results, out_dir)
     log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
     return objective
+
+
+def run_streaming(
+    cfg: DictConfig,
+    pool: CheckpointPool,
+    candidates: Mapping[str, list[tuple[dict[str, Any], MergeMethod]]],
+    out_dir: Path,
+) -> float:
+    """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model`` (no evaluation here)."""
+    if cfg.get("eval"):
+        raise ValueError(
+            "model: a checkpoint (streaming) pool is merged without the text-classification suite; set eval=none"
+        )
+    if len(candidates) != 1 or any(len(c) != 1 for c in candidates.values()):
+        raise ValueError("a checkpoint pool merges one method with fixed options: no table and no tune=true")
+    ((name, [(params, method)]),) = candidates.items()
+    if not isinstance(method, TaskVectorMethod):
+        raise ValueError(f"method '{name}' cannot stream: it is not a task-vector method")
+    loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
+    start = time.perf_counter()
+    merged = pool.merge(method, out_dir / "merged_model", overwrite=bool(cfg.overwrite))
+    seconds = time.perf_counter() - start
+    results = {
+        "pretrained": pool.pretrained,
+        "experts": pool.experts,
+        "method": name,
+        "params": params,
+        "method_report": method.report(),
+        "merged_model": str(merged),
+        "timings": {"merge_s": round(seconds, 1)},
+        "overrides": list(cfg.get("overrides") or []),
+    }
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(out_dir / "metrics.json", results)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        lg.log_metrics({f"method/{name}/{k}": float(v) for k, v in method.report().items()})
+        lg.finalize("success")
+    log.info("merged %s with %s in %.1f s: %s %s", pool.pretrained, name, seconds, merged, method.report())
+    return float("nan")

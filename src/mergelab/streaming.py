@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -187,3 +187,52 @@ def _merged_blocks(
 def _chain(blocks: Iterator[Tensor], extra: Tensor) -> Iterator[Tensor]:
     yield from blocks
     yield extra
+
+
+class CheckpointPool:
+    """A pool of large checkpoints (hub ids or local safetensors dirs) merged by streaming, never loaded whole.
+
+    Args:
+        pretrained: the pretrained model.
+        experts: expert name -> hub id or local dir (the names label the coefficients in reports).
+        include / exclude: regexes over tensor names selecting what is merged (the rest stays pretrained);
+            default: every floating-point tensor, embeddings and lm_head included (as MetaGPT
+            re-implementations do).
+        vocab: ``extend`` | ``base`` | ``error`` for experts with extra embedding rows (see :func:`stream_merge`).
+        max_shard_bytes: output shard size.
+        chunk_elems: elements per row block and task in memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        experts: Mapping[str, str],
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        vocab: str = "extend",
+        max_shard_bytes: int = 2**30,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    ) -> None:
+        if not experts:
+            raise ValueError("model.experts is empty: a checkpoint pool needs at least one expert")
+        if vocab not in VOCAB_POLICIES:
+            raise ValueError(f"model.vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+        self.pretrained, self.experts = str(pretrained), {k: str(v) for k, v in experts.items()}
+        self.include, self.exclude, self.vocab = list(include), list(exclude), vocab
+        self.max_shard_bytes, self.chunk_elems = int(max_shard_bytes), int(chunk_elems)
+
+    def merge(self, method: TaskVectorMethod, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Stream-merge the pool with ``method`` into ``out_dir``."""
+        return stream_merge(
+            method,
+            self.pretrained,
+            list(self.experts.values()),
+            out_dir,
+            include=self.include,
+            exclude=self.exclude,
+            vocab=self.vocab,
+            max_shard_bytes=self.max_shard_bytes,
+            chunk_elems=self.chunk_elems,
+            overwrite=overwrite,
+            task_names=list(self.experts),
+        )
