@@ -51,12 +51,17 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def looks_local(path: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is a local path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
+
+
 def resolve_model_dir(path_or_id: str) -> Path:
     """A local dir as is; a hub id downloaded (safetensors, configs and tokenizer only) into the HF cache."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p
-    if path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1:
+    if looks_local(path_or_id):
         raise FileNotFoundError(f"checkpoint dir '{path_or_id}' does not exist")
     from huggingface_hub import snapshot_download
 
@@ -150,11 +155,6 @@ class LazyCheckpoint:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-    def config(self) -> dict[str, Any]:
-        """The HF config.json as a dict ({} when absent)."""
-        cfg = self.dir / "config.json"
-        return json.loads(cfg.read_text()) if cfg.is_file() else {}
 
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from mergelab import task_vectors as tv
+from mergelab.checkpoints import looks_local
 from mergelab.evaluation import MultiTaskClassifier, split_backbone
 from mergelab.experts import build_expert
 from mergelab.outputs import atomic_write_json, move_dir_into_place
@@ -29,14 +30,9 @@ HEADS_FILE = "task_heads.safetensors"
 HEADS_META = "task_heads.json"
 
 
-def _looks_local(path: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is a local path."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
-
-
 def load_classifier(name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
     """Load a sequence-classification model, with an error that names the pool entry at fault."""
-    if _looks_local(path):
+    if looks_local(path):
         p = Path(path).expanduser()
         if not p.is_dir():
             raise FileNotFoundError(f"model pool: {name} dir '{path}' does not exist")
@@ -97,9 +93,7 @@ class ModelPool:
         self._pretrained_backbone: nn.Module = getattr(pre, pre.base_model_prefix)
         self.model_type = pre.config.model_type
         self.tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(self.pretrained_path).expanduser())
-            if _looks_local(self.pretrained_path)
-            else self.pretrained_path,
+            str(Path(self.pretrained_path).expanduser()) if looks_local(self.pretrained_path) else self.pretrained_path,
             trust_remote_code=self.trust_remote_code,
         )
         base = self.pretrained_state()
