@@ -54,31 +54,36 @@ def magnitude_threshold(tensors: Iterable[Tensor], k_percent: float) -> float:
     return kth_largest(mags, topk_count(sum(m.numel() for m in mags), k_percent))
 
 
-def trim(t: Tensor, threshold: float) -> Tensor:
-    """Zero the coordinates whose magnitude is below ``threshold``."""
-    return torch.where(t.abs() >= threshold, t, torch.zeros((), dtype=t.dtype))
+def trim(vectors: Sequence[Tensor], thresholds: Sequence[float]) -> Tensor:
+    """The task vectors stacked (one row per task), each with coordinates below its threshold zeroed."""
+    stacked = torch.stack(list(vectors))
+    th = torch.tensor(list(thresholds), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    return stacked.masked_fill_(stacked.abs() < th, 0)
 
 
-def elect_sign(trimmed: Sequence[Tensor], majority_sign: float) -> Tensor:
+def elect_sign(trimmed: Tensor, majority_sign: float) -> Tensor:
     """Per-coordinate sign of sum_t trimmed_t; coordinates whose sum is exactly zero take ``majority_sign``."""
-    sign = torch.sign(torch.stack(list(trimmed)).sum(0))
-    return torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
+    sign = trimmed.sum(0).sign_()
+    return sign.masked_fill_(sign == 0, majority_sign)
 
 
-def majority_sign(sign_sums: Iterable[Tensor]) -> float:
+def sign_total(trimmed: Tensor) -> float:
+    """Sum over coordinates of sign(sum_t trimmed_t): what the majority sign is elected from."""
+    return float(trimmed.sum(0).sign_().sum())
+
+
+def majority_sign(total: float) -> float:
     """Sign of the total of the per-coordinate signs (+1 when it is zero): the fallback for exact ties."""
-    total = sum(float(torch.sign(s).sum()) for s in sign_sums)
     return -1.0 if total < 0 else 1.0
 
 
-def agreeing(trimmed: Sequence[Tensor], sign: Tensor) -> tuple[Tensor, Tensor]:
+def agreeing(trimmed: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     """The stacked entries whose sign agrees with the elected sign (others zeroed), and that mask."""
-    stacked = torch.stack(list(trimmed))
-    agree = torch.where(sign > 0, stacked > 0, stacked < 0)
-    return stacked * agree, agree
+    agree = (trimmed * sign) > 0  # sign is +-1: positive product = same sign and non-zero
+    return trimmed * agree, agree
 
 
-def disjoint_merge(trimmed: Sequence[Tensor], sign: Tensor, reduce: str) -> Tensor:
+def disjoint_merge(trimmed: Tensor, sign: Tensor, reduce: str) -> Tensor:
     """Mean (or sum) over the tasks whose non-zero coordinate agrees with the elected sign."""
     selected, agree = agreeing(trimmed, sign)
     total = selected.sum(0)

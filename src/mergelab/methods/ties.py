@@ -60,8 +60,7 @@ class TIES(TaskVectorMethod):
             for h, (high, _), v in zip(self._hist, self._high, vectors, strict=True):
                 h += tv.low_histogram(v, high)
         else:
-            trimmed = [tv.trim(v, th) for v, th in zip(vectors, self._thresholds, strict=True)]
-            self._sign_total += float(torch.sign(torch.stack(trimmed).sum(0)).sum())
+            self._sign_total += tv.sign_total(tv.trim(vectors, self._thresholds))
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx == 0:
@@ -73,18 +72,18 @@ class TIES(TaskVectorMethod):
             self._thresholds = [tv.bits_to_float(high, low) for (high, _), low in zip(self._high, lows, strict=True)]
             self._hist = []
         else:
-            self._majority = -1.0 if self._sign_total < 0 else 1.0
+            self._majority = tv.majority_sign(self._sign_total)
 
     # ------------------------------------------------------------------------------- merging
 
-    def trim_and_elect(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """Trimmed task vectors of one chunk and the elected sign per coordinate."""
+    def trim_and_elect(self, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Trimmed task vectors of one chunk (stacked, one row per task) and the elected sign per coordinate."""
         if self.prune == "global":
-            trimmed = [tv.trim(v, th) for v, th in zip(vectors, self._thresholds, strict=True)]
+            trimmed = tv.trim(vectors, self._thresholds)
             majority = self._majority
         else:
-            trimmed = [tv.trim(v, tv.magnitude_threshold([v], self.k)) for v in vectors]
-            majority = tv.majority_sign([torch.stack(trimmed).sum(0)])
+            trimmed = tv.trim(vectors, [tv.magnitude_threshold([v], self.k) for v in vectors])
+            majority = tv.majority_sign(tv.sign_total(trimmed))
         return trimmed, tv.elect_sign(trimmed, majority)
 
     def select(self, vectors: Sequence[Tensor]) -> list[Tensor]:
@@ -94,4 +93,4 @@ class TIES(TaskVectorMethod):
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
         trimmed, sign = self.trim_and_elect(vectors)
-        return self.scaling * tv.disjoint_merge(trimmed, sign, self.disjoint)
+        return tv.disjoint_merge(trimmed, sign, self.disjoint).mul_(self.scaling)
