@@ -49,6 +49,14 @@ def local_pool(experts: dict[str, str]) -> list[str]:
     return ["model=local_experts", "model.pretrained=${mergelab.minilm:}", f"model.experts={mapping}"]
 
 
+def assert_pool_rejected(tmp_path: Path, experts: dict[str, str], match: str, extra: tuple[str, ...] = ()) -> None:
+    """Running on this pool fails with ``match`` and leaves the output dir empty."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        run(make_cfg(out, [*local_pool(experts), *extra]))
+    assert_nothing_written(out)
+
+
 def test_missing_expert_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
     experts = {"tweet_sentiment": str(tmp_path / "nope"), "food_review": str(tmp_path / "nope2")}
@@ -74,10 +82,7 @@ def test_expert_with_other_architecture(tmp_path: Path) -> None:
     )
     other.save_pretrained(tmp_path / "distil")
     experts["food_review"] = str(tmp_path / "distil")
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"expert 'food_review'.*architecture 'distilbert' differs.*'bert'"):
-        run(make_cfg(out, local_pool(experts)))
-    assert_nothing_written(out)
+    assert_pool_rejected(tmp_path, experts, r"expert 'food_review'.*architecture 'distilbert' differs.*'bert'")
 
 
 def test_expert_with_other_shapes(tmp_path: Path) -> None:
@@ -88,10 +93,7 @@ def test_expert_with_other_shapes(tmp_path: Path) -> None:
     cfg.num_labels = 2
     BertForSequenceClassification(cfg).save_pretrained(tmp_path / "narrow")
     experts["food_review"] = str(tmp_path / "narrow")
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"expert 'food_review'.*parameter '.*intermediate.dense.weight' has shape"):
-        run(make_cfg(out, local_pool(experts)))
-    assert_nothing_written(out)
+    assert_pool_rejected(tmp_path, experts, r"expert 'food_review'.*parameter '.*intermediate.dense.weight' has shape")
 
 
 def test_nan_in_checkpoint(tmp_path: Path) -> None:
@@ -102,10 +104,7 @@ def test_nan_in_checkpoint(tmp_path: Path) -> None:
     state[key][0, 0] = float("nan")
     state[key][1, 1] = float("inf")
     save_file(state, str(weights), metadata={"format": "pt"})
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=rf"expert 'tweet_sentiment'.*'{key}' contains 2 NaN/inf"):
-        run(make_cfg(out, local_pool(experts)))
-    assert_nothing_written(out)
+    assert_pool_rejected(tmp_path, experts, rf"expert 'tweet_sentiment'.*'{key}' contains 2 NaN/inf")
 
 
 def test_unknown_method_and_suite_names() -> None:
@@ -168,15 +167,11 @@ def test_expert_head_does_not_know_the_task_labels(tmp_path: Path) -> None:
     meta = yaml.safe_load((suite / "tasks.yaml").read_text())
     meta["tasks"]["food_review"]["labels"] = ["great", "other", "terrible"]
     (suite / "tasks.yaml").write_text(yaml.safe_dump(meta))
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"expert 'food_review'.*head has 2 outputs but task 'food_review' has 3"):
-        run(make_cfg(out, [*local_pool(experts), f"eval.data_dir={suite}"]))
-    assert_nothing_written(out)
+    data = (f"eval.data_dir={suite}",)
+    assert_pool_rejected(tmp_path, experts, r"'food_review'.*head has 2 outputs but task 'food_review' has 3", data)
     meta["tasks"]["food_review"]["labels"] = ["bad", "good"]
     (suite / "tasks.yaml").write_text(yaml.safe_dump(meta))
-    with pytest.raises(ValueError, match=r"head labels \['great', 'other'\] do not match task 'food_review'"):
-        run(make_cfg(out, [*local_pool(experts), f"eval.data_dir={suite}"]))
-    assert_nothing_written(out)
+    assert_pool_rejected(tmp_path, experts, r"head labels \['great', 'other'\] do not match task 'food_review'", data)
 
 
 def test_unknown_task_in_suite(tmp_path: Path) -> None:
