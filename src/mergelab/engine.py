@@ -2,8 +2,8 @@
 
 A task-vector method sees the task vectors one *chunk* at a time (a block of rows of one tensor, or a whole
 tensor for methods that need it), in zero or more statistics passes followed by a merge pass. In memory the
-chunks are slices of tensors already loaded; when streaming they are read from memory-mapped safetensors
-shards, so peak memory is a few tensors whatever the model's size.
+chunks are slices of tensors already loaded; when streaming they are read from safetensors shards block by
+block, so peak memory is a few row blocks whatever the model's size.
 """
 
 from __future__ import annotations

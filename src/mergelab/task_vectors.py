@@ -40,6 +40,14 @@ def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -
     return out
 
 
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_t w_t * tensors[t], accumulated in place in one new tensor."""
+    out = tensors[0] * weights[0]
+    for w, t in zip(weights[1:], tensors[1:], strict=True):
+        out.add_(t, alpha=w)
+    return out
+
+
 def topk_count(numel: int, k_percent: float) -> int:
     """Number of coordinates kept by a top-k% trim of ``numel`` coordinates (at least one)."""
     return max(1, math.ceil(numel * k_percent / 100.0))

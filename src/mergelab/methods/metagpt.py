@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergelab import task_vectors as tv
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 from mergelab.methods.dare import DARE
 from mergelab.methods.ties import TIES
@@ -105,12 +106,7 @@ class MetaGPT(TaskVectorMethod):
         return self._lambdas["" if self.granularity == "model" else name]
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        used = self._sparse(name, chunk, vectors)
-        lam = self.lambdas(name)
-        out = used[0] * lam[0]
-        for w, v in zip(lam[1:], used[1:], strict=True):
-            out.add_(v, alpha=w)
-        return out
+        return tv.weighted_sum(self._sparse(name, chunk, vectors), self.lambdas(name))
 
     def report(self) -> dict[str, Any]:
         if not self._lambdas:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from mergelab import task_vectors as tv
 from mergelab.methods.base import TaskVectorMethod, check_range
 
 
@@ -17,7 +18,4 @@ class TaskArithmetic(TaskVectorMethod):
         self.scaling = float(scaling)
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        out = vectors[0] * self.scaling
-        for v in vectors[1:]:
-            out.add_(v, alpha=self.scaling)
-        return out
+        return tv.weighted_sum(vectors, [self.scaling] * len(vectors))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from mergelab import task_vectors as tv
 from mergelab.methods.base import TaskVectorMethod
 
 
@@ -13,8 +14,4 @@ class WeightAveraging(TaskVectorMethod):
     """Uniform average of the experts, written as theta_0 + mean_t tau_t (identical up to rounding)."""
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        w = 1.0 / len(vectors)
-        out = vectors[0] * w
-        for v in vectors[1:]:
-            out.add_(v, alpha=w)
-        return out
+        return tv.weighted_sum(vectors, [1.0 / len(vectors)] * len(vectors))
