@@ -45,23 +45,33 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
-    """Log everything a run produced to each logger and close it."""
+def send(
+    loggers: Sequence[Logger],
+    cfg: DictConfig,
+    metrics: Mapping[str, float],
+    table: tuple[list[str], list[list[Any]]] | None = None,
+    chart: Path | None = None,
+) -> None:
+    """Log the resolved config, the metrics and (to wandb) a results table and chart; close every logger."""
     if not loggers:
         return
     container = OmegaConf.to_container(cfg, resolve=True)
-    metrics = flat_metrics(results)
-    columns, data = table_records(results["rows"], results["tasks"])
     for lg in loggers:
         lg.log_hyperparams(container)  # type: ignore[arg-type]
-        lg.log_metrics(metrics)
+        lg.log_metrics(dict(metrics))
         if isinstance(lg, WandbLogger):
-            lg.log_table(key="results", columns=columns, data=data)
-            chart = out_dir / "results.png"
-            if chart.is_file():
+            if table is not None:
+                lg.log_table(key="results", columns=table[0], data=table[1])
+            if chart is not None and chart.is_file():
                 lg.log_image(key="results_chart", images=[str(chart)])
         lg.finalize("success")
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
         wandb.finish()
+
+
+def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
+    """Log everything an evaluated run produced to each logger and close it."""
+    table = table_records(results["rows"], results["tasks"])
+    send(loggers, cfg, flat_metrics(results), table, out_dir / "results.png")

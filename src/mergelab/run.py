@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.experts import model_fingerprint
-from mergelab.loggers import log_run
+from mergelab.loggers import log_run, send
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.modelpool import ModelPool
 from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
@@ -239,9 +239,6 @@ def run_streaming(
     }
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(out_dir / "metrics.json", results)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-        lg.log_metrics({f"method/{name}/{k}": float(v) for k, v in method.report().items()})
-        lg.finalize("success")
+    send(loggers, cfg, {f"method/{name}/{k}": float(v) for k, v in method.report().items()})
     log.info("merged %s with %s in %.1f s: %s %s", pool.pretrained, name, seconds, merged, method.report())
     return float("nan")
