@@ -1,5 +1,6 @@
 """Merge methods: each is one module here plus one YAML in ``conf/method/``."""
 
+from mergelab.methods.awd import AWD
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.methods.dare import DARE
 from mergelab.methods.metagpt import MetaGPT
@@ -7,4 +8,4 @@ from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.ties import TIES
 from mergelab.methods.weight_averaging import WeightAveraging
 
-__all__ = ["DARE", "TIES", "MergeMethod", "MetaGPT", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]
+__all__ = ["AWD", "DARE", "TIES", "MergeMethod", "MetaGPT", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -33,6 +34,18 @@ class MergeMethod(ABC):
     def report(self) -> dict[str, Any]:
         """Scalars the method computed and wants logged (e.g. per-task coefficients)."""
         return {}
+
+    def prepare(self, pool: Any, trainer_kwargs: Mapping[str, Any] | None = None, loggers: Sequence[Any] = ()) -> None:
+        """Work that needs the run's Lightning trainer settings before merging (AWD's fit); none by default."""
+        return None
+
+    def single_task_states(self, pool: Any) -> dict[str, tv.StateDict]:
+        """Per-task weights to score each alone on its own task (AWD's tau_t - delta); none by default."""
+        return {}
+
+    def save_artifacts(self, out_dir: str | Path) -> None:
+        """Write what the method learned (e.g. AWD's delta and plots) into ``out_dir``; nothing by default."""
+        return None
 
     def task_label(self, i: int) -> str:
         """Name of the i-th task vector for reports."""

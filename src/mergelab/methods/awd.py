@@ -1,0 +1,324 @@
+"""AWD, Adaptive Weight Disentanglement (Xiong et al. 2024): merge tau_t - delta instead of tau_t.
+
+delta is learned by :mod:`mergelab.disentanglement` under ``trainer.fit`` (:meth:`AWD.prepare`); the
+disentangled vectors then go through any task-vector method (task arithmetic by default), chunk by chunk
+through the same engine as every other method, so AWD-TA = TA - scaling * T * delta exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mergelab import task_vectors as tv
+from mergelab.disentanglement import (
+    FitResult,
+    History,
+    Objective,
+    OptimizerConfig,
+    cosines,
+    fit_delta,
+    mean_abs_cos,
+)
+from mergelab.engine import DictSource, TaskVectorLoader
+from mergelab.methods.base import TaskVectorMethod, check_choice
+from mergelab.methods.dare import DARE
+from mergelab.methods.metagpt import MetaGPT
+from mergelab.methods.task_arithmetic import TaskArithmetic
+from mergelab.methods.ties import TIES
+from mergelab.methods.weight_averaging import WeightAveraging
+from mergelab.outputs import atomic_save_figure, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from mergelab.modelpool import ModelPool
+
+#: Methods the disentangled vectors can go into (``method.merge``).
+INNER_METHODS: dict[str, type[TaskVectorMethod]] = {
+    "task_arithmetic": TaskArithmetic,
+    "ties": TIES,
+    "dare": DARE,
+    "metagpt": MetaGPT,
+    "weight_averaging": WeightAveraging,
+}
+#: Parameters inside numbered transformer blocks (BERT ``encoder.layer.3.``, Llama ``model.layers.3.``, GPT-2
+#: ``h.3.``, ViT/CLIP ``encoder.layers.3.`` / ``blocks.3.``).
+DEFAULT_INCLUDE = (r"(^|\.)(layer|layers|h|blocks?)\.\d+\.",)
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks?)\.(\d+)\.")
+DELTA_FILE = "delta.safetensors"
+
+# Fitted deltas of this process, so that the candidates of a coefficient grid (and AWD rows that differ only in
+# the merge method) fit once. Keyed by the pool's identity and every option that determines delta.
+_FITS: dict[tuple[int, str], tuple[Any, FitResult]] = {}
+
+
+class AWD(TaskVectorMethod):
+    """Learn a redundant vector delta shared by all task vectors, then merge tau_t - delta with ``merge``.
+
+    Args:
+        merge: the method the disentangled vectors go into: task_arithmetic, ties, dare, metagpt or
+            weight_averaging; ``merge_options`` are its options and ``scaling`` (when set) its coefficient.
+        granularity: ``row`` (cosine per row of each matrix, averaged), ``tensor`` (per matrix) or ``model``
+            (one flattened vector); delta's norm follows the same granularity.
+        norm: ``l2``, ``l2_squared``, ``l1`` or ``row_l2`` (sum of row L2 norms).
+        alpha: weight of the norm term L_R.
+        optimizer, lr, momentum, steps: how delta is optimised (``sgd`` or ``adam``), full batch.
+        include / exclude: regexes over parameter names that are disentangled; ``matrices_only`` keeps only
+            2-D weights. Default: the weight matrices of the transformer blocks (no biases, norms, embeddings).
+        mode: ``whole`` (one fit over every tensor) or ``per_tensor`` (one tensor's task vectors in memory at a
+            time; needs granularity ``tensor`` or ``row``; same result).
+        delta_path: a ``delta.safetensors`` saved by an earlier run: reuse it instead of fitting.
+        score_single_task: also score each theta_0 + tau_t - delta alone on its task (single-task retention).
+        trainer: extra Lightning Trainer arguments for the fit (e.g. ``enable_checkpointing: true``).
+    """
+
+    def __init__(
+        self,
+        merge: str = "task_arithmetic",
+        merge_options: Mapping[str, Any] | None = None,
+        scaling: float | None = None,
+        granularity: str = "row",
+        norm: str = "l2",
+        alpha: float = 0.1,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        steps: int = 300,
+        include: Sequence[str] = DEFAULT_INCLUDE,
+        exclude: Sequence[str] = (),
+        matrices_only: bool = True,
+        mode: str = "whole",
+        delta_path: str | None = None,
+        score_single_task: bool = True,
+        trainer: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_choice("merge", merge, tuple(INNER_METHODS))
+        check_choice("mode", mode, ("whole", "per_tensor"))
+        options = dict(merge_options or {})
+        if scaling is not None:
+            options["scaling"] = scaling
+        try:
+            self.inner = INNER_METHODS[merge](**options)
+        except TypeError as e:
+            raise ValueError(f"method option 'merge_options' does not fit merge={merge}: {e}") from None
+        self.merge_name = merge
+        self.objective = Objective(granularity, norm, float(alpha))
+        self.optim = OptimizerConfig(optimizer, float(lr), float(momentum), int(steps))
+        if mode == "per_tensor" and granularity == "model":
+            raise ValueError("method option 'mode=per_tensor' needs granularity 'tensor' or 'row', not 'model'")
+        self.mode = mode
+        self.include = [re.compile(p) for p in include]
+        self.exclude = [re.compile(p) for p in exclude]
+        self.matrices_only = bool(matrices_only)
+        self.score_single_task = bool(score_single_task)
+        self.trainer_options = dict(trainer or {})
+        self.fit: FitResult | None = None
+        if delta_path is not None:
+            path = Path(delta_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"method option 'delta_path': no file {path}")
+            self.fit = FitResult(load_file(str(path)), History(), torch.zeros(0), torch.zeros(0))
+        self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
+        self._row: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------- fitting
+
+    def disentangles(self, name: str, tensor: Tensor) -> bool:
+        """Whether ``name`` gets a delta: matched by ``include``, not by ``exclude``, 2-D if ``matrices_only``."""
+        if self.matrices_only and tensor.dim() != 2:
+            return False
+        return any(p.search(name) for p in self.include) and not any(p.search(name) for p in self.exclude)
+
+    def fit_signature(self) -> str:
+        """Everything that determines delta, as a string key."""
+        return json.dumps(
+            {
+                "objective": [self.objective.granularity, self.objective.norm, self.objective.alpha],
+                "optim": [self.optim.name, self.optim.lr, self.optim.momentum, self.optim.steps],
+                "include": [p.pattern for p in self.include],
+                "exclude": [p.pattern for p in self.exclude],
+                "matrices_only": self.matrices_only,
+            }
+        )
+
+    def prepare(
+        self, pool: ModelPool, trainer_kwargs: Mapping[str, Any] | None = None, loggers: Sequence[Any] = ()
+    ) -> None:
+        """Fit delta on the pool's task vectors (once per pool and fit options in this process)."""
+        if self.fit is not None:
+            return
+        key = (id(pool), self.fit_signature())
+        if key in _FITS and _FITS[key][0] is pool:
+            self.fit = _FITS[key][1]
+            return
+        base = pool.mergeable(pool.pretrained_state())
+        load = TaskVectorLoader(DictSource(base), [DictSource(pool.mergeable(s)) for s in pool.expert_states()])
+        names = [n for n, t in base.items() if self.disentangles(n, t)]
+        self.fit = fit_delta(
+            names,
+            {n: tuple(base[n].shape) for n in names},
+            lambda n: torch.stack(load(n, None, None)),
+            self.objective,
+            self.optim,
+            {**dict(trainer_kwargs or {}), **self.trainer_options},
+            per_tensor=self.mode == "per_tensor",
+            loggers=loggers,
+        )
+        _FITS[key] = (pool, self.fit)
+
+    @property
+    def delta(self) -> dict[str, Tensor]:
+        """The learned redundant vector (parameter name -> tensor)."""
+        if self.fit is None:
+            raise RuntimeError("AWD: delta is not fitted yet; call prepare(pool) first")
+        return self.fit.delta
+
+    def run(self, pool: ModelPool) -> tv.StateDict:
+        self.prepare(pool)
+        self.inner.task_names = list(pool.tasks)
+        return super().run(pool)
+
+    # ------------------------------------------------------------------------------------------- merging
+
+    def disentangle(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """tau_t - delta for one row block (blocks of a tensor arrive in row order, starting at chunk 0)."""
+        d = self.delta.get(name)
+        if d is None:
+            return vectors
+        if chunk == 0 and vectors[0].shape == d.shape:  # the whole tensor
+            return [v - d for v in vectors]
+        start = 0 if chunk == 0 else self._row[name]
+        rows = vectors[0].shape[0]
+        self._row[name] = start + rows
+        return [v - d[start : start + rows] for v in vectors]
+
+    def begin(self, names: Sequence[str]) -> None:
+        self._row = {}
+        self.inner.begin(names)
+
+    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+        self.inner.observe(pass_idx, name, chunk, self.disentangle(name, chunk, vectors))
+
+    def end_pass(self, pass_idx: int) -> None:
+        self.inner.end_pass(pass_idx)
+
+    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+        return self.inner.merge_chunk(name, chunk, self.disentangle(name, chunk, vectors))
+
+    def single_task_states(self, pool: ModelPool) -> dict[str, tv.StateDict]:
+        """theta_0 + (tau_t - delta) for each task, i.e. each expert with delta removed (when enabled)."""
+        if not self.score_single_task:
+            return {}
+        out = {}
+        for task, state in zip(pool.tasks, pool.expert_states(), strict=True):
+            out[task] = {
+                n: (v.to(torch.float32) - self.delta[n]).to(v.dtype) if n in self.delta else v for n, v in state.items()
+            }
+        return out
+
+    # ------------------------------------------------------------------------------------------- reports
+
+    def report(self) -> dict[str, Any]:
+        out = dict(self.inner.report())
+        if self.fit is None or not self.fit.history.L_O:
+            return out
+        h = self.fit.history
+        out.update(
+            {
+                "L_O_start": h.L_O[0],
+                "L_O_end": h.L_O[-1],
+                "L_R_end": h.L_R[-1],
+                "mean_abs_cos_before": float(mean_abs_cos(self.fit.gram_before)),
+                "mean_abs_cos_after": float(mean_abs_cos(self.fit.gram_after)),
+                "delta_norm": float(torch.linalg.vector_norm(torch.stack([d.norm() for d in self.delta.values()]))),
+            }
+        )
+        return out
+
+    def delta_norms_per_layer(self) -> dict[int, float]:
+        """L2 norm of delta over each transformer block's parameters."""
+        sq: dict[int, float] = {}
+        for name, d in self.delta.items():
+            m = LAYER_INDEX.search(name)
+            if m is not None:
+                sq[int(m.group(1))] = sq.get(int(m.group(1)), 0.0) + float(d.double().pow(2).sum())
+        return {k: v**0.5 for k, v in sorted(sq.items())}
+
+    def save_artifacts(self, out_dir: str | Path) -> None:
+        """delta (reloadable with ``delta_path``), the per-step losses, a summary and the plots."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{DELTA_FILE}.tmp"
+        save_file({n: d.contiguous() for n, d in self.delta.items()}, str(tmp))
+        tmp.replace(out / DELTA_FILE)
+        assert self.fit is not None
+        if not self.fit.history.L_O:  # delta loaded from delta_path: nothing was fitted here
+            return
+        records = list(self.fit.history.rows(self.objective.alpha))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["step", *records[0]])
+        w.writeheader()
+        w.writerows({"step": i, **r} for i, r in enumerate(records))
+        atomic_write_text(out / "history.csv", buf.getvalue())
+        atomic_write_json(
+            out / "awd.json",
+            {
+                "report": self.report(),
+                "delta_norm_per_layer": self.delta_norms_per_layer(),
+                "cosine_before": cosines(self.fit.gram_before).tolist(),
+                "cosine_after": cosines(self.fit.gram_after).tolist(),
+                "task_names": self.task_names,
+            },
+        )
+        self._plot(out, records)
+
+    def _plot(self, out: Path, records: list[dict[str, float]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [self.task_label(i) for i in range(self.fit.gram_before.shape[0])] if self.fit else []
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+        for ax, gram, title in zip(
+            axes,
+            (self.fit.gram_before, self.fit.gram_after),
+            ("task vectors", "disentangled (tau - delta)"),
+            strict=True,
+        ):
+            cos = cosines(gram).numpy()
+            im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(labels)), labels, fontsize=8)
+            for i in range(len(labels)):
+                for j in range(len(labels)):
+                    ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(f"cosine similarity: {title}")
+        fig.colorbar(im, ax=axes, shrink=0.8)
+        atomic_save_figure(fig, out / "cosine_before_after.png")
+        plt.close(fig)
+
+        norms = self.delta_norms_per_layer()
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        ax1.bar([str(k) for k in norms], list(norms.values()))
+        ax1.set_xlabel("transformer block")
+        ax1.set_ylabel("||delta||_2")
+        ax1.set_title("norm of delta per layer")
+        ax2.plot([r["L_O"] for r in records], label="L_O (mean |cos|)")
+        ax2.plot([r["mean_abs_cos"] for r in records], label="model-level mean |cos|")
+        ax2.set_xlabel("step")
+        ax2b = ax2.twinx()
+        ax2b.plot([r["L_R"] for r in records], color="tab:red", label="L_R")
+        ax2b.set_ylabel("L_R")
+        ax2.legend(loc="upper right", fontsize=8)
+        ax2.set_title("AWD optimisation")
+        atomic_save_figure(fig, out / "delta_norms_and_losses.png")
+        plt.close(fig)

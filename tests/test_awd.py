@@ -1,0 +1,308 @@
+"""AWD: the objective against a direct computation, the fit's behaviour, merging, saving and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from mergelab import task_vectors as tv
+from mergelab.disentanglement import Objective, OptimizerConfig, fit_delta, objective_terms, tau_gram
+from mergelab.engine import combine_in_memory
+from mergelab.methods import AWD, TIES, TaskArithmetic
+from mergelab.run import run
+from tests.conftest import make_cfg
+
+CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False}
+# Parameter names as a transformer backbone has them: block matrices are disentangled, the rest is not.
+SHAPES = {
+    "layer.0.attn.weight": (6, 5),
+    "layer.0.attn.bias": (6,),
+    "layer.1.mlp.weight": (4, 6),
+    "embeddings.weight": (7, 5),
+}
+MATRICES = ["layer.0.attn.weight", "layer.1.mlp.weight"]
+
+
+def make_models(n: int = 3, seed: int = 0) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    shared = {k: torch.randn(s, generator=g) * 0.5 for k, s in SHAPES.items()}  # a common (redundant) component
+    experts = [
+        {k: base[k] + shared[k] + 0.3 * torch.randn(s, generator=g) for k, s in SHAPES.items()} for _ in range(n)
+    ]
+    return base, experts
+
+
+class ListPool:
+    """The part of a model pool AWD uses, over in-memory state dicts."""
+
+    def __init__(self, base: dict, experts: list[dict]) -> None:
+        self.base, self.experts = base, experts
+        self.tasks = [f"task{i}" for i in range(len(experts))]
+
+    def pretrained_state(self) -> dict:
+        return self.base
+
+    def expert_states(self) -> list[dict]:
+        return self.experts
+
+    def mergeable(self, state: dict) -> dict:
+        return dict(state)
+
+
+# ------------------------------------------------------------------------------ the objective, computed directly
+
+
+def direct_loss(taus: list[torch.Tensor], deltas: list[torch.Tensor], granularity: str, norm: str, alpha: float):
+    """L_O and L_R from their definitions: materialise tau_t - delta and take cosines pair by pair."""
+    n_tasks = taus[0].shape[0]
+    pairs = [(i, j) for i, j in itertools.permutations(range(n_tasks), 2)]
+
+    def mean_abs_cos(x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> mean over ordered pairs of |cos|
+        return torch.stack([F.cosine_similarity(x[i], x[j], dim=0, eps=1e-12).abs() for i, j in pairs]).mean()
+
+    diffs = [tau - d for tau, d in zip(taus, deltas, strict=True)]
+    if granularity == "model":
+        l_o = mean_abs_cos(torch.cat([x.reshape(n_tasks, -1) for x in diffs], dim=1))
+    elif granularity == "tensor":
+        l_o = torch.stack([mean_abs_cos(x.reshape(n_tasks, -1)) for x in diffs]).mean()
+    else:
+        per_tensor = []
+        for x in diffs:
+            rows = x.reshape(n_tasks, x.shape[1], -1)
+            per_tensor.append(torch.stack([mean_abs_cos(rows[:, r]) for r in range(rows.shape[1])]).mean())
+        l_o = torch.stack(per_tensor).mean()
+
+    def one_norm(d: torch.Tensor) -> torch.Tensor:
+        if norm == "l2":
+            return torch.sqrt((d**2).sum())
+        if norm == "l2_squared":
+            return (d**2).sum()
+        if norm == "l1":
+            return d.abs().sum()
+        return torch.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(1)).sum()
+
+    if granularity == "model":
+        flat = torch.cat([d.reshape(-1) for d in deltas])
+        l_r = one_norm(flat) if norm != "row_l2" else sum(one_norm(d) for d in deltas)
+    else:
+        l_r = torch.stack([one_norm(d) for d in deltas]).mean()
+    return l_o, l_r, l_o + alpha * l_r
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor", "row"])
+@pytest.mark.parametrize("norm", ["l2", "l2_squared", "l1", "row_l2"])
+def test_loss_and_gradient_match_the_definition(granularity: str, norm: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 4), (3, 7)]
+    taus = [torch.randn(3, *s, generator=g, dtype=torch.float64) for s in shapes]
+    start = [0.2 * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    objective = Objective(granularity, norm, alpha=0.7, num_tensors=len(shapes))
+
+    ours = [d.clone().requires_grad_(True) for d in start]
+    grams = [tau_gram(t, granularity == "row") for t in taus]
+    out = objective_terms(objective, taus, grams, ours)
+    out["loss"].backward()
+
+    ref = [d.clone().requires_grad_(True) for d in start]
+    l_o, l_r, loss = direct_loss(taus, ref, granularity, norm, 0.7)
+    loss.backward()
+
+    assert float(out["L_O"]) == pytest.approx(float(l_o), rel=1e-9)
+    assert float(out["L_R"]) == pytest.approx(float(l_r), rel=1e-9)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_l2_norm_has_a_zero_subgradient_at_zero() -> None:
+    taus = [torch.randn(3, 4, 5, dtype=torch.float64)]
+    delta = [torch.zeros(4, 5, dtype=torch.float64, requires_grad=True)]
+    out = objective_terms(Objective("tensor", "l2", alpha=1.0), taus, [tau_gram(taus[0], False)], delta)
+    out["L_R"].backward()
+    assert torch.equal(delta[0].grad, torch.zeros(4, 5, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------ the fit
+
+
+def fit(base: dict, experts: list[dict], **kwargs) -> AWD:
+    method = AWD(**{"steps": 40, "lr": 0.05, **kwargs})
+    method.prepare(ListPool(base, experts), CPU)
+    return method
+
+
+def test_only_block_matrices_are_disentangled_by_default() -> None:
+    base, experts = make_models()
+    method = fit(base, experts, steps=2)
+    assert sorted(method.delta) == sorted(MATRICES)
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor", "row"])
+def test_loss_decreases_and_vectors_become_more_orthogonal(granularity: str) -> None:
+    base, experts = make_models(seed=2)
+    method = fit(base, experts, granularity=granularity, alpha=0.01, lr=0.3, steps=60)
+    h = method.fit.history
+    assert h.L_O[-1] < 0.8 * h.L_O[0]
+    rep = method.report()
+    assert rep["mean_abs_cos_after"] < rep["mean_abs_cos_before"]
+    assert rep["delta_norm"] > 0
+
+
+def test_very_large_alpha_keeps_delta_near_zero_and_awd_ta_equals_ta() -> None:
+    base, experts = make_models(seed=3)
+    method = fit(base, experts, norm="l2_squared", alpha=1e4, lr=1e-5, steps=50)
+    vectors = tv.task_vectors(base, experts)
+    tau_norm = torch.cat([v[k].reshape(-1) for v in vectors for k in MATRICES]).norm()
+    delta_norm = torch.cat([d.reshape(-1) for d in method.delta.values()]).norm()
+    assert delta_norm < 1e-4 * tau_norm
+    awd = method.merge(base, experts)
+    ta = TaskArithmetic(scaling=0.3).merge(base, experts)
+    for k in base:
+        torch.testing.assert_close(awd[k], ta[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor", "row"])
+def test_orthogonal_task_vectors_leave_delta_at_zero(granularity: str) -> None:
+    # Each task changes its own columns of every row: task vectors orthogonal at every granularity.
+    base = {k: torch.randn(s) for k, s in SHAPES.items()}
+    experts = []
+    for t in range(3):
+        e = {}
+        for k, s in SHAPES.items():
+            change = torch.zeros(s)
+            if len(s) == 2:
+                change[:, t::3] = torch.randn(s[0], len(range(t, s[1], 3)))
+            e[k] = base[k] + change
+        experts.append(e)
+    method = fit(base, experts, granularity=granularity, steps=20)
+    assert method.fit.history.L_O[0] == pytest.approx(0.0, abs=1e-6)
+    for d in method.delta.values():
+        assert float(d.abs().max()) < 1e-6
+
+
+def test_awd_ta_is_ta_minus_scaling_times_t_times_delta() -> None:
+    base, experts = make_models(seed=4)
+    method = fit(base, experts, scaling=0.4)
+    out = method.merge(base, experts)
+    ta = TaskArithmetic(scaling=0.4).merge(base, experts)
+    for k in base:
+        expected = ta[k] - 0.4 * len(experts) * method.delta[k] if k in method.delta else ta[k]
+        torch.testing.assert_close(out[k], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_awd_ties_is_ties_on_the_disentangled_vectors_in_any_chunking() -> None:
+    base, experts = make_models(seed=5)
+    method = fit(base, experts, merge="ties", merge_options={"k": 30}, scaling=1.0)
+    hats = tv.task_vectors(base, experts)
+    for v in hats:
+        for k, d in method.delta.items():
+            v[k] = v[k] - d
+    expected = TIES(k=30, scaling=1.0).combine(hats)
+    for chunk in (None, 12, 5):  # whole tensors, and row blocks (the streaming engine's unit)
+        got = combine_in_memory(method, tv.task_vectors(base, experts), chunk_elems=chunk)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_tensor_by_tensor_mode_gives_the_same_delta(granularity: str) -> None:
+    base, experts = make_models(seed=6)
+    whole = fit(base, experts, granularity=granularity, optimizer="sgd", momentum=0.9, lr=0.02)
+    one_by_one = fit(base, experts, granularity=granularity, optimizer="sgd", momentum=0.9, lr=0.02, mode="per_tensor")
+    for k in whole.delta:
+        torch.testing.assert_close(one_by_one.delta[k], whole.delta[k], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(one_by_one.fit.history.L_O), torch.tensor(whole.fit.history.L_O))
+
+
+def test_rerun_gives_the_same_delta_and_saved_delta_reloads(tmp_path: Path) -> None:
+    base, experts = make_models(seed=7)
+    a = fit(base, experts, optimizer="adam", lr=0.01)
+    b = fit(base, experts, optimizer="adam", lr=0.01)
+    for k in a.delta:
+        assert torch.equal(a.delta[k], b.delta[k])
+    a.task_names = ListPool(base, experts).tasks
+    a.save_artifacts(tmp_path)
+    files = ("delta.safetensors", "history.csv", "awd.json", "cosine_before_after.png", "delta_norms_and_losses.png")
+    for name in files:
+        assert (tmp_path / name).is_file(), name
+    with (tmp_path / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    assert len(history) == 40 and float(history[-1]["L_O"]) < float(history[0]["L_O"])
+    summary = json.loads((tmp_path / "awd.json").read_text())
+    assert len(summary["cosine_after"]) == len(experts)
+    reloaded = AWD(delta_path=str(tmp_path / "delta.safetensors"))
+    reloaded.prepare(ListPool(base, experts), CPU)  # nothing to fit: the saved delta is used
+    merged_a, merged_r = a.merge(base, experts), reloaded.merge(base, experts)
+    for k in merged_a:
+        assert torch.equal(merged_a[k], merged_r[k])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"granularity": "layer"}, "'granularity'"),
+        ({"norm": "l3"}, "'norm'"),
+        ({"alpha": -1.0}, "'alpha'"),
+        ({"optimizer": "lbfgs"}, "'optimizer'"),
+        ({"lr": 0.0}, "'lr'"),
+        ({"steps": 0}, "'steps'"),
+        ({"merge": "fisher"}, "'merge'"),
+        ({"merge": "ties", "merge_options": {"q": 1}}, "'merge_options'"),
+        ({"mode": "per_tensor", "granularity": "model"}, "per_tensor"),
+        ({"delta_path": "/nonexistent/delta.safetensors"}, "delta_path"),
+    ],
+)
+def test_bad_options_are_named(kwargs: dict, match: str) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        AWD(**kwargs)
+
+
+def test_nothing_to_disentangle_is_an_error() -> None:
+    base, experts = make_models()
+    with pytest.raises(ValueError, match="no parameter is disentangled"):
+        fit(base, experts, include=["^nothing$"])
+
+
+def test_fit_delta_rejects_a_single_task_vector() -> None:
+    with pytest.raises(ValueError, match="at least two task vectors"):
+        fit_delta(["w"], {"w": (2, 2)}, lambda n: torch.ones(1, 2, 2), Objective(), OptimizerConfig(steps=1), CPU)
+
+
+def test_yaml_defaults_match_the_class() -> None:
+    cfg = make_cfg(Path("/unused"), ["method=awd"])
+    method = instantiate({k: v for k, v in cfg.method.items() if k not in ("name", "grid")})
+    assert isinstance(method, AWD)
+    assert method.objective.granularity == AWD().objective.granularity
+    assert method.optim == AWD().optim
+    assert [p.pattern for p in method.include] == [p.pattern for p in AWD().include]
+
+
+# ------------------------------------------------------------------------------ the CLI on the real model
+
+
+def test_cli_awd_run_on_the_real_encoder(tmp_path: Path) -> None:
+    out = tmp_path / "awd"
+    cfg = make_cfg(out, ["method=awd", "method.steps=15", "logger=csv", "plot=true"])
+    run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["rows"]) == ["pretrained", "experts", "awd", "awd (single-task)"]
+    report = metrics["rows"]["awd"]["method_report"]
+    assert report["L_O_end"] < report["L_O_start"]
+    single = metrics["rows"]["awd (single-task)"]["scores"]
+    assert set(single) == set(metrics["tasks"]) and all(0 <= s["acc"] <= 1 for s in single.values())
+    art = out / "artifacts" / "awd"
+    assert (art / "delta.safetensors").is_file() and (art / "cosine_before_after.png").is_file()
+    # Per-step L_O / L_R went to the CSV logger through trainer.fit.
+    logged = list(out.rglob("metrics.csv"))
+    assert logged
+    with logged[0].open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("awd/L_O")]
+    assert len(rows) == 15
+    assert "awd (single-task)" in (out / "results.md").read_text()
