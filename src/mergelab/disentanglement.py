@@ -148,7 +148,7 @@ class OptimizerConfig:
     """How delta is optimised: ``sgd`` (with momentum) or ``adam``, a learning rate and a number of steps."""
 
     name: str = "sgd"
-    lr: float = 0.01
+    lr: float = 1.0
     momentum: float = 0.0
     steps: int = 300
 

@@ -154,13 +154,15 @@ def run(cfg: DictConfig) -> float:
 
     objective = float("nan")
     merged_state = None
+    chosen: dict[str, MergeMethod] = {}
     timings: dict[str, float] = {"setup_s": round(t_setup, 1)}
     for name, cands in candidates.items():
         t1 = time.perf_counter()
         tried = []
         best: tuple[float, dict[str, Any], MergeCallback, ev.MultiTaskClassifier] | None = None
         for params, method in cands:
-            # Data-free methods merge inside the evaluation trainer, as a callback, when testing starts.
+            method.prepare(pool, trainer_kwargs, loggers)  # trained methods (AWD) fit here, under trainer.fit
+            # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
             merge, model = MergeCallback(method, pool), pool.classifier()
             if len(cands) > 1:
                 val = ev.average(score(model, tune_split, merge=merge))
@@ -181,6 +183,12 @@ def run(cfg: DictConfig) -> float:
             rows[name]["tuning"] = tried
         if method.report():
             rows[name]["method_report"] = method.report()
+        single = method.single_task_states(pool)
+        if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
+            rows[f"{name} (single-task)"] = row(
+                {t: score(pool.classifier(s, [t]), report, [t])[t] for t, s in single.items()}, expert_scores
+            )
+        chosen[name] = method
         timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
         merged_state = state
 
@@ -199,6 +207,8 @@ def run(cfg: DictConfig) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.save_merged and merged_state is not None:
         pool.save_merged(merged_state, out_dir / "merged_model")
+    for name, method in chosen.items():
+        method.save_artifacts(out_dir / "artifacts" / name)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_reports(rows, pool.tasks, out_dir, title, chart=bool(cfg.plot))
     atomic_write_json(out_dir / "metrics.json", results)

@@ -89,7 +89,7 @@ class AWD(TaskVectorMethod):
         norm: str = "l2",
         alpha: float = 0.1,
         optimizer: str = "sgd",
-        lr: float = 0.01,
+        lr: float = 1.0,
         momentum: float = 0.0,
         steps: int = 300,
         include: Sequence[str] = DEFAULT_INCLUDE,
