@@ -1,10 +1,14 @@
 """Benchmark (not a test): streaming merges of three experts of a ~1.1B-parameter Llama-shaped checkpoint.
 
-Builds random bf16 checkpoints (TinyLlama-1.1B shapes, 1 GB shards) once under --workdir, then times
-reading the input files and merging with task arithmetic, MetaGPT and TIES (exact global pruning, and per
-tensor), each in a fresh process whose peak RSS is reported.
+Builds random bf16 checkpoints (TinyLlama-1.1B shapes, 1 GB shards) once under --workdir, then, for each
+method and repeat: times reading the input files (which also warms the page cache, as the kernel may have
+reclaimed it since the last run), and merges in a fresh process. Reported per run: the merge's wall time and
+CPU time (user + system, all threads, imports excluded), the process's peak RSS and its RSS before merging
+(imports alone), and the 1-minute load average before and after (other jobs on the machine inflate wall time;
+CPU time is less sensitive to them).
 
     python experiments/bench_streaming_merge.py [--workdir /tmp/mergelab-bench] [--methods ta,metagpt,ties]
+        [--repeat 3]
 """
 
 from __future__ import annotations
@@ -95,23 +99,42 @@ def read_files(dirs: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def rss_mib() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def child(method: str, base: str, experts: list[str], out: str) -> None:
-    """Run one merge and print its wall time and peak RSS as JSON."""
+    """Run one merge and print its wall time, CPU time and memory as JSON."""
     from mergelab.methods import TIES, MetaGPT, TaskArithmetic  # noqa: F401 - used by eval below
     from mergelab.streaming import stream_merge
 
+    rss0, cpu0 = rss_mib(), cpu_s()
     start = time.perf_counter()
     m = eval(METHODS[method])  # a fixed table of constructors above
     stream_merge(m, base, experts, out, overwrite=True, progress=False)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    print(json.dumps({"method": method, "wall_s": round(wall, 1), "peak_rss_mib": round(peak), **m.report()}))
+    result = {"method": method, "wall_s": round(wall, 1), "cpu_s": round(cpu_s() - cpu0, 1)}
+    result |= {"peak_rss_mib": round(peak), "rss_before_mib": round(rss0), **m.report()}
+    print(json.dumps(result))
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/mergelab-bench")
     ap.add_argument("--methods", default="ta,metagpt,ties,ties_per_tensor")
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -127,19 +150,26 @@ def main() -> None:
         build_checkpoint(e, seed=10 + i, base_seed=1)
     print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
     size = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
-    read_files([base, *experts])  # warm the page cache
-    print(f"read {size / 2**30:.1f} GiB of input files (page cache): {read_files([base, *experts]):.1f} s", flush=True)
-    print(f"{'method':<16} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
-    for method in args.methods.split(","):
-        os.sync()  # start each run with no dirty pages left by the previous one
-        cmd = [sys.executable, __file__, "--child", method, str(base), ",".join(map(str, experts)), str(work / "out")]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if res.returncode != 0:
-            print(f"{method:<16} failed:\n{res.stderr[-2000:]}")
-            continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        extra = {k: round(v, 4) for k, v in r.items() if k.startswith("lambda")}
-        print(f"{method:<16} {r['wall_s']:>9} {r['peak_rss_mib']:>15} {extra or ''}", flush=True)
+    print(f"{size / 2**30:.1f} GiB of input files; 'read' = seconds to read them all just before the merge")
+    cols = ("method", "read (s)", "wall (s)", "CPU (s)", "peak RSS", "RSS before", "load before", "load after")
+    print(f"{cols[0]:<16}" + "".join(f"{c:>12}" for c in cols[1:]), flush=True)
+    for _ in range(args.repeat):
+        for method in args.methods.split(","):
+            os.sync()  # start each run with no dirty pages left by the previous one
+            read_s = read_files([base, *experts])
+            load0 = load_average()
+            pool = [str(base), ",".join(map(str, experts)), str(work / "out")]
+            cmd = [sys.executable, __file__, "--child", method, *pool]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            load1 = load_average()
+            if res.returncode != 0:
+                print(f"{method:<16} failed:\n{res.stderr[-2000:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            extra = {k.rsplit("/", 1)[-1]: round(v, 4) for k, v in r.items() if k.startswith("lambda")}
+            row = (read_s, r["wall_s"], r["cpu_s"], r["peak_rss_mib"], r["rss_before_mib"], load0, load1)
+            cells = "".join(f"{v:>12.1f}" if isinstance(v, float) else f"{v:>12}" for v in row)
+            print(f"{method:<16}{cells} {extra or ''}", flush=True)
 
 
 if __name__ == "__main__":

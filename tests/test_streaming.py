@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,3 +247,205 @@ def test_paper_pools_compose_with_the_table_8_hub_ids() -> None:
     assert make_cfg(Path("/unused"), ["experiment=metagpt_llama2_13b"], tiny=False).model.pretrained == (
         "meta-llama/Llama-2-13b-hf"
     )
+
+
+# ------------------------------------------------------------------------------------------ the fast engine
+
+
+def same_files(a: Path, b: Path) -> None:
+    """Two merged checkpoint dirs hold byte-identical safetensors shards and index."""
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    for name in [*names, "model.safetensors.index.json"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties_global_mean", "ties_per_tensor", "metagpt", "dare_ties"])
+def test_pipelined_engine_writes_the_bytes_of_the_sequential_one(
+    name: str, pool: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelab import streaming
+
+    base_dir, expert_dirs = pool
+    fast = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "fast", chunk_elems=256, progress=False)
+    monkeypatch.setattr(streaming, "PIPELINE", False)
+    slow = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "slow", chunk_elems=256, progress=False)
+    same_files(fast, slow)
+
+
+def test_direct_and_buffered_reads_agree(pool: tuple[Path, list[Path]]) -> None:
+    from mergelab.checkpoints import ALIGN, aligned_empty
+
+    base_dir, _ = pool
+    cached, direct, buffered = (LazyCheckpoint(base_dir, direct=d) for d in (None, True, False))
+    for name in cached:
+        whole = cached.get(name)
+        rows = whole.shape[0] if whole.dim() else 1
+        for start, stop in [(None, None), (0, 1), (rows // 3, rows)]:
+            expected = cached.get_rows(name, start, stop)
+            for ck in (cached, direct, buffered):
+                buf = aligned_empty(ck.block_nbytes(name, start, stop) + 2 * ALIGN)
+                assert torch.equal(ck.read_rows_into(name, start, stop, buf), expected), (name, start, stop)
+
+
+def test_writer_direct_and_buffered_agree_with_odd_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Odd-sized and mixed-dtype tensors (unaligned offsets), blocks larger than a staging buffer, empty tensors."""
+    from mergelab.checkpoints import ShardedWriter
+
+    monkeypatch.setattr(ShardedWriter, "STAGING_BYTES", 3 * 4096)  # force many flushes and split blocks
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "odd": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+        "f32_after_odd": torch.randn(5, 1001, generator=g),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ints": torch.arange(33, dtype=torch.int16),
+        "big": torch.randn(40, 1000, generator=g).to(torch.bfloat16),
+    }
+    outs = []
+    for direct in (True, False):
+        layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+        writer = ShardedWriter(tmp_path / f"d{direct}", layout, max_shard_bytes=50_000, direct=direct)
+        for k, v in tensors.items():
+            blocks = list(v.float().split(7)) if k == "big" else [v]  # converted back to bf16 on the way
+            writer.add_blocks(k, blocks)
+        writer.patch("big", torch.tensor([0, 5, 39_999]), torch.tensor([1.0, -2.0, 3.0]))
+        outs.append(writer.close())
+    same_files(*outs)
+    back = load_all(outs[0])
+    for k, v in tensors.items():
+        expected = v.clone()
+        if k == "big":
+            expected.view(-1)[torch.tensor([0, 5, 39_999])] = torch.tensor([1.0, -2.0, 3.0], dtype=v.dtype)
+        assert back[k].dtype == v.dtype and torch.equal(back[k], expected), k
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_ties_kernels_match_the_reference_bit_for_bit() -> None:
+    """The fast trim / elect / disjoint-merge equals trim, elect_sign and disjoint_merge, signed zeros included,
+    on integer-valued vectors full of exact ties, zeros and -0.0; the folded variant's corrections turn its
+    provisional result into the reference's for the other majority."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n_tasks, n = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 200, (1,), generator=g))
+        x = torch.randint(-3, 4, (n_tasks, n), generator=g).float()
+        x[torch.rand(n_tasks, n, generator=g) < 0.2] = -0.0
+        if trial % 3 == 0:
+            x = x * torch.logspace(-4, 8, n_tasks).view(-1, 1)
+        if trial % 7 == 0:
+            x = x.double()
+        th = [0.0] * n_tasks if trial % 4 == 0 else [float(t) for t in torch.randint(0, 4, (n_tasks,), generator=g)]
+        for reduce in ("sum", "mean"):
+            for majority in (1.0, -1.0, None):
+                trimmed = tv.trim(list(x), th)
+                maj = tv.majority_sign(tv.sign_total(trimmed)) if majority is None else majority
+                ref = tv.disjoint_merge(trimmed, tv.elect_sign(trimmed, maj), reduce)
+                fast = tv.ties_merge_(x.clone(), th, majority, reduce)
+                assert torch.equal(fast, ref) and torch.equal(fast.signbit(), ref.signbit()), (trial, reduce)
+                if majority is None or n_tasks > tv.SEQUENTIAL_SUM_ROWS:
+                    continue
+                merged, total, alt = tv.ties_merge_folded_(x.clone(), th, 1.0, reduce)
+                assert total == tv.sign_total(trimmed)
+                if majority < 0 and alt is not None:
+                    merged.view(-1)[alt[0]] = alt[1]
+                assert torch.equal(merged, ref) and torch.equal(merged.signbit(), ref.signbit()), (trial, reduce)
+            assert tv.sign_total_(x.clone(), th) == tv.sign_total(tv.trim(list(x), th))
+        mags = x.float().abs().flatten()
+        rank = int(torch.randint(1, mags.numel() + 1, (1,), generator=g))
+        assert tv.radix_kth_largest([mags], rank) == tv.kth_largest([mags], rank)
+
+
+def tie_pool(root: Path, sign: float) -> tuple[Path, list[Path]]:
+    """Three experts whose task vectors are small integers (in units of 2^-7): many exact sign ties, and
+    sign totals that lean to ``sign``, so global TIES's majority is known in advance."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.weight": (300, 20), "b.weight": (77,), "c.weight": (40, 30)}
+    base = {k: (torch.randint(-40, 40, s, generator=g) / 64.0).to(torch.bfloat16) for k, s in shapes.items()}
+    write_checkpoint(base, root / "base")
+    experts = []
+    for i in range(3):
+        state = {}
+        for k, v in base.items():
+            tau = torch.randint(-2, 3, v.shape, generator=g).float()
+            tau = torch.where(torch.rand(v.shape, generator=g) < 0.3, sign * tau.abs(), tau)  # the majority
+            state[k] = (v.float() + tau / 128).to(torch.bfloat16)
+        experts.append(write_checkpoint(state, root / f"e{i}"))
+    return root / "base", experts
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("budget", [None, 3])
+def test_folded_ties_sign_pass_is_exact(
+    sign: float, budget: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming global TIES skips the sign pass and corrects the exact ties afterwards (the majority -1
+    case), or merges again when there are more corrections than its budget: always the in-memory result."""
+    from mergelab import engine
+
+    if budget is not None:
+        monkeypatch.setattr(engine.DeferredValues.__init__, "__defaults__", (budget,))
+    base_dir, expert_dirs = tie_pool(tmp_path, sign)
+    method = TIES(k=60, prune="global", disjoint="mean", scaling=0.7)
+    out = stream_merge(method, base_dir, expert_dirs, tmp_path / "out", chunk_elems=500, progress=False)
+    assert method._majority == sign
+    base = load_all(base_dir)
+    vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
+    trimmed = tv.trim([torch.cat([v[k].flatten() for k in base]) for v in vecs], method._thresholds)
+    assert int((trimmed.sum(0) == 0).logical_and(trimmed.ne(0).any(0)).sum()) > 10  # there are ties to correct
+    expected = tv.apply_task_vector(base, combine_in_memory(TIES(k=60, disjoint="mean", scaling=0.7), vecs, 500))
+    streamed = load_all(out)
+    for k, v in expected.items():
+        assert torch.equal(streamed[k], v), k
+
+
+@pytest.mark.parametrize("where", ["merge", "statistics", "write", "read"])
+def test_errors_in_the_pipeline_threads_propagate_and_leave_no_output(
+    where: str, pool: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from mergelab import checkpoints
+
+    base_dir, expert_dirs = pool
+    method = TIES(k=30, prune="global") if where == "statistics" else TaskArithmetic(0.3)
+    calls = {"n": 0}
+
+    def fail_later(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError(f"injected failure in {where}")
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    if where == "merge":
+        monkeypatch.setattr(method, "merge_chunk", fail_later(method.merge_chunk))
+    elif where == "statistics":
+        monkeypatch.setattr(method, "chunk_statistics", fail_later(method.chunk_statistics))
+    elif where == "write":
+        monkeypatch.setattr(checkpoints, "_pwrite_all", fail_later(checkpoints._pwrite_all))
+        monkeypatch.setattr(checkpoints.ShardedWriter, "STAGING_BYTES", 8192)  # many writes
+    else:
+        monkeypatch.setattr(
+            checkpoints.LazyCheckpoint, "read_rows_into", fail_later(checkpoints.LazyCheckpoint.read_rows_into)
+        )
+    threads_before = threading.active_count()
+    with pytest.raises(RuntimeError, match=f"injected failure in {where}"):
+        stream_merge(method, base_dir, expert_dirs, tmp_path / "out", chunk_elems=256, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert threading.active_count() == threads_before  # every reader, worker and writer thread stopped
+
+
+def test_truncated_shard_is_reported(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    import shutil
+
+    base_dir, expert_dirs = pool
+    bad = tmp_path / "bad"
+    shutil.copytree(expert_dirs[0], bad)
+    shard = sorted(bad.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="is truncated in"):
+        stream_merge(TaskArithmetic(0.3), base_dir, [bad, expert_dirs[1]], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -1,22 +1,34 @@
 """Tensor-at-a-time safetensors reading and sharded writing, in memory bounded by a few tensors.
 
-Reading uses plain positioned reads rather than memory maps, so only the tensors (or row blocks) asked for
-are resident; writing streams each tensor's bytes straight to disk and adds the header when a shard closes.
+Reading uses positioned reads (thread-safe, no shared file position) rather than memory maps, so only the
+tensors (or row blocks) asked for are resident. Ranges the page cache already holds are copied from it; the
+others are read with ``O_DIRECT`` straight into the caller's page-aligned buffer, which costs next to no CPU
+(a buffered read of uncached data costs about as much CPU as the merge arithmetic) and leaves no cold pages
+behind. Writing fills page-aligned staging buffers in layout order that a background thread writes out,
+with ``O_DIRECT`` where the filesystem allows, so computing the next block overlaps writing the last one.
 The files are the standard safetensors format (an 8-byte header length, a JSON header, the raw data).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import math
+import mmap
 import os
+import queue
 import shutil
 import struct
+import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+from torch import Tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -85,12 +97,165 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-class LazyCheckpoint:
-    """Name -> tensor access to a (possibly sharded) safetensors checkpoint, reading only what is asked."""
+# ------------------------------------------------------------------------------------------ low-level I/O
 
-    def __init__(self, path_or_id: str | Path, name: str | None = None) -> None:
+# O_DIRECT wants file offsets, lengths and buffer addresses aligned to the device's logical block size;
+# a page is a multiple of it on every Linux system.
+ALIGN = max(mmap.PAGESIZE, 4096)
+O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+
+def aligned_empty(nbytes: int) -> Tensor:
+    """A page-aligned uint8 buffer of ``nbytes`` (anonymous memory, zero-filled, touched lazily).
+
+    Large ones ask for transparent huge pages: fewer TLB misses when streaming through them, and O_DIRECT
+    pins one huge page where it would pin hundreds of small ones.
+    """
+    mm = mmap.mmap(-1, max(int(nbytes), 1))
+    if nbytes >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # THP disabled: small pages then
+            mm.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return dtype.itemsize
+
+
+def _pread_into(fd: int, buf: Tensor, offset: int) -> int:
+    """Read up to ``buf.numel()`` bytes at ``offset`` into the uint8 tensor ``buf``; bytes read (short at EOF)."""
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _pwrite_all(fd: int, buf: Tensor, offset: int) -> None:
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwritev(fd, [view[done:]], offset + done)
+
+
+class _CacheStat:
+    """Whether a file range is resident in the page cache, via Linux's ``cachestat`` syscall (6.5+).
+
+    Unavailable elsewhere (``resident`` then returns None and reads stay buffered, as before).
+    """
+
+    NR = 451  # the same number in the generic and x86-64 syscall tables
+
+    class _Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class _Stat(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_uint64) for f in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    def __init__(self) -> None:
+        self._syscall: Any = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self._syscall = libc.syscall
+                self._syscall.restype = ctypes.c_long
+            except (OSError, AttributeError):
+                self._syscall = None
+
+    def resident(self, fd: int, offset: int, nbytes: int) -> bool | None:
+        """True if every page of the range is cached, False if some is not, None if this cannot be asked."""
+        if self._syscall is None or nbytes <= 0:
+            return None
+        rng, st = self._Range(offset, nbytes), self._Stat()
+        args = (ctypes.c_long(self.NR), ctypes.c_int(fd), ctypes.byref(rng), ctypes.byref(st), ctypes.c_uint(0))
+        if self._syscall(*args) != 0:
+            if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+                self._syscall = None  # old kernel or filtered syscall: never ask again
+            return None
+        pages = (offset + nbytes - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
+        return st.cache >= pages
+
+
+_CACHESTAT = _CacheStat()
+
+
+class _InputFile:
+    """One input file read with positioned reads; thread-safe.
+
+    ``direct``: None reads from the page cache what it holds and the rest with O_DIRECT; True always reads with
+    O_DIRECT where the alignment allows; False never does.
+    """
+
+    def __init__(self, path: Path, direct: bool | None) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if hasattr(os, "posix_fadvise"):  # larger readahead for buffered reads of uncached data
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.direct = direct
+        self.direct_refused = False  # set when the filesystem turns out to refuse O_DIRECT reads
+        self.dfd: int | None = None
+        if direct is not False and O_DIRECT:
+            try:
+                self.dfd = os.open(path, os.O_RDONLY | O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                self.dfd = None
+
+    def _use_direct(self, offset: int, nbytes: int) -> bool:
+        if self.dfd is None or self.direct_refused:
+            return False
+        if self.direct:
+            return True
+        return _CACHESTAT.resident(self.fd, offset, nbytes) is False
+
+    def read(self, offset: int, nbytes: int, buf: Tensor, itemsize: int) -> Tensor:
+        """The ``nbytes`` at ``offset`` as a uint8 view into the page-aligned ``buf``.
+
+        ``buf`` must hold ``nbytes + 2 * ALIGN`` bytes. The view starts at ``offset % ALIGN`` for an O_DIRECT read
+        (which reads whole aligned blocks around the range) and at 0 otherwise.
+        """
+        lead = offset % ALIGN
+        start, stop = offset - lead, round_up(offset + nbytes)
+        if lead % itemsize == 0 and buf.numel() >= stop - start and self._use_direct(offset, nbytes):
+            try:
+                got = _pread_into(self.dfd, buf[: stop - start], start)  # type: ignore[arg-type]
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct_refused = True  # the filesystem refuses O_DIRECT after all: buffered from now on
+            else:
+                if got < lead + nbytes:
+                    raise EOFError
+                return buf[lead : lead + nbytes]
+        if _pread_into(self.fd, buf[:nbytes], offset) != nbytes:
+            raise EOFError
+        return buf[:nbytes]
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dfd):
+            if fd is not None:
+                os.close(fd)
+        self.dfd = None
+
+
+class LazyCheckpoint:
+    """Name -> tensor access to a (possibly sharded) safetensors checkpoint, reading only what is asked.
+
+    Reads are positioned, so several threads may read at once. ``direct`` picks how uncached data is read
+    (see :class:`_InputFile`; the default reads what the page cache holds from it and the rest with O_DIRECT).
+    """
+
+    def __init__(self, path_or_id: str | Path, name: str | None = None, direct: bool | None = None) -> None:
         self.name = name or str(path_or_id)
         self.dir = resolve_model_dir(str(path_or_id))
+        self.direct = direct
         index = self.dir / INDEX_FILE
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -109,7 +274,8 @@ class LazyCheckpoint:
                     raise ValueError(f"{self.name}: tensor '{key}' has unsupported dtype {info['dtype']}")
                 begin, _ = info["data_offsets"]
                 self.entries[key] = (path, data_start + begin, DTYPES[info["dtype"]], tuple(info["shape"]))
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, _InputFile] = {}
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         """Tensor names."""
@@ -127,8 +293,15 @@ class LazyCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][2]
 
-    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (the whole tensor when both are None), read from disk."""
+    def _file(self, path: Path) -> _InputFile:
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = _InputFile(path, self.direct)
+            return f
+
+    def _span(self, name: str, start: int | None, stop: int | None) -> tuple[Path, int, int, torch.dtype, tuple]:
+        """File, byte offset and byte count of rows ``start:stop``, the dtype and the block's shape."""
         if name not in self.entries:
             raise KeyError(f"{self.name}: no tensor '{name}'")
         path, offset, dtype, shape = self.entries[name]
@@ -136,53 +309,183 @@ class LazyCheckpoint:
         start = 0 if start is None else start
         stop = rows if stop is None else min(stop, rows)
         row_elems = math.prod(shape[1:]) if shape else 1
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = (stop - start) * row_elems * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open, closed in close()
-        f.seek(offset + start * row_elems * itemsize)
-        if nbytes and f.readinto(buf.numpy()) != nbytes:
-            raise ValueError(f"{self.name}: tensor '{name}' is truncated in {path}")
-        out = buf.view(dtype)
-        return out.reshape((stop - start, *shape[1:]) if shape else ())
+        itemsize = dtype_size(dtype)
+        block = (stop - start, *shape[1:]) if shape else ()
+        return path, offset + start * row_elems * itemsize, (stop - start) * row_elems * itemsize, dtype, block
 
-    def get(self, name: str) -> torch.Tensor:
+    def block_nbytes(self, name: str, start: int | None = None, stop: int | None = None) -> int:
+        """Bytes of rows ``start:stop`` of a tensor on disk."""
+        return self._span(name, start, stop)[2]
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        """Rows ``start:stop`` of a tensor (the whole tensor when both are None), read from disk."""
+        path, offset, nbytes, dtype, block = self._span(name, start, stop)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes and _pread_into(self._file(path).fd, buf, offset) != nbytes:
+            raise ValueError(f"{self.name}: tensor '{name}' is truncated in {path}")
+        return buf.view(dtype).reshape(block)
+
+    def read_rows_into(self, name: str, start: int | None, stop: int | None, buf: Tensor) -> Tensor:
+        """Rows ``start:stop`` read into the page-aligned uint8 ``buf`` (``block_nbytes + 2 * ALIGN`` bytes).
+
+        The result is a view of ``buf``, valid until ``buf`` is reused.
+        """
+        path, offset, nbytes, dtype, block = self._span(name, start, stop)
+        if nbytes == 0:
+            return torch.empty(block, dtype=dtype)
+        try:
+            raw = self._file(path).read(offset, nbytes, buf, dtype_size(dtype))
+        except EOFError:
+            raise ValueError(f"{self.name}: tensor '{name}' is truncated in {path}") from None
+        return raw.view(dtype).reshape(block)
+
+    def get(self, name: str) -> Tensor:
         return self.get_rows(name)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+class _BackgroundWriter:
+    """Writes filled staging buffers in submission order on one thread, and hands the buffers back.
+
+    An error stops all further writing and is raised by the next :meth:`check` (every call here checks).
+    """
+
+    def __init__(self, n_buffers: int, buffer_bytes: int) -> None:
+        self.buffer_bytes = buffer_bytes
+        self._free: queue.Queue[Tensor] = queue.Queue()
+        for _ in range(n_buffers):
+            self._free.put(aligned_empty(buffer_bytes))
+        self._jobs: queue.Queue[tuple | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergelab-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            kind, *args = job
+            try:
+                if kind == "write":
+                    fd, dfd, buf, nbytes, offset = args
+                    if self.error is None:
+                        self._write(fd, dfd, buf[:nbytes], offset)
+                else:  # "close": every earlier write to these fds is done
+                    for fd in args:
+                        if fd is not None:
+                            os.close(fd)
+            except BaseException as e:  # handed to the producing thread by check()
+                if self.error is None:
+                    self.error = e
+            finally:
+                if kind == "write":
+                    self._free.put(args[2])
+
+    @staticmethod
+    def _write(fd: int, dfd: int | None, data: Tensor, offset: int) -> None:
+        """Whole aligned blocks with O_DIRECT when possible, the rest (a shard's last bytes) through the cache."""
+        aligned = data.numel() - data.numel() % ALIGN if dfd is not None and offset % ALIGN == 0 else 0
+        if aligned:
+            try:
+                _pwrite_all(dfd, data[:aligned], offset)  # type: ignore[arg-type]
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                aligned = 0  # the filesystem refuses O_DIRECT here: write it all buffered
+        if aligned < data.numel():
+            _pwrite_all(fd, data[aligned:], offset + aligned)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self._thread.is_alive():
+            raise RuntimeError("the background writer thread has stopped")
+
+    def buffer(self) -> Tensor:
+        """A free staging buffer (waits while all are being written)."""
+        while True:
+            self.check()
+            try:
+                return self._free.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def give_back(self, buf: Tensor) -> None:
+        """Return a staging buffer that was not submitted."""
+        self._free.put(buf)
+
+    def write(self, fd: int, dfd: int | None, buf: Tensor, nbytes: int, offset: int) -> None:
+        self.check()
+        self._jobs.put(("write", fd, dfd, buf, nbytes, offset))
+
+    def close_fds(self, *fds: int | None) -> None:
+        self._jobs.put(("close", *fds))
+
+    def finish(self) -> None:
+        """Wait for every submitted job; raise the first error."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Drop what is not yet written and stop (after an error elsewhere)."""
+        if self.error is None:
+            self.error = RuntimeError("writer aborted")
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
 
 class ShardedWriter:
     """Write a checkpoint of known layout as ``model-0000i-of-0000N.safetensors`` shards plus the index.
 
     The layout (every tensor's name, shape and dtype, in write order) fixes the shards and their headers
-    up front, so each tensor's bytes go straight to their final place as they are produced and memory holds
-    one row block at a time. Everything lands in a temporary dir beside ``out_dir`` that :meth:`close`
-    renames into place; an existing ``out_dir`` is refused unless ``overwrite``.
+    up front, so each shard is one sequential byte stream: blocks are converted to the tensor's dtype straight
+    into page-aligned staging buffers that a background thread writes (``direct``: with O_DIRECT where the
+    filesystem allows; None means yes), and memory holds a few buffers whatever the model's size. Everything
+    lands in a temporary dir beside ``out_dir`` that :meth:`close` renames into place; an existing ``out_dir`` is
+    refused unless ``overwrite``. An error while writing is raised by the next :meth:`add_blocks` or :meth:`close`.
     """
 
+    STAGING_BYTES = 8 << 20
+    STAGING_BUFFERS = 4
+
     def __init__(
-        self, out_dir: str | Path, layout: Layout, max_shard_bytes: int = 2**30, overwrite: bool = False
+        self,
+        out_dir: str | Path,
+        layout: Layout,
+        max_shard_bytes: int = 2**30,
+        overwrite: bool = False,
+        direct: bool | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"output dir {self.out_dir} already exists; set overwrite to replace it")
         self.overwrite = overwrite
+        self.direct = direct is not False and bool(O_DIRECT)
+        self._plan_shards(layout, max_shard_bytes)  # before anything is created: a bad layout leaves nothing
         self.tmp = self.out_dir.parent / f".tmp-{self.out_dir.name}-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self._plan_shards(layout, max_shard_bytes)
         self._next = 0  # index into self._order of the next tensor to write
-        self._file: BinaryIO | None = None
         self._shard = -1
+        self._fds: tuple[int, int | None] | None = None
+        self._io = _BackgroundWriter(self.STAGING_BUFFERS, self.STAGING_BYTES)
+        self._patches: list[tuple[str, Tensor, Tensor]] = []
+        self._buf: Tensor | None = None  # staging buffer being filled
+        self._fill = 0  # bytes in it
+        self._pos = 0  # file offset of its first byte (a multiple of ALIGN)
 
     def _plan_shards(self, layout: Layout, max_shard_bytes: int) -> None:
         shards: list[dict[str, Any]] = []
@@ -190,7 +493,7 @@ class ShardedWriter:
         for name, shape, dtype in layout:
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"cannot write tensor '{name}' of dtype {dtype}")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype_size(dtype)
             if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
                 shards.append({})
                 size = 0
@@ -206,45 +509,173 @@ class ShardedWriter:
         self._order = [(i, name) for i, shard in enumerate(shards) for name in shard]
         self.total_bytes = sum(h["data_offsets"][1] - h["data_offsets"][0] for s in shards for h in s.values())
 
-    def _open_shard(self, i: int) -> BinaryIO:
-        if self._file is not None:
-            self._file.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._headers[i]}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # data aligned to 8 bytes, as the reference writer does
-        # Unbuffered writes of whole blocks, into a file sized up front: several times faster than buffered I/O.
-        self._file = open(self.tmp / self._files[i], "wb", buffering=0)  # noqa: SIM115 - closed by the next shard or close()
-        data_bytes = max((h["data_offsets"][1] for h in self._headers[i].values()), default=0)
-        self._file.truncate(8 + len(header) + data_bytes)
-        self._file.write(struct.pack("<Q", len(header)))
-        self._file.write(header)
-        self._shard = i
-        return self._file
+    # ---- the staging stream of the current shard
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def _reserve(self, nbytes: int) -> Tensor:
+        """``nbytes`` contiguous bytes at the stream position (at most STAGING_BYTES - ALIGN)."""
+        if self._buf is None or self._fill + nbytes > self._buf.numel():
+            self._flush(final=False)
+        assert self._buf is not None
+        return self._buf[self._fill : self._fill + nbytes]
+
+    def _flush(self, final: bool) -> None:
+        """Hand the filled part of the staging buffer to the writer thread.
+
+        Mid-shard only whole aligned blocks go (O_DIRECT needs them); the unaligned tail moves to the next buffer.
+        """
+        if self._buf is not None and self._fds is not None:
+            fd, dfd = self._fds
+            out = self._fill if final else self._fill - self._fill % ALIGN
+            tail = self._buf[out : self._fill].clone()
+            if out:
+                self._io.write(fd, dfd, self._buf, out, self._pos)
+            else:
+                self._io.give_back(self._buf)  # nothing to write: the buffer is free again
+            self._pos += out
+            self._fill = tail.numel()
+            self._buf = None
+            if final:
+                return
+            self._buf = self._io.buffer()
+            if self._fill:
+                self._buf[: self._fill].copy_(tail)
+        elif not final:
+            self._buf, self._fill = self._io.buffer(), 0
+
+    def _put_bytes(self, data: bytes) -> None:
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        step = self.STAGING_BYTES - ALIGN
+        for i in range(0, src.numel(), step):
+            piece = src[i : i + step]
+            self._reserve(piece.numel()).copy_(piece)
+            self._fill += piece.numel()
+
+    def _header_bytes(self, i: int) -> bytes:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._headers[i]}, separators=(",", ":")).encode()
+        return header + b" " * (-len(header) % 8)  # data aligned to 8 bytes, as the reference writer does
+
+    def _open_shard(self, i: int) -> None:
+        self._close_shard()
+        header = self._header_bytes(i)
+        path = self.tmp / self._files[i]
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | cloexec, 0o666)
+        data_bytes = max((h["data_offsets"][1] for h in self._headers[i].values()), default=0)
+        os.ftruncate(fd, 8 + len(header) + data_bytes)  # sized up front: each write lands in place
+        dfd = None
+        if self.direct:
+            try:
+                dfd = os.open(path, os.O_WRONLY | O_DIRECT | cloexec)
+            except OSError:
+                dfd = None
+        self._fds = (fd, dfd)
+        self._shard, self._pos, self._fill = i, 0, 0
+        self._put_bytes(struct.pack("<Q", len(header)) + header)
+
+    def _close_shard(self) -> None:
+        if self._fds is not None:
+            self._flush(final=True)
+            self._io.close_fds(*self._fds)
+            self._fds = None
+
+    # ---- public API
+
+    def add(self, name: str, tensor: Tensor) -> None:
         """Write the next tensor of the layout."""
         self.add_blocks(name, [tensor])
 
-    def add_blocks(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
-        """Write the next tensor of the layout, given as consecutive row blocks (never all in memory)."""
+    def add_blocks(self, name: str, blocks: Iterable[Tensor]) -> None:
+        """Write the next tensor of the layout, given as consecutive row blocks (never all in memory).
+
+        Each block is converted to the tensor's dtype as it is copied into the staging buffer, so it may be
+        reused by the caller as soon as the next block is asked for.
+        """
         if self._next >= len(self._order) or self._order[self._next][1] != name:
             expected = self._order[self._next][1] if self._next < len(self._order) else "nothing"
             raise ValueError(f"writer expected tensor '{expected}' next, got '{name}'")
         shard, _ = self._order[self._next]
-        f = self._file if shard == self._shard else self._open_shard(shard)
-        assert f is not None
+        if shard != self._shard:
+            self._open_shard(shard)
         info = self._headers[shard][name]
         dtype = DTYPES[info["dtype"]]
+        itemsize = dtype_size(dtype)
+        step = (self.STAGING_BYTES - ALIGN) // itemsize
         written = 0
         for block in blocks:
-            t = block.detach().to(dtype).contiguous().cpu().reshape(-1)
-            f.write(t.view(torch.uint8).numpy())
-            written += t.numel() * t.element_size()
+            flat = block.detach().cpu().reshape(-1)
+            for i in range(0, flat.numel(), step):
+                piece = flat[i : i + step]
+                nbytes = piece.numel() * itemsize
+                dst = self._reserve(nbytes)
+                if self._fill % itemsize == 0:
+                    dst.view(dtype).copy_(piece)  # the dtype conversion writes straight into staging
+                else:  # an odd offset (mixed dtypes): convert, then copy bytes
+                    dst.copy_(piece.to(dtype).contiguous().view(torch.uint8))
+                self._fill += nbytes
+                written += nbytes
         begin, end = info["data_offsets"]
         if written != end - begin:
             raise ValueError(
                 f"tensor '{name}': wrote {written} bytes for shape {info['shape']} ({end - begin} expected)"
             )
         self._next += 1
+
+    def patch(self, name: str, index: Tensor, values: Tensor) -> None:
+        """Replace elements (flat ``index``) of an already written tensor with ``values``; applied by :meth:`close`."""
+        if not any(n == name for _, n in self._order[: self._next]):
+            raise ValueError(f"cannot patch tensor '{name}': it is not written yet")
+        self._patches.append((name, index.reshape(-1).to(torch.int64), values.detach().reshape(-1).cpu()))
+
+    def _apply_patches(self) -> None:
+        """Read-modify-write each patched span once the streamed bytes are all on disk.
+
+        With O_DIRECT where possible: the output is not in the page cache (it was written around it), and a
+        buffered read-modify-write would read every patched page back through it.
+        """
+        shard_of = {name: i for i, name in self._order}
+        by_shard: dict[int, list[tuple[str, Tensor, Tensor]]] = {}
+        for patch in self._patches:
+            by_shard.setdefault(shard_of[patch[0]], []).append(patch)
+        buf = torch.empty(0, dtype=torch.uint8)
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        for i, patches in by_shard.items():
+            path = self.tmp / self._files[i]
+            fd = os.open(path, os.O_RDWR | cloexec)
+            dfd = None
+            if self.direct:
+                try:
+                    dfd = os.open(path, os.O_RDWR | O_DIRECT | cloexec)
+                except OSError:
+                    dfd = None
+            try:
+                size = os.fstat(fd).st_size
+                for name, index, values in patches:
+                    if index.numel() == 0:
+                        continue
+                    info = self._headers[i][name]
+                    dtype = DTYPES[info["dtype"]]
+                    itemsize = dtype_size(dtype)
+                    first, last = int(index.min()), int(index.max())
+                    offset = 8 + len(self._header_bytes(i)) + info["data_offsets"][0] + first * itemsize
+                    nbytes = (last - first + 1) * itemsize
+                    start, stop = offset - offset % ALIGN, round_up(offset + nbytes)
+                    use_fd, lead = fd, 0
+                    if dfd is not None and stop <= size and (offset - start) % itemsize == 0:
+                        use_fd, lead = dfd, offset - start
+                    else:
+                        start, stop = offset, offset + nbytes
+                    if buf.numel() < stop - start:
+                        buf = aligned_empty(stop - start)
+                    span = buf[: stop - start]
+                    if _pread_into(use_fd, span, start) != span.numel():
+                        raise ValueError(f"tensor '{name}': patch beyond the end of {self._files[i]}")
+                    span[lead : lead + nbytes].view(dtype)[index - first] = values.to(dtype)
+                    _pwrite_all(use_fd, span, start)
+            finally:
+                for f in (fd, dfd):
+                    if f is not None:
+                        os.close(f)
+        self._patches = []
 
     def copy_side_files(self, src_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> None:
         """Copy config and tokenizer files from ``src_dir``."""
@@ -261,12 +692,12 @@ class ShardedWriter:
             path.write_text(json.dumps(cfg, indent=2))
 
     def close(self) -> Path:
-        """Check every tensor was written, write the index and move the finished dir into place."""
+        """Check every tensor was written, wait for the writes, write the index and move the dir into place."""
         if self._next != len(self._order):
             raise ValueError(f"writer closed before tensor '{self._order[self._next][1]}' was written")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_shard()
+        self._io.finish()
+        self._apply_patches()
         weight_map = {name: self._files[i] for i, name in self._order}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
@@ -279,9 +710,12 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._io.stop()
+        if self._fds is not None:
+            for fd in self._fds:
+                if fd is not None:
+                    os.close(fd)
+            self._fds = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

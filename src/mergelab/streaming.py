@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -11,12 +12,24 @@ import torch
 from torch import Tensor
 
 from mergelab.checkpoints import TOKENIZER_FILES, LazyCheckpoint, ShardedWriter
-from mergelab.engine import DEFAULT_CHUNK_ELEMS, TaskVectorLoader, run_method
+from mergelab.engine import (
+    DEFAULT_CHUNK_ELEMS,
+    Chunk,
+    DeferredValues,
+    TaskVectorLoader,
+    run_method,
+    run_method_pipelined,
+    single_threaded_torch,
+)
 from mergelab.methods.base import TaskVectorMethod
+from mergelab.task_vectors import release_workspace
 
 log = logging.getLogger(__name__)
 
 VOCAB_POLICIES = ("extend", "base", "error")
+# False runs merges through the sequential engine (one thread, fresh tensors per block): the reference the
+# pipelined engine is tested against, byte for byte.
+PIPELINE = True
 
 
 def _row_extension(base: tuple[int, ...], other: tuple[int, ...]) -> bool:
@@ -113,6 +126,10 @@ def stream_merge(
     and takes each extra row from the experts that have it (the output vocabulary and tokenizer are the
     largest expert's), ``base`` keeps only the pretrained rows, ``error`` refuses. The result is written to
     a temporary dir and moved into place when complete, with config and tokenizer files.
+
+    Reading, computing and writing overlap (:func:`mergelab.engine.run_method_pipelined`, one compute thread
+    per core, torch itself single-threaded meanwhile); the bytes written are those of the sequential engine
+    (``PIPELINE = False``). Global TIES skips its sign pass here (see :meth:`TIES.merge_chunk_folded`).
     """
     base = LazyCheckpoint(pretrained, name="pretrained")
     names = [str(e) for e in experts]
@@ -124,19 +141,70 @@ def stream_merge(
         shape = base.shape(name)
         return (extended[name], *shape[1:]) if name in extended else shape
 
-    writer = ShardedWriter(out_dir, [(n, out_shape(n), base.dtype(n)) for n in base], max_shard_bytes, overwrite)
+    layout = [(n, out_shape(n), base.dtype(n)) for n in base]
     try:
-        shapes = {n: base.shape(n) for n in merged}
-        load = TaskVectorLoader(base, exps)
-        blocks_of = _BlockStream(run_method(method, merged, shapes, load, chunk_elems, progress=progress))
-        for name in base:
-            if name in shapes:
-                blocks = _merged_blocks(name, blocks_of.take(name), load, base, exps, base.dtype(name))
-            else:
-                blocks = iter([base.get(name)])
-            if name in extended:
-                blocks = _chain(blocks, extra_rows(name, base.shape(name)[0], extended[name], exps))
-            writer.add_blocks(name, blocks)
+        for fold in (True, False):
+            deferred = DeferredValues() if fold else None
+            out = _write_merge(
+                method,
+                base,
+                exps,
+                merged,
+                extended,
+                layout,
+                out_dir,
+                max_shard_bytes,
+                overwrite,
+                chunk_elems,
+                progress,
+                deferred,
+            )
+            if out is not None:
+                return out
+        raise AssertionError("unreachable: a merge without folding always completes")
+    finally:
+        for ck in (base, *exps):
+            ck.close()
+
+
+def _write_merge(
+    method: TaskVectorMethod,
+    base: LazyCheckpoint,
+    exps: Sequence[LazyCheckpoint],
+    merged: Sequence[str],
+    extended: Mapping[str, int],
+    layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    out_dir: str | Path,
+    max_shard_bytes: int,
+    overwrite: bool,
+    chunk_elems: int | None,
+    progress: bool,
+    deferred: DeferredValues | None,
+) -> Path | None:
+    """One merge into ``out_dir``; None when a folded pass kept too many corrections to apply (merge again)."""
+    writer = ShardedWriter(out_dir, layout, max_shard_bytes, overwrite)
+    stream: Iterator[tuple[str, Tensor]] | None = None
+    try:
+        with single_threaded_torch():
+            stream = _merged_stream(method, merged, base, exps, chunk_elems, progress, deferred)
+            blocks_of = _BlockStream(stream)
+            for name in base:
+                blocks = blocks_of.take(name) if name in merged else iter([base.get(name)])
+                if name in extended:
+                    blocks = _chain(blocks, extra_rows(name, base.shape(name)[0], extended[name], exps))
+                writer.add_blocks(name, blocks)
+            for _ in stream:  # run the engine to its end: a folded statistics pass concludes there
+                raise AssertionError("merged blocks left over")
+        if deferred is not None and deferred.needed:
+            if deferred.overflowed:
+                writer.abort()
+                log.info("too many exact sign ties to correct after the merge: merging again without folding")
+                return None
+            for name, start, index, values in deferred.items:
+                if not torch.isfinite(values).all():
+                    raise ValueError(f"merging tensor '{name}' produced NaN/inf")
+                row = math.prod(base.shape(name)[1:])
+                writer.patch(name, index.to(torch.int64) + (start or 0) * row, values)
         writer.copy_side_files(base.dir)
         if extended:
             donor = max(exps, key=lambda e: max(e.shape(n)[0] for n in extended))
@@ -148,40 +216,76 @@ def stream_merge(
         writer.abort()
         raise
     finally:
-        for ck in (base, *exps):
-            ck.close()
+        if stream is not None:
+            stream.close()  # stops the pipeline's threads if the merge ended early
+        release_workspace()
+
+
+def _merged_stream(
+    method: TaskVectorMethod,
+    merged: Sequence[str],
+    base: LazyCheckpoint,
+    experts: Sequence[LazyCheckpoint],
+    chunk_elems: int | None,
+    progress: bool,
+    deferred: DeferredValues | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, merged weights)`` row block by row block, in the base's compute dtype (cast by the writer).
+
+    The blocks come from the pipelined engine, in buffers that are reused once the next block is asked for.
+    An expert in float64 over a lower-precision base gets float64 task vectors (the promotion the in-memory
+    path applies), which the pipeline's float32 buffers cannot hold: such pools run sequentially.
+    """
+    shapes = {n: base.shape(n) for n in merged}
+    wide = any(e.dtype(n) == torch.float64 and base.dtype(n) != torch.float64 for n in merged for e in experts)
+    if wide or not PIPELINE:
+        load = TaskVectorLoader(base, experts)
+        for name, s, e, delta in run_method(method, merged, shapes, load, chunk_elems, progress=progress):
+            yield name, _theta(name, load.base_block(name, s, e), delta, None, base, experts, s, e)
+        return
+
+    def finish(chunk: Chunk, delta: Tensor, index: Tensor | None) -> Tensor:  # on the pipeline's workers
+        name, _, s, e = chunk.block
+        if index is not None:  # a folded pass's corrections: theta at those coordinates, as written
+            return (chunk.base.reshape(-1)[index] + delta).to(base.dtype(name))
+        return _theta(name, chunk.base, delta, chunk.out, base, experts, s, e)
+
+    stream = run_method_pipelined(method, merged, shapes, base, experts, chunk_elems, progress, finish, deferred)
+    try:
+        for chunk, theta in stream:
+            yield chunk.block[0], theta
+    finally:
+        stream.close()
+
+
+def _theta(
+    name: str,
+    base_block: Tensor,
+    delta: Tensor,
+    out: Tensor | None,
+    base: LazyCheckpoint,
+    experts: Sequence[LazyCheckpoint],
+    s: int | None,
+    e: int | None,
+) -> Tensor:
+    """theta_0 + delta for one block (into ``out`` when given), checked for NaN/inf."""
+    theta = torch.add(base_block, delta, out=out) if out is not None else base_block.add(delta)
+    if not torch.isfinite(theta.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
+        check_block(name, theta, base, experts, s, e)
+    return theta
 
 
 class _BlockStream:
     """Hands out the engine's blocks tensor by tensor, computing each block only when it is written."""
 
-    def __init__(self, stream: Iterator[tuple[str, int | None, int | None, Tensor]]) -> None:
+    def __init__(self, stream: Iterator[tuple[str, Tensor]]) -> None:
         self.stream = stream
         self.head = next(stream, None)
 
-    def take(self, name: str) -> Iterator[tuple[str, int | None, int | None, Tensor]]:
+    def take(self, name: str) -> Iterator[Tensor]:
         while self.head is not None and self.head[0] == name:
-            yield self.head
+            yield self.head[1]
             self.head = next(self.stream, None)
-
-
-Block = tuple[str, int | None, int | None, Tensor]
-
-
-def _merged_blocks(
-    name: str,
-    blocks: Iterator[Block],
-    load: TaskVectorLoader,
-    base: LazyCheckpoint,
-    experts: Sequence[LazyCheckpoint],
-    dtype: torch.dtype,
-) -> Iterator[Tensor]:
-    for block_name, s, e, delta in blocks:
-        assert block_name == name, (block_name, name)
-        out = load.base_block(name, s, e).add(delta)
-        if not torch.isfinite(out.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
-            check_block(name, out, base, experts, s, e)
-        yield out.to(dtype)
 
 
 def _chain(blocks: Iterator[Tensor], extra: Tensor) -> Iterator[Tensor]:

@@ -8,6 +8,7 @@ dtype) and results are cast back to the pretrained tensor's dtype by :func:`appl
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -40,9 +41,9 @@ def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -
     return out
 
 
-def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """sum_t w_t * tensors[t], accumulated in place in one new tensor."""
-    out = tensors[0] * weights[0]
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], out: Tensor | None = None) -> Tensor:
+    """sum_t w_t * tensors[t], accumulated in place in one tensor: ``out`` if given (it may be ``tensors[0]``)."""
+    out = torch.mul(tensors[0], weights[0], out=out) if out is not None else tensors[0] * weights[0]
     for w, t in zip(weights[1:], tensors[1:], strict=True):
         out.add_(t, alpha=w)
     return out
@@ -59,7 +60,10 @@ def magnitude_threshold(tensors: Iterable[Tensor], k_percent: float) -> float:
     Keeping ``|x| >= threshold`` keeps exactly the top-k% (plus any coordinates tied with the threshold).
     """
     mags = [t.detach().abs().flatten() for t in tensors]
-    return kth_largest(mags, topk_count(sum(m.numel() for m in mags), k_percent))
+    rank = topk_count(sum(m.numel() for m in mags), k_percent)
+    if all(m.dtype == torch.float32 for m in mags):
+        return radix_kth_largest(mags, rank)  # the same float as kth_largest, several times faster
+    return kth_largest(mags, rank)
 
 
 def trim(vectors: Sequence[Tensor], thresholds: Sequence[float]) -> Tensor:
@@ -144,6 +148,184 @@ def kth_largest(values: Sequence[Tensor], rank: int) -> float:
     """The ``rank``-th largest of the concatenated values (rank 1 = largest)."""
     flat = torch.cat([v.flatten() for v in values])
     return float(flat.kthvalue(flat.numel() - rank + 1).values)
+
+
+def radix_kth_largest(magnitudes: Sequence[Tensor], rank: int) -> float:
+    """:func:`kth_largest` of non-negative float32 tensors by the two-level radix select (two histograms)."""
+    bits = [m.contiguous().view(torch.int32).flatten() for m in magnitudes]
+    high_hist = sum(torch.bincount(b >> 16, minlength=HIGH_BUCKETS) for b in bits)
+    high, rest = locate_rank(high_hist, rank)  # type: ignore[arg-type]
+    low_hist = sum(torch.bincount(b[(b >> 16) == high] & 0xFFFF, minlength=LOW_BUCKETS) for b in bits)
+    low, _ = locate_rank(low_hist, rest)  # type: ignore[arg-type]
+    return bits_to_float(high, low)
+
+
+# The streaming statistics passes of global TIES work on the stacked task vectors of one chunk (one row per
+# task). They may overwrite ``stacked`` when ``inplace`` (the engine's scratch buffers), saving a copy per step.
+
+_WORKSPACE = threading.local()
+# Temporaries of up to this many elements are kept per thread and reused: a fresh multi-megabyte tensor is
+# mapped from the OS and page-faulted in on every use, which costs as much as the arithmetic on it.
+WORKSPACE_ELEMS = 1 << 21
+
+
+def workspace(slot: str, n: int, dtype: torch.dtype) -> Tensor:
+    """A reusable 1-D temporary of ``n`` elements for this thread (fresh when larger than WORKSPACE_ELEMS).
+
+    Valid until the same ``slot`` is asked for again on this thread: never return one to a caller.
+    """
+    if n > WORKSPACE_ELEMS:
+        return torch.empty(n, dtype=dtype)
+    bufs: dict[tuple[str, torch.dtype], Tensor] = _WORKSPACE.__dict__.setdefault("bufs", {})
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def release_workspace() -> None:
+    """Free this thread's :func:`workspace` buffers."""
+    _WORKSPACE.__dict__.pop("bufs", None)
+
+
+def _bits_rows(stacked: Tensor, inplace: bool) -> Tensor:
+    """|stacked| as int32 float32-bit patterns, one row per task."""
+    rows = stacked.reshape(stacked.shape[0], -1)
+    if rows.dtype == torch.float32 and inplace:
+        return rows.abs_().view(torch.int32)
+    return rows.abs().float().contiguous().view(torch.int32)
+
+
+def high_histograms(stacked: Tensor, inplace: bool = False) -> Tensor:
+    """Per task (row), counts of |x| per top-16-bit bucket: ``[T, HIGH_BUCKETS]``."""
+    bits = _bits_rows(stacked, inplace).bitwise_right_shift_(16)  # a new tensor unless ``inplace`` allowed it
+    return torch.stack([torch.bincount(b, minlength=HIGH_BUCKETS) for b in bits])
+
+
+def low_histograms(stacked: Tensor, highs: Sequence[int], inplace: bool = False) -> Tensor:
+    """Per task (row), counts of the low 16 bits of the |x| whose top 16 bits are that task's ``highs``."""
+    bits = _bits_rows(stacked, inplace)
+    n = bits.shape[1]
+    top, inside = workspace("top", n, torch.int32), workspace("inside", n, torch.bool)
+    out = []
+    for b, high in zip(bits, highs, strict=True):
+        torch.eq(torch.bitwise_right_shift(b, 16, out=top), high, out=inside)
+        out.append(torch.bincount(b[inside].bitwise_and_(0xFFFF), minlength=LOW_BUCKETS))
+    return torch.stack(out)
+
+
+def trim_(stacked: Tensor, thresholds: Sequence[float], kept: Tensor | None = None) -> Tensor:
+    """In place: zero each row's coordinates below its threshold (``|x| < th``), by multiplying with the kept mask.
+
+    Same values as :func:`trim` except that a dropped negative coordinate becomes -0.0 rather than +0.0,
+    which nothing downstream can tell apart (sums start from +0.0, signs of zero sums are replaced).
+    ``kept``, if given, receives per coordinate the number of rows that keep it.
+    """
+    rows = stacked.reshape(stacked.shape[0], -1)
+    keep = workspace("keep", rows.shape[1], rows.dtype)
+    for i, (row, th) in enumerate(zip(rows, thresholds, strict=True)):
+        mask = kept if kept is not None and i == 0 else keep
+        torch.abs(row, out=mask)
+        torch.ge(mask, th, out=mask)  # float 1/0: comparisons into bool tensors are several times slower
+        row.mul_(mask)
+        if kept is not None and i > 0:
+            kept.add_(mask)
+    return stacked
+
+
+def _signs(rows: Tensor) -> Tensor:
+    """sign(sum over rows) of ``[T, N]`` rows, in a workspace buffer."""
+    return torch.sum(rows, 0, out=workspace("sign", rows.shape[1], rows.dtype)).sign_()
+
+
+def sign_total_(stacked: Tensor, thresholds: Sequence[float]) -> float:
+    """:func:`sign_total` of the task vectors trimmed at ``thresholds``; overwrites ``stacked``."""
+    rows = trim_(stacked, thresholds).reshape(stacked.shape[0], -1)
+    return float(_signs(rows).sum())  # the same reduction as sign_total, so the same float
+
+
+def ties_merge_(stacked: Tensor, thresholds: Sequence[float], majority: float | None, reduce: str) -> Tensor:
+    """Trim, elect sign and disjoint-merge one chunk: bit for bit :func:`trim`, :func:`elect_sign` and
+    :func:`disjoint_merge`, in fewer passes over memory and without boolean temporaries. Overwrites ``stacked``
+    and returns a view of it.
+
+    ``majority`` None elects it from this chunk's own signs (per-tensor TIES). Why it is exact: with the
+    elected sign s = +-1, the agreeing entries are those with s * x > 0, and summing them equals s times the
+    sum of max(s * x, 0) in the same order (round-to-nearest is symmetric under negation); the disagreeing
+    entries are zeros that leave a sum starting from +0.0 unchanged. Adding +0.0 at the end turns the one
+    possible difference, a -0.0 where nothing agrees, into the +0.0 the reference gives.
+    """
+    rows = trim_(stacked, thresholds).reshape(stacked.shape[0], -1)
+    sign = _signs(rows)
+    if majority is None:
+        majority = majority_sign(float(sign.sum()))
+    return _disjoint_merge_(rows, sign, majority, reduce).view(stacked.shape[1:])
+
+
+def _disjoint_merge_(rows: Tensor, sign: Tensor, majority: float, reduce: str, zero: Tensor | None = None) -> Tensor:
+    """The disjoint merge of trimmed ``rows`` (``[T, N]``) given sign(sum) (zeros not yet elected), into ``rows[0]``.
+
+    ``zero``: where ``sign`` is 0, as 1/0, if already computed.
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
+    n = rows.shape[1]
+    tmp = workspace("tmp", n, rows.dtype)
+    if zero is None:
+        zero = torch.eq(sign, 0, out=tmp)
+    sign.add_(zero, alpha=majority)  # zero-sum coordinates take the majority sign
+    rows.mul_(sign).clamp_(min=0)  # s * x where it agrees with s, else zero
+    count = None
+    if reduce == "mean":
+        count = torch.zeros(n, dtype=rows.dtype, out=workspace("count", n, rows.dtype))
+        for row in rows:
+            count.add_(torch.gt(row, 0, out=tmp))
+    total = torch.sum(rows, 0, out=workspace("total", n, rows.dtype))
+    total = torch.mul(total, sign, out=rows[0]).add_(0.0)  # the result lives in the caller's buffer
+    return total.div_(count.clamp_(min=1)) if count is not None else total
+
+
+def _disjoint_merge_columns(cols: Tensor, majority: float, reduce: str) -> Tensor:
+    """:func:`_disjoint_merge_` of a few exact-tie columns (sum of trimmed values exactly zero), all electing
+    ``majority``, with the sums accumulated in task order from +0.0: what ``sum(0)`` does for up to 4 rows."""
+    total = torch.zeros(cols.shape[1], dtype=cols.dtype)
+    count = torch.zeros_like(total)
+    for col in cols:
+        agree = col.mul(majority).clamp_(min=0)
+        total.add_(agree)
+        count.add_(torch.gt(agree, 0).to(total.dtype))
+    total.mul_(majority).add_(0.0)
+    return total.div_(count.clamp_(min=1)) if reduce == "mean" else total
+
+
+# The largest task count for which torch's sum over dim 0 adds the rows one after the other from +0.0 in every
+# layout (ATen's cascade sum interleaves four partial sums, and only a fifth row changes the order).
+SEQUENTIAL_SUM_ROWS = 4
+
+
+def ties_merge_folded_(
+    stacked: Tensor, thresholds: Sequence[float], provisional: float, reduce: str
+) -> tuple[Tensor, float, tuple[Tensor, Tensor] | None]:
+    """:func:`ties_merge_` with a majority sign not known yet (global TIES folds its sign pass into the merge).
+
+    Merges with the ``provisional`` majority and returns, with the result, this chunk's :func:`sign_total`
+    (what the majority is elected from) and the exact ties, the only coordinates the majority decides: their
+    flat indices and their merged values under the other majority. At most ``SEQUENTIAL_SUM_ROWS`` tasks.
+    """
+    if stacked.shape[0] > SEQUENTIAL_SUM_ROWS:
+        raise ValueError(f"folding the sign pass needs at most {SEQUENTIAL_SUM_ROWS} task vectors")
+    rows = stacked.reshape(stacked.shape[0], -1)
+    kept = workspace("kept", rows.shape[1], rows.dtype)  # how many entries of each coordinate survive
+    trim_(stacked, thresholds, kept=kept)
+    sign = _signs(rows)
+    total = float(sign.sum())  # exactly what the sign pass's sign_total gives for this chunk
+    zero = torch.eq(sign, 0, out=workspace("zero", rows.shape[1], rows.dtype))
+    index = torch.mul(zero, kept, out=kept).nonzero().view(-1)  # a zero sum though something survived
+    alternative = None
+    if index.numel():
+        alternative = (index, _disjoint_merge_columns(rows[:, index], -provisional, reduce))
+    merged = _disjoint_merge_(rows, sign, provisional, reduce, zero=zero).view(stacked.shape[1:])
+    return merged, total, alternative
 
 
 # ----------------------------------------------------------------------------------------------- DARE pieces

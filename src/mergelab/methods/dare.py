@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ class DARE(TaskVectorMethod):
         merge: ``task_arithmetic`` or ``ties``: the method applied to the dropped vectors.
         scaling, k, prune, disjoint: options of that method (the TIES ones are ignored for task arithmetic).
     """
+
+    parallel_chunks = True  # masks are drawn from per-chunk seeds: every chunk is independent
 
     def __init__(
         self,
@@ -81,8 +84,15 @@ class DARE(TaskVectorMethod):
     def begin(self, names: Sequence[str]) -> None:
         self.inner.begin(names)
 
+    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
+        """The inner method's statistics of the dropped chunk (thread-safe)."""
+        return self.inner.chunk_statistics(pass_idx, name, chunk, self.drop_chunk(name, chunk, vectors))  # type: ignore[attr-defined]
+
+    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
+        self.inner.add_statistics(pass_idx, name, chunk, stats)  # type: ignore[attr-defined]
+
     def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        self.inner.observe(pass_idx, name, chunk, self.drop_chunk(name, chunk, vectors))
+        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
 
     def end_pass(self, pass_idx: int) -> None:
         self.inner.end_pass(pass_idx)

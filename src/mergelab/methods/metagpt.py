@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.engine import is_scratch
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 from mergelab.methods.dare import DARE
 from mergelab.methods.ties import TIES
@@ -27,6 +28,8 @@ class MetaGPT(TaskVectorMethod):
         lambda_from: with sparsify, compute the norms on the ``original`` or on the ``sparsified`` task vectors.
         k, prune: TIES options (sparsify=ties). p, seed: DARE options (sparsify=dare).
     """
+
+    parallel_chunks = True  # per-chunk statistics and merges are pure functions of the chunk
 
     def __init__(
         self,
@@ -70,17 +73,27 @@ class MetaGPT(TaskVectorMethod):
         self._sq: dict[str, list[float]] = {}  # tensor name (or "" for the whole model) -> ||tau_t||^2
         self._lambdas: dict[str, list[float]] = {}
 
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
+        """One chunk's contribution to pass ``pass_idx`` (thread-safe): its squared norms in the norm pass."""
         if pass_idx < self._norm_pass:
             assert self.sparsifier is not None
-            self.sparsifier.observe(pass_idx, name, chunk, vectors)
-            return
+            return self.sparsifier.chunk_statistics(pass_idx, name, chunk, vectors)
         used = vectors if self.lambda_from == "original" else self._sparse(name, chunk, vectors)
+        return [float(torch.dot(v.reshape(-1), v.reshape(-1))) for v in used]  # chunk sums in float32
+
+    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
+        """Accumulate one chunk's :meth:`chunk_statistics` (called in chunk order, so sums are reproducible)."""
+        if pass_idx < self._norm_pass:
+            assert self.sparsifier is not None
+            self.sparsifier.add_statistics(pass_idx, name, chunk, stats)
+            return
         key = "" if self.granularity == "model" else name
-        acc = self._sq.setdefault(key, [0.0] * len(used))
-        for i, v in enumerate(used):
-            flat = v.reshape(-1)
-            acc[i] += float(torch.dot(flat, flat))  # chunk sums in float32, the total in float64
+        acc = self._sq.setdefault(key, [0.0] * len(stats))
+        for i, sq in enumerate(stats):
+            acc[i] += sq  # the total in float64
+
+    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx < self._norm_pass:
@@ -106,7 +119,9 @@ class MetaGPT(TaskVectorMethod):
         return self._lambdas["" if self.granularity == "model" else name]
 
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return tv.weighted_sum(self._sparse(name, chunk, vectors), self.lambdas(name))
+        used = self._sparse(name, chunk, vectors)
+        out = used[0] if is_scratch(used) else None  # accumulate in the engine's buffer
+        return tv.weighted_sum(used, self.lambdas(name), out=out)
 
     def report(self) -> dict[str, Any]:
         if not self._lambdas:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.engine import is_scratch
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 
 PRUNE_MODES = ("global", "per_tensor")
 DISJOINT_MODES = ("sum", "mean")
+
+
+def _stacked(vectors: Sequence[Tensor]) -> Tensor:
+    """The chunk's task vectors as one ``[T, ...]`` tensor that may be overwritten (the engine's, or a copy)."""
+    return vectors.stacked if is_scratch(vectors) else torch.stack(list(vectors))  # type: ignore[attr-defined]
 
 
 class TIES(TaskVectorMethod):
@@ -28,7 +35,13 @@ class TIES(TaskVectorMethod):
     Global pruning is exact and streams: passes 1 and 2 find the k-th largest float32 magnitude of each task
     vector by a two-level radix select (see :mod:`mergelab.task_vectors`), pass 3 sums the elected signs for
     the majority sign. Task vectors are float32, so this is the same threshold a full sort would give.
+    Every per-chunk step is a pure function of the chunk, so the engine runs chunks on several threads. The
+    streaming engine folds pass 3 into the merge (:meth:`merge_chunk_folded`): the majority sign only decides
+    exact ties, so it merges with a provisional majority and corrects those few coordinates afterwards if the
+    elected one differs.
     """
+
+    parallel_chunks = True
 
     def __init__(self, k: float = 20.0, prune: str = "global", disjoint: str = "sum", scaling: float = 0.3) -> None:
         check_range("k", k, 0.0, 100.0, low_open=True, high_open=False)
@@ -42,35 +55,46 @@ class TIES(TaskVectorMethod):
     # ------------------------------------------------------------------------------- global statistics
 
     def begin(self, names: Sequence[str]) -> None:
-        self._hist: list[Tensor] = []
+        self._hist: Tensor | None = None  # [T, buckets]
         self._numel = 0
         self._high: list[tuple[int, int]] = []  # per task: top-16-bit bucket of the k-th largest, rank inside
         self._thresholds: list[float] = []
         self._sign_total = 0.0
         self._majority = 1.0
 
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
+        """What pass ``pass_idx`` needs from one chunk (may overwrite scratch ``vectors``; thread-safe)."""
+        stacked = _stacked(vectors)
         if pass_idx == 0:
-            if not self._hist:
-                self._hist = [torch.zeros(tv.HIGH_BUCKETS, dtype=torch.long) for _ in vectors]
-            for h, v in zip(self._hist, vectors, strict=True):
-                h += tv.high_histogram(v)
-            self._numel += vectors[0].numel()
+            return tv.high_histograms(stacked, inplace=True), vectors[0].numel()
+        if pass_idx == 1:
+            return tv.low_histograms(stacked, [high for high, _ in self._high], inplace=True)
+        return tv.sign_total_(stacked, self._thresholds)
+
+    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
+        """Accumulate one chunk's :meth:`chunk_statistics` (called in chunk order)."""
+        if pass_idx == 0:
+            hist, numel = stats
+            self._hist = hist if self._hist is None else self._hist.add_(hist)
+            self._numel += numel
         elif pass_idx == 1:
-            for h, (high, _), v in zip(self._hist, self._high, vectors, strict=True):
-                h += tv.low_histogram(v, high)
+            self._hist = stats if self._hist is None else self._hist.add_(stats)
         else:
-            self._sign_total += tv.sign_total(tv.trim(vectors, self._thresholds))
+            self._sign_total += stats
+
+    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
+        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
 
     def end_pass(self, pass_idx: int) -> None:
+        hist = [] if self._hist is None else list(self._hist)  # None: nothing to merge
         if pass_idx == 0:
             keep = tv.topk_count(self._numel, self.k)
-            self._high = [tv.locate_rank(h, keep) for h in self._hist]
-            self._hist = [torch.zeros(tv.LOW_BUCKETS, dtype=torch.long) for _ in self._hist]
+            self._high = [tv.locate_rank(h, keep) for h in hist]
+            self._hist = None
         elif pass_idx == 1:
-            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(self._hist, self._high, strict=True)]
+            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(hist, self._high, strict=True)]
             self._thresholds = [tv.bits_to_float(high, low) for (high, _), low in zip(self._high, lows, strict=True)]
-            self._hist = []
+            self._hist = None
         else:
             self._majority = tv.majority_sign(self._sign_total)
 
@@ -91,6 +115,37 @@ class TIES(TaskVectorMethod):
         trimmed, sign = self.trim_and_elect(vectors)
         return list(tv.agreeing(trimmed, sign)[0])
 
+    # ------------------------------------------------------------------------------- folded sign pass
+
+    #: The majority sign a folded merge pass assumes (the one elected when the sign total is zero).
+    PROVISIONAL_MAJORITY = 1.0
+
+    def fold_last_pass(self, n_tasks: int) -> bool:
+        """Whether the engine may skip the sign pass and run :meth:`merge_chunk_folded` instead."""
+        return self.prune == "global" and n_tasks <= tv.SEQUENTIAL_SUM_ROWS
+
+    def merge_chunk_folded(
+        self, name: str, chunk: int, vectors: Sequence[Tensor]
+    ) -> tuple[Tensor, float, tuple[Tensor, Tensor] | None]:
+        """The merge with the provisional majority, this chunk's sign total (the skipped pass's statistic, for
+        :meth:`add_statistics`) and the exact ties with their values under the other majority."""
+        merged, total, alt = tv.ties_merge_folded_(
+            _stacked(vectors), self._thresholds, self.PROVISIONAL_MAJORITY, self.disjoint
+        )
+        if alt is not None:
+            alt = (alt[0], alt[1].mul_(self.scaling))
+        merged = merged.mul_(self.scaling)
+        return (merged if is_scratch(vectors) else merged.clone()), total, alt
+
+    def folded_values_hold(self) -> bool:
+        """After the sign pass's :meth:`end_pass`: whether the provisional majority was the right one."""
+        return self._majority == self.PROVISIONAL_MAJORITY
+
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        trimmed, sign = self.trim_and_elect(vectors)
-        return tv.disjoint_merge(trimmed, sign, self.disjoint).mul_(self.scaling)
+        stacked = _stacked(vectors)
+        if self.prune == "global":
+            thresholds, majority = self._thresholds, self._majority
+        else:
+            thresholds, majority = [tv.magnitude_threshold([v], self.k) for v in stacked], None
+        merged = tv.ties_merge_(stacked, thresholds, majority, self.disjoint).mul_(self.scaling)
+        return merged if is_scratch(vectors) else merged.clone()  # not a view pinning the stacked copy

@@ -7,11 +7,15 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.engine import is_scratch
 from mergelab.methods.base import TaskVectorMethod
 
 
 class WeightAveraging(TaskVectorMethod):
     """Uniform average of the experts, written as theta_0 + mean_t tau_t (identical up to rounding)."""
 
+    parallel_chunks = True  # merge_chunk is a pure function of the chunk
+
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return tv.weighted_sum(vectors, [1.0 / len(vectors)] * len(vectors))
+        out = vectors[0] if is_scratch(vectors) else None  # accumulate in the engine's buffer
+        return tv.weighted_sum(vectors, [1.0 / len(vectors)] * len(vectors), out=out)
