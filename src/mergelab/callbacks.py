@@ -11,20 +11,21 @@ from mergelab import task_vectors as tv
 from mergelab.methods.base import MergeMethod
 
 if TYPE_CHECKING:
-    from mergelab.evaluation import MultiTaskClassifier
-    from mergelab.modelpool import ModelPool
+    from mergelab.interfaces import MergePool
 
 log = logging.getLogger(__name__)
 
 
 class MergeCallback(L.Callback):
-    """Merge the pool with ``method`` and load the result into the module's backbone before it is evaluated.
+    """Merge the pool with ``method`` and load the result into the module's ``backbone`` before it is evaluated.
+
+    Works for every pool: a classifier's backbone (heads stay per task) and a causal LM (the whole model) alike.
 
     MetaGPT and the other closed-form methods need neither data nor gradient steps, so they run here rather
     than as a LightningModule. The merge is computed once; later evaluations reuse it.
     """
 
-    def __init__(self, method: MergeMethod, pool: ModelPool) -> None:
+    def __init__(self, method: MergeMethod, pool: MergePool) -> None:
         self.method, self.pool = method, pool
         self.state: tv.StateDict | None = None
         self._loaded: set[int] = set()
@@ -37,7 +38,7 @@ class MergeCallback(L.Callback):
                 log.info("%s: %s", type(self.method).__name__, self.method.report())
         return self.state
 
-    def _apply(self, pl_module: MultiTaskClassifier) -> None:
+    def _apply(self, pl_module: Any) -> None:
         if id(pl_module) in self._loaded:
             return
         pl_module.backbone.load_state_dict(self.merged_state(), strict=False)

