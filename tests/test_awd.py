@@ -308,3 +308,98 @@ def test_cli_awd_run_on_the_real_encoder(tmp_path: Path) -> None:
         rows = [r for r in csv.DictReader(f) if r.get("awd/L_O")]
     assert len(rows) == 15
     assert "awd (single-task)" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------ checkpoint (streaming) pools
+
+
+def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path) -> None:
+    """AWD on a checkpoint pool: delta fitted tensor by tensor from the safetensors files (written to
+    artifacts/awd/delta as it goes) equals the in-memory per-tensor fit, and the merged model is
+    theta_0 + scaling * sum_t (tau_t - delta) on the disentangled matrices, theta_0 + scaling * sum_t tau_t elsewhere.
+    """
+    from mergelab.checkpoints import LazyCheckpoint
+    from mergelab.streaming import stream_merge
+    from tests.test_streaming import llama
+
+    base_model = llama(0)
+    base_model.save_pretrained(tmp_path / "base", max_shard_size="40KB")  # float32: exact comparisons below
+    base = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    experts = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(10 + i)
+        shared = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        state = {k: v + shared[k] + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        m = llama(0)
+        m.load_state_dict(state)
+        m.save_pretrained(tmp_path / f"e{i}", max_shard_size="40KB")
+        experts.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+    spec = "{" + ",".join(f"t{i}:'{tmp_path / f'e{i}'}'" for i in range(3)) + "}"
+    overrides = [
+        "model=checkpoints",
+        f"model.pretrained={tmp_path / 'base'}",
+        f"model.experts={spec}",
+        "eval=none",
+        "logger=none",
+        "method=awd",
+        "method.steps=15",
+        "method.lr=0.5",
+        "method.scaling=0.3",
+    ]
+    run(make_cfg(tmp_path / "run", overrides, tiny=False))
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = metrics["method_report"]
+    assert report["L_O_end"] < report["L_O_start"]
+    for f in ("awd.json", "history.csv", "cosine_before_after.png", "delta_norms_and_losses.png"):
+        assert (out / "artifacts" / "awd" / f).is_file(), f
+    ck = LazyCheckpoint(out / "artifacts" / "awd" / "delta")
+    delta = {k: ck[k] for k in ck}
+    ck.close()
+    blocks = [k for k, v in base.items() if v.dim() == 2 and ".layers." in k]
+    assert sorted(delta) == sorted(blocks)  # the default: 2-D weights inside the numbered blocks
+
+    # The same fit in memory, tensor by tensor (the streaming fit's own mode).
+    mem = AWD(steps=15, lr=0.5, scaling=0.3, mode="per_tensor")
+    mem.prepare(ListPool(base, experts), CPU)
+    for k in blocks:
+        torch.testing.assert_close(delta[k], mem.delta[k], rtol=1e-5, atol=1e-7)
+    taus = [{k: e[k] - base[k] for k in base} for e in experts]
+    assert min(float(delta[k].norm()) / float(taus[0][k].norm()) for k in blocks) > 1e-3  # delta is not ~0
+
+    merged = LazyCheckpoint(out / "merged_model")
+    assert sorted(merged.keys()) == sorted(base)
+    for k, v in base.items():
+        d = delta.get(k, torch.zeros_like(v))
+        want = v + 0.3 * sum(t[k] - d for t in taus)
+        torch.testing.assert_close(merged[k], want, rtol=1e-5, atol=1e-6)
+        if k in delta:  # and it differs from plain task arithmetic by far more than the tolerance
+            assert float((merged[k] - (v + 0.3 * sum(t[k] for t in taus))).abs().max()) > 1e-4
+    merged.close()
+
+    # delta_path accepts the delta dir: the merge is reproduced without fitting.
+    again = AWD(scaling=0.3, delta_path=str(out / "artifacts" / "awd" / "delta"))
+    stream_merge(again, str(tmp_path / "base"), [str(tmp_path / f"e{i}") for i in range(3)], tmp_path / "again")
+    a, b = LazyCheckpoint(out / "merged_model"), LazyCheckpoint(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # AWD-TIES streamed = TIES (global pruning, over all tensors) of the disentangled vectors, in memory.
+    ties = AWD(merge="ties", delta_path=str(out / "artifacts" / "awd" / "delta"))
+    stream_merge(ties, str(tmp_path / "base"), [str(tmp_path / f"e{i}") for i in range(3)], tmp_path / "ties")
+    hat = [{k: t[k] - delta.get(k, torch.zeros_like(t[k])) for k in t} for t in taus]
+    want_ties = tv.apply_task_vector(base, combine_in_memory(TIES(), hat))
+    got = LazyCheckpoint(tmp_path / "ties")
+    for k, v in want_ties.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_awd_refuses_model_granularity(tmp_path: Path) -> None:
+    from mergelab.streaming import CheckpointPool
+    from tests.test_streaming import llama
+
+    for name in ("base", "e0"):
+        llama(0).save_pretrained(tmp_path / name)
+    pool = CheckpointPool(str(tmp_path / "base"), {"t0": str(tmp_path / "e0")})
+    with pytest.raises(ValueError, match="granularity 'row' or 'tensor'"):
+        AWD(granularity="model").prepare(pool, CPU, work_dir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()

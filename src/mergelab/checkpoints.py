@@ -287,6 +287,13 @@ class LazyCheckpoint:
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The whole tensor, read from disk (so a checkpoint reads like a state dict)."""
+        return self.get_rows(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][3]
 

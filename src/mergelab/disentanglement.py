@@ -282,9 +282,9 @@ class AWDModule(L.LightningModule):
 
 @dataclass
 class FitResult:
-    """A learned delta and how it was reached."""
+    """A learned delta (in memory, or read from disk after a streaming fit) and how it was reached."""
 
-    delta: dict[str, Tensor]
+    delta: Mapping[str, Tensor]
     history: History
     gram_before: Tensor
     gram_after: Tensor
@@ -300,6 +300,7 @@ def fit_delta(
     per_tensor: bool = False,
     loggers: Sequence[Any] = (),
     log_prefix: str = "awd/",
+    sink: Callable[[str, Tensor], None] | None = None,
 ) -> FitResult:
     """Learn delta with ``trainer.fit``.
 
@@ -309,6 +310,8 @@ def fit_delta(
         per_tensor: optimise one tensor at a time, loading only its task vectors (``tensor``/``row`` granularity);
             the per-step logs of the whole objective are then sent to ``loggers`` after the last tensor.
         trainer_kwargs: Lightning Trainer arguments (accelerator, precision, progress bar, ...).
+        sink: called with each tensor's delta as soon as it is fitted, in ``names`` order, instead of keeping it in
+            the result (whose ``delta`` is then empty): a model too large for memory writes delta to disk.
     """
     if per_tensor and objective.granularity == "model":
         raise ValueError("AWD option 'mode=per_tensor' needs granularity 'tensor' or 'row': 'model' couples tensors")
@@ -333,7 +336,11 @@ def fit_delta(
         if per_tensor:
             kwargs["enable_progress_bar"] = False
         L.Trainer(**kwargs).fit(module)
-        delta.update(module.deltas())
+        if sink is None:
+            delta.update(module.deltas())
+        else:
+            for name, d in module.deltas().items():
+                sink(name, d)
         history.add(module.history)
         before, after = module.model_grams()
         gram_before = before if gram_before is None else gram_before + before

@@ -224,8 +224,13 @@ def run_streaming(
     if not isinstance(method, TaskVectorMethod):
         raise ValueError(f"method '{name}' cannot stream: it is not a task-vector method")
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
+    artifacts = out_dir / "artifacts" / name
     start = time.perf_counter()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    method.prepare(pool, trainer_kwargs, loggers, work_dir=artifacts)  # AWD fits tensor by tensor from the files
+    prepare_seconds = time.perf_counter() - start
     merged = pool.merge(method, out_dir / "merged_model", overwrite=bool(cfg.overwrite))
+    method.save_artifacts(artifacts)
     seconds = time.perf_counter() - start
     results = {
         "pretrained": pool.pretrained,
@@ -234,7 +239,7 @@ def run_streaming(
         "params": params,
         "method_report": method.report(),
         "merged_model": str(merged),
-        "timings": {"merge_s": round(seconds, 1)},
+        "timings": {"prepare_s": round(prepare_seconds, 1), "merge_s": round(seconds - prepare_seconds, 1)},
         "overrides": list(cfg.get("overrides") or []),
     }
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

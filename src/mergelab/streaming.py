@@ -325,6 +325,18 @@ class CheckpointPool:
         self.include, self.exclude, self.vocab = list(include), list(exclude), vocab
         self.max_shard_bytes, self.chunk_elems = int(max_shard_bytes), int(chunk_elems)
 
+    def open_checkpoints(self) -> tuple[LazyCheckpoint, list[LazyCheckpoint], list[str]]:
+        """The pretrained checkpoint, the experts (opened lazily; the caller closes them) and the merged tensors."""
+        base = LazyCheckpoint(self.pretrained, name="pretrained")
+        experts = [LazyCheckpoint(p, name=t) for t, p in self.experts.items()]
+        try:
+            merged, _ = plan_tensors(base, experts, self.include, self.exclude, self.vocab)
+        except BaseException:
+            for ck in (base, *experts):
+                ck.close()
+            raise
+        return base, experts, merged
+
     def merge(self, method: TaskVectorMethod, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Stream-merge the pool with ``method`` into ``out_dir``."""
         return stream_merge(

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.checkpoints import LazyCheckpoint, ShardedWriter
 from mergelab.disentanglement import (
     FitResult,
     History,
@@ -40,6 +41,7 @@ from mergelab.outputs import atomic_save_figure, atomic_write_json, atomic_write
 
 if TYPE_CHECKING:
     from mergelab.modelpool import ModelPool
+    from mergelab.streaming import CheckpointPool
 
 #: Methods the disentangled vectors can go into (``method.merge``).
 INNER_METHODS: dict[str, type[TaskVectorMethod]] = {
@@ -54,6 +56,7 @@ INNER_METHODS: dict[str, type[TaskVectorMethod]] = {
 DEFAULT_INCLUDE = (r"(^|\.)(layer|layers|h|blocks?)\.\d+\.",)
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks?)\.(\d+)\.")
 DELTA_FILE = "delta.safetensors"
+DELTA_DIR = "delta"  # a streaming run's delta: sharded safetensors, written tensor by tensor as it is fitted
 
 # Fitted deltas of this process, so that the candidates of a coefficient grid (and AWD rows that differ only in
 # the merge method) fit once. Keyed by the pool's identity and every option that determines delta.
@@ -74,8 +77,10 @@ class AWD(TaskVectorMethod):
         include / exclude: regexes over parameter names that are disentangled; ``matrices_only`` keeps only
             2-D weights. Default: the weight matrices of the transformer blocks (no biases, norms, embeddings).
         mode: ``whole`` (one fit over every tensor) or ``per_tensor`` (one tensor's task vectors in memory at a
-            time; needs granularity ``tensor`` or ``row``; same result).
-        delta_path: a ``delta.safetensors`` saved by an earlier run: reuse it instead of fitting.
+            time; needs granularity ``tensor`` or ``row``; same result). Checkpoint (streaming) pools always fit
+            tensor by tensor and write delta to disk as it is fitted.
+        delta_path: a ``delta.safetensors`` file or ``delta/`` dir saved by an earlier run: reuse it instead of
+            fitting.
         score_single_task: also score each theta_0 + tau_t - delta alone on its task (single-task retention).
         trainer: extra Lightning Trainer arguments for the fit (e.g. ``enable_checkpointing: true``).
     """
@@ -123,17 +128,21 @@ class AWD(TaskVectorMethod):
         self.fit: FitResult | None = None
         if delta_path is not None:
             path = Path(delta_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"method option 'delta_path': no file {path}")
-            self.fit = FitResult(load_file(str(path)), History(), torch.zeros(0), torch.zeros(0))
+            if path.is_dir():
+                delta: Mapping[str, Tensor] = LazyCheckpoint(path, name=f"method option 'delta_path' ({path})")
+            elif path.is_file():
+                delta = load_file(str(path))
+            else:
+                raise FileNotFoundError(f"method option 'delta_path': no file or dir {path}")
+            self.fit = FitResult(delta, History(), torch.zeros(0), torch.zeros(0))
         self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
         self._row: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- fitting
 
-    def disentangles(self, name: str, tensor: Tensor) -> bool:
+    def disentangles(self, name: str, shape: Sequence[int]) -> bool:
         """Whether ``name`` gets a delta: matched by ``include``, not by ``exclude``, 2-D if ``matrices_only``."""
-        if self.matrices_only and tensor.dim() != 2:
+        if self.matrices_only and len(shape) != 2:
             return False
         return any(p.search(name) for p in self.include) and not any(p.search(name) for p in self.exclude)
 
@@ -150,33 +159,97 @@ class AWD(TaskVectorMethod):
         )
 
     def prepare(
-        self, pool: ModelPool, trainer_kwargs: Mapping[str, Any] | None = None, loggers: Sequence[Any] = ()
+        self,
+        pool: ModelPool | CheckpointPool,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        loggers: Sequence[Any] = (),
+        work_dir: str | Path | None = None,
     ) -> None:
-        """Fit delta on the pool's task vectors (once per pool and fit options in this process)."""
+        """Fit delta on the pool's task vectors (once per pool and fit options in this process).
+
+        A :class:`~mergelab.streaming.CheckpointPool` is fitted tensor by tensor from the files, and delta is written
+        to ``work_dir/delta`` as it is fitted, so memory holds one tensor's task vectors whatever the model's size.
+        """
+        from mergelab.streaming import CheckpointPool
+
         if self.fit is not None:
             return
         key = (id(pool), self.fit_signature())
         if key in _FITS and _FITS[key][0] is pool:
             self.fit = _FITS[key][1]
             return
-        base = pool.mergeable(pool.pretrained_state())
-        load = TaskVectorLoader(DictSource(base), [DictSource(pool.mergeable(s)) for s in pool.expert_states()])
-        names = [n for n, t in base.items() if self.disentangles(n, t)]
-        self.fit = fit_delta(
-            names,
-            {n: tuple(base[n].shape) for n in names},
-            lambda n: torch.stack(load(n, None, None)),
-            self.objective,
-            self.optim,
-            {**dict(trainer_kwargs or {}), **self.trainer_options},
-            per_tensor=self.mode == "per_tensor",
-            loggers=loggers,
-        )
+        trainer_kwargs = {**dict(trainer_kwargs or {}), **self.trainer_options}
+        if isinstance(pool, CheckpointPool):
+            self.fit = self._fit_streaming(pool, trainer_kwargs, loggers, work_dir)
+        else:
+            base = pool.mergeable(pool.pretrained_state())
+            load = TaskVectorLoader(DictSource(base), [DictSource(pool.mergeable(s)) for s in pool.expert_states()])
+            names = [n for n, t in base.items() if self.disentangles(n, t.shape)]
+            self.fit = fit_delta(
+                names,
+                {n: tuple(base[n].shape) for n in names},
+                lambda n: torch.stack(load(n, None, None)),
+                self.objective,
+                self.optim,
+                trainer_kwargs,
+                per_tensor=self.mode == "per_tensor",
+                loggers=loggers,
+            )
         _FITS[key] = (pool, self.fit)
 
+    def _fit_streaming(
+        self,
+        pool: CheckpointPool,
+        trainer_kwargs: Mapping[str, Any],
+        loggers: Sequence[Any],
+        work_dir: str | Path | None,
+    ) -> FitResult:
+        """Fit tensor by tensor from the checkpoint files; delta goes to ``work_dir/delta`` (sharded safetensors)."""
+        if self.objective.granularity == "model":
+            raise ValueError(
+                "method option 'granularity=model' couples every tensor, so it needs all task vectors in memory; "
+                "a checkpoint pool fits tensor by tensor: use granularity 'row' or 'tensor'"
+            )
+        if work_dir is None:
+            raise ValueError("AWD on a checkpoint pool needs a work_dir to write delta into")
+        base, experts, merged = pool.open_checkpoints()
+        try:
+            names = [n for n in merged if self.disentangles(n, base.shape(n))]
+            if not names:
+                raise ValueError(
+                    f"method options include={[p.pattern for p in self.include]} / exclude / matrices_only select "
+                    f"no tensor of {pool.pretrained} to disentangle"
+                )
+            shapes = {n: base.shape(n) for n in names}
+            load = TaskVectorLoader(base, experts)
+            delta_dir = Path(work_dir) / DELTA_DIR
+            # The run's output dir is already guarded against overwriting; this is a fresh subdir of it.
+            writer = ShardedWriter(delta_dir, [(n, shapes[n], torch.float32) for n in names], overwrite=True)
+            try:
+                fit = fit_delta(
+                    names,
+                    shapes,
+                    lambda n: torch.stack(load(n, None, None)),
+                    self.objective,
+                    self.optim,
+                    trainer_kwargs,
+                    per_tensor=True,
+                    loggers=loggers,
+                    sink=writer.add,
+                )
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            for ck in (base, *experts):
+                ck.close()
+        fit.delta = LazyCheckpoint(delta_dir, name="AWD delta")
+        return fit
+
     @property
-    def delta(self) -> dict[str, Tensor]:
-        """The learned redundant vector (parameter name -> tensor)."""
+    def delta(self) -> Mapping[str, Tensor]:
+        """The learned redundant vector (parameter name -> tensor; read from disk after a streaming fit)."""
         if self.fit is None:
             raise RuntimeError("AWD: delta is not fitted yet; call prepare(pool) first")
         return self.fit.delta
@@ -190,15 +263,16 @@ class AWD(TaskVectorMethod):
 
     def disentangle(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         """tau_t - delta for one row block (blocks of a tensor arrive in row order, starting at chunk 0)."""
-        d = self.delta.get(name)
-        if d is None:
+        delta = self.delta
+        if name not in delta:
             return vectors
-        if chunk == 0 and vectors[0].shape == d.shape:  # the whole tensor
-            return [v - d for v in vectors]
-        start = 0 if chunk == 0 else self._row[name]
-        rows = vectors[0].shape[0]
-        self._row[name] = start + rows
-        return [v - d[start : start + rows] for v in vectors]
+        if vectors[0].dim() == 0:
+            d = delta[name]
+        else:
+            start = 0 if chunk == 0 else self._row[name]
+            stop = self._row[name] = start + vectors[0].shape[0]
+            d = delta.get_rows(name, start, stop) if isinstance(delta, LazyCheckpoint) else delta[name][start:stop]
+        return [v - d for v in vectors]
 
     def begin(self, names: Sequence[str]) -> None:
         self._row = {}
@@ -218,10 +292,9 @@ class AWD(TaskVectorMethod):
         if not self.score_single_task:
             return {}
         out = {}
+        delta = self.delta
         for task, state in zip(pool.tasks, pool.expert_states(), strict=True):
-            out[task] = {
-                n: (v.to(torch.float32) - self.delta[n]).to(v.dtype) if n in self.delta else v for n, v in state.items()
-            }
+            out[task] = {n: (v.to(torch.float32) - delta[n]).to(v.dtype) if n in delta else v for n, v in state.items()}
         return out
 
     # ------------------------------------------------------------------------------------------- reports
@@ -238,7 +311,7 @@ class AWD(TaskVectorMethod):
                 "L_R_end": h.L_R[-1],
                 "mean_abs_cos_before": float(mean_abs_cos(self.fit.gram_before)),
                 "mean_abs_cos_after": float(mean_abs_cos(self.fit.gram_after)),
-                "delta_norm": float(torch.linalg.vector_norm(torch.stack([d.norm() for d in self.delta.values()]))),
+                "delta_norm": float(sum(float(self.delta[n].double().pow(2).sum()) for n in self.delta) ** 0.5),
             }
         )
         return out
@@ -246,19 +319,20 @@ class AWD(TaskVectorMethod):
     def delta_norms_per_layer(self) -> dict[int, float]:
         """L2 norm of delta over each transformer block's parameters."""
         sq: dict[int, float] = {}
-        for name, d in self.delta.items():
+        for name in self.delta:
             m = LAYER_INDEX.search(name)
             if m is not None:
-                sq[int(m.group(1))] = sq.get(int(m.group(1)), 0.0) + float(d.double().pow(2).sum())
+                sq[int(m.group(1))] = sq.get(int(m.group(1)), 0.0) + float(self.delta[name].double().pow(2).sum())
         return {k: v**0.5 for k, v in sorted(sq.items())}
 
     def save_artifacts(self, out_dir: str | Path) -> None:
         """delta (reloadable with ``delta_path``), the per-step losses, a summary and the plots."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{DELTA_FILE}.tmp"
-        save_file({n: d.contiguous() for n, d in self.delta.items()}, str(tmp))
-        tmp.replace(out / DELTA_FILE)
+        if not isinstance(self.delta, LazyCheckpoint):  # a streaming fit wrote it to out_dir/delta already
+            tmp = out / f".{DELTA_FILE}.tmp"
+            save_file({n: d.contiguous() for n, d in self.delta.items()}, str(tmp))
+            tmp.replace(out / DELTA_FILE)
         assert self.fit is not None
         if not self.fit.history.L_O:  # delta loaded from delta_path: nothing was fitted here
             return

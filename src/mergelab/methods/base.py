@@ -35,8 +35,18 @@ class MergeMethod(ABC):
         """Scalars the method computed and wants logged (e.g. per-task coefficients)."""
         return {}
 
-    def prepare(self, pool: Any, trainer_kwargs: Mapping[str, Any] | None = None, loggers: Sequence[Any] = ()) -> None:
-        """Work that needs the run's Lightning trainer settings before merging (AWD's fit); none by default."""
+    def prepare(
+        self,
+        pool: Any,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        loggers: Sequence[Any] = (),
+        work_dir: str | Path | None = None,
+    ) -> None:
+        """Work that needs the run's Lightning trainer settings before merging (AWD's fit); none by default.
+
+        ``work_dir``: where the method may write what it learns when that is too large for memory (streaming runs
+        pass the method's artifacts dir).
+        """
         return None
 
     def single_task_states(self, pool: Any) -> dict[str, tv.StateDict]:
