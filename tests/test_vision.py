@@ -38,8 +38,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from mergelab import vision
 from mergelab.callbacks import MergeCallback
 from mergelab.methods import TaskArithmetic
+from mergelab.paper_report import load_table
 from mergelab.paper_report import main as report_main
-from mergelab.run import run
+from mergelab.run import build, run
 from mergelab.vision import CLIPVisionPool, ZeroShotImageSuite
 from tests.conftest import make_cfg
 
@@ -394,6 +395,7 @@ def bert_dir(root: Path) -> str:
             "column",
             r"task 'svhn' \(.*data_svhn.*tasks\.yaml\): image_column 'img' is not a column .* columns: \['image'",
         ),
+        ("not_images", r"task 'mnist' .*: image_column 'id' holds Value.*int64.*not images"),
         ("classnames", r"task 'mnist' .*: classnames has 2 names but label_column 'label' has 3 classes"),
         ("label_type", r"task 'svhn' .*: label_column 'image' holds Image.*not integer class ids"),
         ("no_names", r"task 'svhn' .*: label_column 'id' is Value.*not a ClassLabel with names: set 'classnames'"),
@@ -409,6 +411,7 @@ def test_bad_input_names_the_key_and_file(assets: SimpleNamespace, tmp_path: Pat
     suite, experts, extra = assets.suite, dict(assets.experts), []
     changes = {
         "column": {"svhn": {"image_column": "img"}},
+        "not_images": {"mnist": {"image_column": "id"}},
         "classnames": {"mnist": {"classnames": ["zero", "one"]}},
         "label_type": {"svhn": {"label_column": "image"}},
         "no_names": {"svhn": {"label_column": "id"}},
@@ -502,3 +505,51 @@ def test_awd_table_preset_runs_and_reports_next_to_the_paper(assets: SimpleNames
     assert cells[4] == f"{ours['svhn']:.1f} / 85.1" and cells[6] == f"{ours['mnist']:.1f} / 98.1"
     assert cells[0].startswith("—")
     assert "TIES-Merging" in lines and "Task Arithmetic" in lines and "Weight Averaging" in lines
+
+
+# ------------------------------------------------------------------------------------------ shipped configs
+
+CLIP8 = {
+    "sun397": "tanganke/sun397",
+    "stanford_cars": "tanganke/stanford_cars",
+    "resisc45": "tanganke/resisc45",
+    "eurosat": "tanganke/eurosat",
+    "svhn": "tanganke/svhn",
+    "gtsrb": "tanganke/gtsrb",
+    "mnist": "ylecun/mnist",
+    "dtd": "tanganke/dtd",
+}
+
+
+@pytest.mark.parametrize(("experiment", "model"), [("awd_vit_b32", "base-patch32"), ("awd_vit_l14", "large-patch14")])
+def test_shipped_presets_name_the_papers_models_datasets_and_columns(
+    tmp_path: Path, experiment: str, model: str
+) -> None:
+    """Config only (nothing is downloaded): the suite parses, the pool covers it, the paper table has its tasks."""
+    cfg = make_cfg(tmp_path, [f"experiment={experiment}"], tiny=False)
+    suite = build(cfg.eval)
+    assert isinstance(suite, ZeroShotImageSuite) and suite.task_names == list(CLIP8)
+    assert {t: info.dataset for t, info in suite.tasks.items()} == CLIP8
+    for info in suite.tasks.values():
+        assert not info.local and info.image_column == "image" and info.label_column == "label"
+        assert info.splits == {"validation": "train[-10%:]", "test": "test"} and info.templates
+    assert cfg.model.pretrained == f"openai/clip-vit-{model}"
+    assert dict(cfg.model.experts) == {t: f"tanganke/clip-vit-{model}_{t.replace('_', '-')}" for t in CLIP8}
+    table = load_table(experiment)
+    columns = [{t.name.lower(), *t.aliases} for t in table.tasks]
+    assert [next(t for t in CLIP8 if t in names) for names in columns] == list(CLIP8)  # every column, paper order
+    methods = cfg.table.methods
+    assert list(methods) == ["weight_averaging", "task_arithmetic", "ties", "awd_ta", "awd_ties"]
+    assert methods.awd_ta.merge == "task_arithmetic" and methods.awd_ties.merge == "ties"
+    assert methods.task_arithmetic.grid.scaling == pytest.approx([0.05 * i for i in range(1, 21)])
+    assert methods.ties.grid.scaling == pytest.approx([0.1 * i for i in range(1, 11)]) and methods.ties.k == 20
+
+
+def test_loader_workers_give_the_same_batches(assets: SimpleNamespace) -> None:
+    batches = []
+    for workers in (0, 1):
+        suite = ZeroShotImageSuite("local", str(assets.suite), TASKS, batch_size=5, num_workers=workers)
+        batches.append(list(suite.eval_loader("svhn", "test", assets.processor)))
+    assert len(batches[0]) == 3
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])

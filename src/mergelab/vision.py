@@ -168,6 +168,21 @@ def dir_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+class ImageCollator:
+    """Rows of a dataset -> ``pixel_values`` (images in RGB through the image processor) and ``labels``.
+
+    A class rather than a closure so that DataLoader workers can receive it under any start method.
+    """
+
+    def __init__(self, processor: Any, image_column: str, label_column: str) -> None:
+        self.processor, self.image_column, self.label_column = processor, image_column, label_column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [r[self.image_column].convert("RGB") for r in rows]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.tensor([int(r[self.label_column]) for r in rows])}
+
+
 class ZeroShotImageSuite:
     """Image-classification tasks scored with zero-shot heads, read through ``datasets``.
 
@@ -307,14 +322,13 @@ class ZeroShotImageSuite:
     def eval_loader(self, task: str, split: str, processor: Any) -> DataLoader:
         """Batches of ``pixel_values`` (the model's image processor, images converted to RGB) and ``labels``."""
         info = self.tasks[task]
-        ds = self.eval_dataset(task, split)
-
-        def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            images = [r[info.image_column].convert("RGB") for r in rows]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-            return {"pixel_values": pixels, "labels": torch.tensor([int(r[info.label_column]) for r in rows])}
-
-        return DataLoader(ds, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)  # type: ignore[arg-type]
+        collate = ImageCollator(processor, info.image_column, info.label_column)
+        return DataLoader(
+            self.eval_dataset(task, split),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     @cached_property
     def fingerprint(self) -> str:
@@ -540,7 +554,8 @@ class CLIPVisionPool(MergePool):
         if state is not None:
             backbone.load_state_dict(dict(state), strict=False)
         heads = {t: self.heads[t] for t in (tasks or self.tasks)}
-        return ZeroShotClassifier(backbone.eval(), self.clip.visual_projection, heads)
+        # The projection is copied too: Lightning moves each scored module to its device, and the pool's CLIP stays.
+        return ZeroShotClassifier(backbone.eval(), copy.deepcopy(self.clip.visual_projection), heads)
 
     def evaluate(
         self,
@@ -561,8 +576,8 @@ class CLIPVisionPool(MergePool):
         pre = model_fingerprint(self.pretrained_path)
         if task is None:
             return {"model": pre, "heads": [self.head_dirs[t].name for t in self.tasks]}
-        return {"model": model_fingerprint(self.resolved[task]), "task": task, "pretrained": pre,
-                "heads": self.head_dirs[task].name}  # fmt: skip
+        expert = model_fingerprint(self.resolved[task])
+        return {"model": expert, "task": task, "pretrained": pre, "heads": self.head_dirs[task].name}
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write a ``CLIPModel`` dir with the merged vision tower, plus tokenizer, processor and heads, atomically."""
