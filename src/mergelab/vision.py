@@ -388,7 +388,7 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(tensors[name].shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # hashed in place, no copy
     return h.hexdigest()[:16]
 
 
