@@ -1,0 +1,598 @@
+"""CLIP vision merging: a pool of CLIP vision towers scored with frozen zero-shot heads, and the image suites.
+
+:class:`CLIPVisionPool` holds a pretrained ``CLIPModel`` and one expert vision tower per task (a ``CLIPModel`` or a
+``CLIPVisionModel`` checkpoint, as tanganke's fine-tuned CLIP experts are). Only the vision tower is merged; the text
+tower, the projections and the logit scale always come from the pretrained model.
+
+Each task is classified by a frozen zero-shot head built from the pretrained text encoder (:func:`zero_shot_head`):
+for every class, the prompt templates are filled with the class name, each prompt's text embedding is L2-normalised,
+the embeddings are averaged over templates and normalised again; the head is these class embeddings times CLIP's
+logit scale (``exp(logit_scale)``), so logits are ``exp(logit_scale) * cos(image embedding, class embedding)`` as in
+CLIP itself (the scale does not change the argmax, only the logits' temperature). Heads are computed once per
+(text tower weights, prompt token ids, class names, templates) and cached as safetensors under
+``<cache_dir>/heads/``.
+
+:class:`ZeroShotImageSuite` is data + YAML: a ``tasks.yaml`` whose entries name a dataset that ``datasets.load_dataset``
+reads (a hub name or a local dir), the split expression behind each suite split, the image and label columns, the
+prompt templates and optionally the class names (default: the label column's ``ClassLabel`` names).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
+
+from mergelab import task_vectors as tv
+from mergelab.checkpoints import looks_local
+from mergelab.evaluation import run_test
+from mergelab.experts import cached_build, model_fingerprint
+from mergelab.generative import template_fields
+from mergelab.interfaces import MergePool, Scores
+from mergelab.modelpool import checkpoint_location, load_model
+from mergelab.outputs import atomic_write_json, move_dir_into_place
+from mergelab.suite import SPLITS, check_eval_options, subsample
+
+log = logging.getLogger(__name__)
+
+# Bump when the way heads are computed changes, so stale cache entries are not reused.
+HEADS_FORMAT = 1
+HEADS_FILE = "heads.safetensors"
+MERGED_HEADS_FILE = "zero_shot_heads.safetensors"
+MERGED_HEADS_META = "zero_shot_heads.json"
+CLIP_TYPES = ("clip", "clip_vision_model")  # what an expert's config.json may declare
+TASK_KEYS = ("dataset", "config", "revision", "splits", "image_column", "label_column", "templates", "classnames")
+DOC_KEYS = ("description", "source", "license")
+DEFAULT_SPLITS = {"validation": "validation", "test": "test"}
+
+
+# ------------------------------------------------------------------------------------------------ the suite
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """How one task's images are read and its classes named (one ``tasks.yaml`` entry)."""
+
+    name: str
+    dataset: str  # hub name, or a local dir (absolute, or resolved against the suite dir)
+    config: str | None
+    revision: str | None
+    splits: dict[str, str]  # suite split -> ``datasets`` split expression (e.g. "train[-10%:]")
+    image_column: str
+    label_column: str
+    templates: list[str]
+    classnames: list[str] | None
+    description: str = ""
+    local: bool = field(default=False)
+
+    def spec(self) -> dict[str, Any]:
+        """What determines the images, labels and heads (for cache keys)."""
+        return {k: v for k, v in asdict(self).items() if k != "description"}
+
+
+def parse_image_task(name: str, entry: Any, suite_dir: Path, where: Path) -> ImageTask:
+    """Check one ``tasks.yaml`` entry and build its :class:`ImageTask`; errors name the file, task and key."""
+    at = f"{where}: task '{name}'"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{at} must be a mapping of keys, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - {*TASK_KEYS, *DOC_KEYS})
+    if unknown:
+        raise ValueError(f"{at}: unknown key(s) {unknown}; known: {[*TASK_KEYS, *DOC_KEYS]}")
+    for key in ("dataset", "templates"):
+        if key not in entry:
+            raise ValueError(f"{at} has no '{key}' (required: dataset, templates)")
+    dataset = entry["dataset"]
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(f"{at}: dataset must be a hub name or a dir, got {dataset!r}")
+    local = looks_local(dataset) or (suite_dir / dataset).exists()
+    if local:
+        path = Path(dataset).expanduser()
+        path = path if path.is_absolute() else suite_dir / path
+        if not path.exists():
+            raise FileNotFoundError(f"{at}: dataset dir '{dataset}' does not exist ({path})")
+        dataset = str(path)
+    splits = entry.get("splits", DEFAULT_SPLITS)
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError(f"{at}: splits must map suite splits {list(SPLITS)} to dataset splits, got {splits!r}")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not all(isinstance(v, str) and v for v in splits.values()):
+        raise ValueError(f"{at}: splits must map some of {list(SPLITS)} to split names, got {dict(splits)!r}")
+    columns = {}
+    for key in ("image_column", "label_column"):
+        value = entry.get(key, key.split("_")[0])
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{at}: {key} must be a column name, got {value!r}")
+        columns[key] = value
+    templates = entry["templates"]
+    if not isinstance(templates, list) or not templates:
+        raise ValueError(f"{at}: templates must be a non-empty list of strings with '{{classname}}'")
+    for t in templates:
+        try:
+            fields = template_fields(t) if isinstance(t, str) else None
+        except ValueError as e:
+            raise ValueError(f"{at}: template {t!r} is not a valid template ({e})") from e
+        if fields != ["classname"]:
+            raise ValueError(f"{at}: each template must use '{{classname}}' once and no other field, got {t!r}")
+    classnames = entry.get("classnames")
+    if classnames is not None and (
+        not isinstance(classnames, list) or not classnames or not all(isinstance(c, str) and c for c in classnames)
+    ):
+        raise ValueError(f"{at}: classnames must be null or a non-empty list of strings, got {classnames!r}")
+    for key in ("config", "revision"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise ValueError(f"{at}: {key} must be a string or null, got {entry[key]!r}")
+    return ImageTask(
+        name=name,
+        dataset=dataset,
+        config=entry.get("config"),
+        revision=entry.get("revision"),
+        splits={str(k): str(v) for k, v in splits.items()},
+        image_column=columns["image_column"],
+        label_column=columns["label_column"],
+        templates=list(templates),
+        classnames=list(classnames) if classnames is not None else None,
+        description=str(entry.get("description", "")),
+        local=local,
+    )
+
+
+def dir_fingerprint(path: str | Path) -> str:
+    """Identity of a local dataset dir: every file's relative path, size and mtime (no reading of the images)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class ImageCollator:
+    """Rows of a dataset -> ``pixel_values`` (images in RGB through the image processor) and ``labels``.
+
+    A class rather than a closure so that DataLoader workers can receive it under any start method.
+    """
+
+    def __init__(self, processor: Any, image_column: str, label_column: str) -> None:
+        self.processor, self.image_column, self.label_column = processor, image_column, label_column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [r[self.image_column].convert("RGB") for r in rows]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.tensor([int(r[self.label_column]) for r in rows])}
+
+
+class ZeroShotImageSuite:
+    """Image-classification tasks scored with zero-shot heads, read through ``datasets``.
+
+    Args:
+        name: suite name (for reports).
+        data_dir: directory with ``tasks.yaml`` (relative dataset dirs are resolved against it).
+        tasks: the task names to use, in report order.
+        batch_size: evaluation batch size (images per batch).
+        max_length: text tokens per prompt when building heads (CLIP's context is 77).
+        max_eval_examples: evaluate on the first N examples of a seeded shuffle of each split (None = all).
+        tune_split / report_split: the suite split used to choose coefficients, and the one reported; each task's
+            ``splits`` says which dataset split (expression) stands behind them.
+        seed: seed of the evaluation subset.
+        num_workers: DataLoader workers decoding and preprocessing images.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        tasks: Sequence[str],
+        batch_size: int = 64,
+        max_length: int = 77,
+        max_eval_examples: int | None = None,
+        tune_split: str = "validation",
+        report_split: str = "test",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.task_names = list(tasks)
+        check_eval_options(batch_size, max_eval_examples, tune_split, report_split)
+        if max_length < 4:
+            raise ValueError(f"eval.max_length must be >= 4 (prompt tokens), got {max_length}")
+        if num_workers < 0:
+            raise ValueError(f"eval.num_workers must be >= 0, got {num_workers}")
+        self.batch_size, self.max_length, self.num_workers = int(batch_size), int(max_length), int(num_workers)
+        self.max_eval_examples = max_eval_examples
+        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+        self.index = self.data_dir / "tasks.yaml"
+        self.tasks = self._read_tasks()
+        for t, info in self.tasks.items():
+            for key, split in (("tune_split", tune_split), ("report_split", report_split)):
+                if split not in info.splits:
+                    raise ValueError(
+                        f"suite '{name}': task '{t}' has no split for eval.{key} '{split}' "
+                        f"(its splits: {info.splits}; {self.index})"
+                    )
+        self._loaded: dict[tuple[str, str], datasets.Dataset] = {}
+
+    def _read_tasks(self) -> dict[str, ImageTask]:
+        if not self.index.is_file():
+            raise FileNotFoundError(f"suite '{self.name}': no tasks.yaml in data_dir {self.data_dir}")
+        try:
+            doc = yaml.safe_load(self.index.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"suite '{self.name}': {self.index} is not valid YAML: {e}") from e
+        meta = doc.get("tasks") if isinstance(doc, Mapping) else None
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"suite '{self.name}': {self.index} has no 'tasks:' mapping")
+        if not self.task_names:
+            raise ValueError(f"suite '{self.name}': eval.tasks is empty")
+        unknown = [t for t in self.task_names if t not in meta]
+        if unknown:
+            raise ValueError(f"suite '{self.name}': unknown task(s) {unknown}; {self.index} defines {sorted(meta)}")
+        return {t: parse_image_task(t, meta[t], self.data_dir, self.index) for t in self.task_names}
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def dataset(self, task: str, split: str) -> datasets.Dataset:
+        """The whole ``split`` of ``task`` (loaded once), checked against its ``tasks.yaml`` entry."""
+        if (task, split) in self._loaded:
+            return self._loaded[(task, split)]
+        info = self.tasks[task]
+        where = f"task '{task}' ({info.dataset}, {self.index})"
+        if split not in info.splits:
+            raise ValueError(f"{where}: no '{split}' in splits {info.splits}")
+        expr = info.splits[split]
+        try:
+            ds = datasets.load_dataset(info.dataset, info.config, split=expr, revision=info.revision)
+        except Exception as e:  # datasets raises several types for missing files, splits and hub errors
+            raise ValueError(f"{where}: cannot load split '{expr}' (splits.{split}): {type(e).__name__}: {e}") from e
+        for key in ("image_column", "label_column"):
+            column = getattr(info, key)
+            if column not in ds.column_names:
+                raise ValueError(
+                    f"{where}: {key} '{column}' is not a column of split '{expr}'; columns: {ds.column_names}"
+                )
+        if not isinstance(ds.features[info.image_column], datasets.Image):
+            raise ValueError(
+                f"{where}: image_column '{info.image_column}' holds {ds.features[info.image_column]}, not images"
+            )
+        label = ds.features[info.label_column]
+        if not isinstance(label, datasets.ClassLabel) and not (
+            isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint"))
+        ):
+            raise ValueError(f"{where}: label_column '{info.label_column}' holds {label}, not integer class ids")
+        n = len(self._classnames(info, ds, where))
+        bad = sorted({int(v) for v in ds[info.label_column] if not 0 <= int(v) < n})
+        if bad:
+            raise ValueError(f"{where}: split '{expr}' has label id(s) {bad[:10]} outside the {n} class names")
+        self._loaded[(task, split)] = ds
+        return ds
+
+    @staticmethod
+    def _classnames(info: ImageTask, ds: datasets.Dataset, where: str) -> list[str]:
+        feature = ds.features[info.label_column]
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        if info.classnames is None:
+            if names is None:
+                raise ValueError(
+                    f"{where}: label_column '{info.label_column}' is {feature}, not a ClassLabel with names: "
+                    f"set 'classnames' in tasks.yaml"
+                )
+            return names
+        if names is not None and len(info.classnames) != len(names):
+            raise ValueError(
+                f"{where}: classnames has {len(info.classnames)} names but label_column '{info.label_column}' has "
+                f"{len(names)} classes {names[:5]}{'...' if len(names) > 5 else ''}"
+            )
+        return list(info.classnames)
+
+    def classnames(self, task: str) -> list[str]:
+        """The class names of ``task`` in label order: ``classnames`` of tasks.yaml, else the ClassLabel names."""
+        info = self.tasks[task]
+        return self._classnames(info, self.dataset(task, self.report_split), f"task '{task}' ({self.index})")
+
+    def templates(self, task: str) -> list[str]:
+        """The prompt templates of ``task`` (``{classname}`` is filled with each class name)."""
+        return list(self.tasks[task].templates)
+
+    def eval_dataset(self, task: str, split: str) -> datasets.Dataset:
+        """The (possibly subsampled) split every model is scored on."""
+        return subsample(self.dataset(task, split), self.max_eval_examples, self.seed)
+
+    def eval_loader(self, task: str, split: str, processor: Any) -> DataLoader:
+        """Batches of ``pixel_values`` (the model's image processor, images converted to RGB) and ``labels``."""
+        info = self.tasks[task]
+        collate = ImageCollator(processor, info.image_column, info.label_column)
+        return DataLoader(
+            self.eval_dataset(task, split),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies what scores depend on: task specs, local data files (sizes, mtimes), subset and seed."""
+        h = hashlib.sha256()
+        for t in self.task_names:
+            info = self.tasks[t]
+            h.update(json.dumps(info.spec(), sort_keys=True).encode())
+            if info.local:
+                h.update(dir_fingerprint(info.dataset).encode())
+        h.update(f"{self.max_eval_examples}|{self.max_length}|{self.seed}".encode())
+        return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ heads
+
+
+def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every prompt, class-major: ``template.format(classname=c)`` for each class, then each template."""
+    return [t.format(classname=c) for c in classnames for t in templates]
+
+
+@torch.inference_mode()
+def text_features(clip: CLIPModel, encoded: Mapping[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """Projected text embeddings (not normalised) of already tokenised prompts, in batches."""
+    out = []
+    n = encoded["input_ids"].shape[0]
+    for i in range(0, n, batch_size):
+        batch = {k: v[i : i + batch_size] for k, v in encoded.items()}
+        out.append(clip.get_text_features(**batch).pooler_output.float())
+    return torch.cat(out)
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Prompts padded to the longest, truncated to ``max_length`` tokens."""
+    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def zero_shot_head(
+    clip: CLIPModel, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str], max_length: int = 77
+) -> torch.Tensor:
+    """The (classes x embedding) head: normalised mean over templates of normalised prompt embeddings, times scale.
+
+    The scale is CLIP's learned temperature ``exp(logit_scale)``, so ``normalised image embedding @ head.T`` are
+    CLIP's own logits.
+    """
+    encoded = tokenize_prompts(tokenizer, fill_templates(classnames, templates), max_length)
+    emb = F.normalize(text_features(clip, encoded), dim=-1)
+    emb = emb.view(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1) * clip.logit_scale.detach().float().exp()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' bytes (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensors[name].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # hashed in place, no copy
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+class ZeroShotClassifier(L.LightningModule):
+    """A CLIP vision tower (``backbone``, the merged part) with frozen zero-shot heads, one test loader per task.
+
+    logits = normalise(visual_projection(backbone(pixels).pooler_output)) @ head.T; accuracy with torchmetrics.
+    """
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, heads: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection = projection
+        self.head_names = list(heads)
+        for i, h in enumerate(heads.values()):
+            self.register_buffer(f"head_{i}", h.detach().clone(), persistent=False)
+        self.eval_tasks: list[str] = list(heads)
+        self.metrics = nn.ModuleDict()
+        self.scores: Scores = {}
+
+    def head(self, task: str) -> torch.Tensor:
+        """The (classes x embedding) head of ``task``."""
+        return getattr(self, f"head_{self.head_names.index(task)}")
+
+    def forward(self, task: str, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = self.projection(self.backbone(pixel_values=pixel_values).pooler_output)
+        return F.normalize(feats.float(), dim=-1) @ self.head(task).T
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics = nn.ModuleDict(
+            {t: MulticlassAccuracy(self.head(t).shape[0], average="micro") for t in self.eval_tasks}
+        ).to(self.device)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.eval_tasks[dataloader_idx]
+        self.metrics[task].update(self(task, batch["pixel_values"]).argmax(-1), batch["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        self.scores = {t: {"acc": float(m.compute())} for t, m in self.metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the pool
+
+
+class CLIPVisionPool(MergePool):
+    """A pretrained CLIP model and one fine-tuned vision tower per task; only the vision tower is merged.
+
+    Args:
+        pretrained: hub id or local dir of a ``CLIPModel`` (both towers: the heads need its text encoder).
+        experts: task -> hub id or local dir of a ``CLIPModel`` or ``CLIPVisionModel`` fine-tuned on that task; only
+            its vision tower is read.
+        exclude: regexes of vision-tower parameter names kept pretrained instead of merged.
+        cache_dir: where zero-shot heads and cached reference scores live.
+        trust_remote_code: passed to transformers; off unless the user turns it on.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        experts: Mapping[str, str | None] | None = None,
+        exclude: Sequence[str] = (),
+        cache_dir: str = "~/.cache/mergelab",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(exclude, cache_dir, trust_remote_code)
+        self.source = str(pretrained)
+        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
+        self.heads: dict[str, torch.Tensor] = {}
+        self.head_dirs: dict[str, Path] = {}
+
+    def _config_type(self, name: str, path: str) -> str:
+        try:
+            return str(AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code).model_type)
+        except Exception as e:  # transformers raises several types for unreadable/unreachable configs
+            raise OSError(f"model pool: cannot read the config of {name} at '{path}': {type(e).__name__}: {e}") from e
+
+    def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
+        """Load the pretrained CLIP and the experts' vision towers, check they fit, build (or load) the heads."""
+        if not isinstance(suite, ZeroShotImageSuite):
+            raise ValueError(
+                f"model pool CLIPVisionPool scores zero-shot image suites (e.g. eval=clip8); eval '{suite.name}' is a "
+                f"{type(suite).__name__}"
+            )
+        paths = self.task_paths(self.expert_paths, suite.task_names)
+        missing = [t for t in self.tasks if not paths[t]]
+        if missing:
+            raise ValueError(f"model pool CLIPVisionPool builds no experts: set model.experts for {missing}")
+        self.suite = suite
+        transformers.logging.set_verbosity_error()  # the text weights a vision-only load skips are expected
+        self.pretrained_path = checkpoint_location("pretrained model", self.source)
+        kind = self._config_type("pretrained model", self.pretrained_path)
+        if kind != "clip":
+            raise ValueError(
+                f"model pool: pretrained model '{self.source}' is a '{kind}' checkpoint; CLIPVisionPool needs a "
+                f"CLIPModel ('clip'), whose text encoder builds the zero-shot heads"
+            )
+        self.clip: CLIPModel = load_model(CLIPModel, "pretrained model", self.pretrained_path, self.trust_remote_code)
+        self.model_type = "clip_vision_model"
+        self.processor = AutoImageProcessor.from_pretrained(
+            self.pretrained_path, trust_remote_code=self.trust_remote_code
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained_path, trust_remote_code=self.trust_remote_code)
+        base = self.pretrained_state()
+        tv.check_finite(base, f"pretrained model '{self.source}'")
+        for task in self.tasks:
+            path = checkpoint_location(f"expert '{task}'", str(paths[task]))
+            where = f"expert '{task}' ({path})"
+            kind = self._config_type(f"expert '{task}'", path)
+            if kind not in CLIP_TYPES:
+                raise ValueError(
+                    f"{where}: architecture '{kind}' is not a CLIP vision tower (config types {CLIP_TYPES})"
+                )
+            vision = load_model(CLIPVisionModel, f"expert '{task}'", path, self.trust_remote_code)
+            state = {k: v.detach() for k, v in vision.state_dict().items()}
+            tv.check_finite(state, where)
+            self.add_expert(task, path, where, base, state)
+        self.build_heads(suite)
+
+    def build_heads(self, suite: ZeroShotImageSuite) -> None:
+        """Each task's zero-shot head from the pretrained text tower, loaded from the cache or computed once."""
+        text = {k: v for k, v in self.clip.state_dict().items() if not k.startswith(("vision_model.", "visual_"))}
+        text_id = tensors_digest(text)
+        max_length = min(suite.max_length, int(self.clip.config.text_config.max_position_embeddings))
+        for task in tqdm(self.tasks, desc="zero-shot heads", leave=False):
+            classnames, templates = suite.classnames(task), suite.templates(task)
+            encoded = tokenize_prompts(self.tokenizer, fill_templates(classnames, templates), max_length)
+            spec = {
+                "format": HEADS_FORMAT,
+                "text_tower": text_id,
+                "prompt_tokens": tensors_digest(encoded),
+                "classnames": classnames,
+                "templates": templates,
+            }
+
+            def build(
+                tmp: Path, classnames: list[str] = classnames, templates: list[str] = templates
+            ) -> dict[str, Any]:
+                start = time.perf_counter()
+                head = zero_shot_head(self.clip, self.tokenizer, classnames, templates, max_length)
+                save_file({"head": head.contiguous()}, str(tmp / HEADS_FILE))
+                return {
+                    "pretrained": self.source,
+                    "classes": len(classnames),
+                    "templates": len(templates),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+
+            self.head_dirs[task] = cached_build(self.cache_dir / "heads", task, spec, build)
+            self.heads[task] = load_file(str(self.head_dirs[task] / HEADS_FILE))["head"]
+
+    def pretrained_state(self) -> tv.StateDict:
+        """The pretrained vision tower's weights (keys as ``CLIPVisionModel`` names them)."""
+        return {k: v.detach() for k, v in self.clip.vision_model.state_dict().items()}
+
+    def model(
+        self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
+    ) -> ZeroShotClassifier:
+        """A copy of the pretrained vision tower with ``state`` loaded over it, with the heads of ``tasks``."""
+        backbone = copy.deepcopy(self.clip.vision_model)
+        if state is not None:
+            backbone.load_state_dict(dict(state), strict=False)
+        heads = {t: self.heads[t] for t in (tasks or self.tasks)}
+        # The projection is copied too: Lightning moves each scored module to its device, and the pool's CLIP stays.
+        return ZeroShotClassifier(backbone.eval(), copy.deepcopy(self.clip.visual_projection), heads)
+
+    def evaluate(
+        self,
+        model: L.LightningModule,
+        split: str,
+        trainer_kwargs: Mapping[str, Any],
+        tasks: Sequence[str] | None = None,
+        callbacks: Sequence[L.Callback] = (),
+    ) -> Scores:
+        """Zero-shot accuracy of ``model`` on ``split`` of each task (default: every task it has a head for)."""
+        assert isinstance(model, ZeroShotClassifier)
+        model.eval_tasks = list(tasks or model.head_names)
+        loaders = [self.suite.eval_loader(t, split, self.processor) for t in model.eval_tasks]
+        return run_test(model, loaders, trainer_kwargs, callbacks)
+
+    def reference_key(self, task: str | None = None) -> dict[str, Any]:
+        """The vision tower scored (pretrained or ``task``'s expert) and the heads it is scored with."""
+        pre = model_fingerprint(self.pretrained_path)
+        if task is None:
+            return {"model": pre, "heads": [self.head_dirs[t].name for t in self.tasks]}
+        expert = model_fingerprint(self.resolved[task])
+        return {"model": expert, "task": task, "pretrained": pre, "heads": self.head_dirs[task].name}
+
+    def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """Write a ``CLIPModel`` dir with the merged vision tower, plus tokenizer, processor and heads, atomically."""
+        out = Path(out_dir)
+        tmp = out.parent / f".tmp-{out.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        clip = copy.deepcopy(self.clip)
+        clip.vision_model.load_state_dict(dict(state), strict=False)
+        clip.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        save_file({t: h.contiguous() for t, h in self.heads.items()}, str(tmp / MERGED_HEADS_FILE))
+        atomic_write_json(
+            tmp / MERGED_HEADS_META,
+            {t: {"classnames": self.suite.classnames(t), "templates": self.suite.templates(t)} for t in self.tasks},
+        )
+        move_dir_into_place(tmp, out)
+        return out
