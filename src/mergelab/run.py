@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mergelab import distributed
 from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.interfaces import EvalSuite, MergePool
@@ -69,8 +70,10 @@ def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[
     path = cache_dir / "scores" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["scores"]
-    scores = compute()
-    atomic_write_json(path, {"key": dict(parts), "scores": scores})
+    scores = compute()  # under DDP every rank computes (the same scores); rank 0 writes them
+    if distributed.is_global_zero():
+        atomic_write_json(path, {"key": dict(parts), "scores": scores})
+    distributed.barrier()  # so that no rank finds the file before another has decided to compute it
     return scores
 
 
@@ -193,6 +196,8 @@ def run(cfg: DictConfig) -> float:
         "timings": timings,
         "overrides": list(cfg.get("overrides") or []),
     }
+    if not distributed.is_global_zero():
+        return objective  # rank 0 writes the results and sends them to the loggers
     title = f"{suite.name}: {report} accuracy (%)"
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.save_merged and merged_state is not None:
