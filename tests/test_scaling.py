@@ -121,6 +121,20 @@ def test_rank_zero_from_launcher_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert not distributed.is_global_zero()
 
 
+def test_multi_process_trainer_refused_in_a_local_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for devices, multi in ((1, False), (2, True), (-1, True), ([3], False), ([0, 1], True), ("0,1", True), ("2", True)):
+        assert distributed.multi_process({"devices": devices}) is multi, devices
+    assert distributed.multi_process({"devices": 1, "num_nodes": 2})
+    with pytest.raises(ValueError, match=r"devices=2 .*hydra/launcher=submitit_slurm"):
+        distributed.check_launch({"devices": 2}, multirun=True)
+    distributed.check_launch({"devices": 2}, multirun=False)  # a single run: Lightning starts the ranks
+    distributed.check_launch({"devices": 1}, multirun=True)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a SLURM job of the sweep: the ranks are SLURM's tasks
+    distributed.check_launch({"devices": 2}, multirun=True)
+
+
 def test_cached_build_is_written_by_rank_zero_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     waits = []
     monkeypatch.setattr(distributed, "initialized", lambda: True)

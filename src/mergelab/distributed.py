@@ -17,7 +17,7 @@ In one process every function here is a no-op or the identity.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -130,6 +130,38 @@ def shard_eval_loader(loader: DataLoader) -> DataLoader:
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
+
+
+def multi_process(trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether ``cfg.trainer`` asks for more than one process (several devices or nodes)."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices in ("auto", "-1"):
+            devices = -1
+        elif "," in devices:  # device ids, as in "0,1"
+            devices = len([d for d in devices.split(",") if d.strip()])
+        else:  # a count, as in "2"
+            devices = int(devices)
+    elif isinstance(devices, Sequence):
+        devices = len(devices)
+    return nodes > 1 or devices == -1 or int(devices) > 1
+
+
+def check_launch(trainer_cfg: Mapping[str, Any], multirun: bool) -> None:
+    """Refuse a multi-process trainer in a local ``-m`` sweep.
+
+    Lightning's subprocess launcher starts the other ranks by re-running the command line, which in a sweep
+    would re-run the whole sweep in each of them. Under SLURM (or torchrun) the ranks exist already and each
+    runs its job, so that is fine.
+    """
+    external = any(k in os.environ for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+    if multirun and not external and multi_process(trainer_cfg):
+        raise ValueError(
+            f"trainer: devices={trainer_cfg.get('devices')} num_nodes={trainer_cfg.get('num_nodes', 1)} in a local "
+            "-m sweep: Lightning would start each rank by re-running the whole sweep. Run the jobs one at a time, "
+            "or submit the sweep with hydra/launcher=submitit_slurm (tasks_per_node = trainer.devices)"
+        )
 
 
 def trainer_arguments(trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:

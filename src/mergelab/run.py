@@ -13,7 +13,9 @@ from typing import Any
 
 import datasets
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,6 +106,8 @@ def run(cfg: DictConfig) -> float:
     guard_output_dir(out_dir, bool(cfg.overwrite))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    distributed.check_launch(trainer_kwargs, multirun)
 
     # Everything that can be wrong with the config fails here, before models load or outputs are written.
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
