@@ -135,6 +135,13 @@ def test_multi_process_trainer_refused_in_a_local_sweep(monkeypatch: pytest.Monk
     distributed.check_launch({"devices": 2}, multirun=True)
 
 
+def test_checkpoint_pools_merge_in_one_process(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, ["experiment=metagpt_llama2_7b", "trainer=ddp_cpu"], tiny=False)
+    with pytest.raises(ValueError, match=r"devices=2 .*checkpoint pool merges in one process"):
+        run(cfg)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_cached_build_is_written_by_rank_zero_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     waits = []
     monkeypatch.setattr(distributed, "initialized", lambda: True)

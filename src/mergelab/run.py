@@ -223,6 +223,12 @@ def run_streaming(
     out_dir: Path,
 ) -> float:
     """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model`` (no evaluation here)."""
+    if distributed.multi_process(cfg.trainer):
+        raise ValueError(
+            f"trainer: devices={cfg.trainer.get('devices')} num_nodes={cfg.trainer.get('num_nodes', 1)}: a checkpoint "
+            "pool merges in one process (disk-bound streaming; AWD fits one tensor at a time); use trainer=gpu or "
+            "trainer=cpu"
+        )
     if cfg.get("eval"):
         raise ValueError(
             "model: a checkpoint (streaming) pool is merged without the text-classification suite; set eval=none"
