@@ -165,8 +165,12 @@ def check_launch(trainer_cfg: Mapping[str, Any], multirun: bool) -> None:
 
 
 def trainer_arguments(trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``cfg.trainer`` as Trainer arguments: nodes with ``_target_`` (a strategy, plugins) are instantiated.
+    """``cfg.trainer`` as Trainer arguments: values with a ``_target_`` (a strategy, a plugin) are instantiated.
 
-    Called once per Trainer, so every Trainer gets its own strategy object (they hold per-run state).
+    Called once per Trainer, so every Trainer gets its own strategy object (they hold per-run state); other
+    values are passed as they are.
     """
-    return instantiate(dict(trainer_kwargs), _convert_="all")
+    return {
+        k: instantiate(v, _convert_="all") if isinstance(v, Mapping) and "_target_" in v else v
+        for k, v in trainer_kwargs.items()
+    }
