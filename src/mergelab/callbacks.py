@@ -44,6 +44,10 @@ class MergeCallback(L.Callback):
         pl_module.backbone.load_state_dict(self.merged_state(), strict=False)
         self._loaded.add(id(pl_module))
 
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        # Before the strategy wraps the module (FSDP shards it): the full merged weights load as in one process.
+        self._apply(pl_module)
+
     def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._apply(pl_module)
 

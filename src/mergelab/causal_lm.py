@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from mergelab import task_vectors as tv
 from mergelab.checkpoints import looks_local
+from mergelab.distributed import is_filler
 from mergelab.evaluation import run_test
 from mergelab.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
 from mergelab.generative import GenerativeSuite, GenerativeTask, cut_at_stop, normalize_answer, pad_id
@@ -164,6 +165,8 @@ class GenerativeEvaluator(L.LightningModule):
         return MeanMetric() if choices is None else MulticlassAccuracy(len(choices), average="micro")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if is_filler(batch):
+            return
         name = self.eval_tasks[dataloader_idx]
         task = self.task_specs[name]
         if task.choices is None:

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mergelab.distributed import trainer_arguments
+
 GRANULARITIES = ("model", "tensor", "row")
 NORMS = ("l2", "l2_squared", "l1", "row_l2")
 OPTIMIZERS = ("sgd", "adam")
@@ -331,7 +333,10 @@ def fit_delta(
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
             "log_every_n_steps": 1,
-            **dict(trainer_kwargs),
+            **trainer_arguments(trainer_kwargs),
+            # The 'data' is a step counter: every rank runs every step on the same full loss (no sharding), and
+            # DDP averages identical gradients, so delta is the one-process delta.
+            "use_distributed_sampler": False,
         }
         if per_tensor:
             kwargs["enable_progress_bar"] = False

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from mergelab.distributed import is_filler, shard_eval_loader, trainer_arguments
 from mergelab.interfaces import Scores
 from mergelab.suite import TextClassificationSuite
 
@@ -66,6 +67,8 @@ class MultiTaskClassifier(L.LightningModule):
         return int(self.task_models[task].config.num_labels)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if is_filler(batch):
+            return
         task = self.eval_tasks[dataloader_idx]
         preds = self(task, batch).argmax(-1)
         for m in self.metrics[task].values():
@@ -100,15 +103,20 @@ def run_test(
     trainer_kwargs: Mapping[str, Any],
     callbacks: Sequence[L.Callback] = (),
 ) -> Scores:
-    """``trainer.test`` over one dataloader per task (in ``model.eval_tasks`` order); returns ``model.scores``."""
+    """``trainer.test`` over one dataloader per task (in ``model.eval_tasks`` order); returns ``model.scores``.
+
+    Under a multi-process strategy each rank scores its share of the batches (:func:`shard_eval_loader`, no
+    example repeated) and the modules' torchmetrics sum their states across ranks when computed, so every rank
+    returns the scores one process would.
+    """
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
-        **trainer_kwargs,
+        **{**trainer_arguments(trainer_kwargs), "use_distributed_sampler": False},
     )
-    trainer.test(model, dataloaders=loaders, verbose=False)
+    trainer.test(model, dataloaders=[shard_eval_loader(d) for d in loaders], verbose=False)
     return dict(model.scores)
 
 

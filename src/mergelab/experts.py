@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from mergelab import distributed
+from mergelab.distributed import trainer_arguments
 from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
 from mergelab.outputs import atomic_write_text
 from mergelab.suite import TextClassificationSuite, file_digest
@@ -119,17 +121,24 @@ def cached_build(root: Path, name: str, spec: Mapping[str, Any], build: Callable
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        # Every rank builds (a build's Trainer needs all of them), but only rank 0 keeps what it wrote.
         record = build(tmp)
         atomic_write_text(tmp / RECORD, json.dumps(record, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if distributed.initialized() and not distributed.is_global_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()  # rank 0 has renamed its build into place
+        return final
     if final.exists():  # a leftover without a record is not a finished build
         shutil.rmtree(final)
     try:
         tmp.rename(final)
     except OSError:  # another process finished the same build first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
+    if distributed.initialized():
+        distributed.barrier()
     return final
 
 
@@ -140,7 +149,7 @@ def fit(module: L.LightningModule, loader: Any, epochs: int, trainer_kwargs: Map
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        **trainer_kwargs,
+        **trainer_arguments(trainer_kwargs),
     )
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)

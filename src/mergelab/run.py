@@ -13,10 +13,13 @@ from typing import Any
 
 import datasets
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mergelab import distributed
 from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.interfaces import EvalSuite, MergePool
@@ -69,8 +72,10 @@ def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[
     path = cache_dir / "scores" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["scores"]
-    scores = compute()
-    atomic_write_json(path, {"key": dict(parts), "scores": scores})
+    scores = compute()  # under DDP every rank computes (the same scores); rank 0 writes them
+    if distributed.is_global_zero():
+        atomic_write_json(path, {"key": dict(parts), "scores": scores})
+    distributed.barrier()  # so that no rank finds the file before another has decided to compute it
     return scores
 
 
@@ -101,6 +106,8 @@ def run(cfg: DictConfig) -> float:
     guard_output_dir(out_dir, bool(cfg.overwrite))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    distributed.check_launch(trainer_kwargs, multirun)
 
     # Everything that can be wrong with the config fails here, before models load or outputs are written.
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
@@ -193,6 +200,8 @@ def run(cfg: DictConfig) -> float:
         "timings": timings,
         "overrides": list(cfg.get("overrides") or []),
     }
+    if not distributed.is_global_zero():
+        return objective  # rank 0 writes the results and sends them to the loggers
     title = f"{suite.name}: {report} accuracy (%)"
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.save_merged and merged_state is not None:
@@ -214,6 +223,12 @@ def run_streaming(
     out_dir: Path,
 ) -> float:
     """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model`` (no evaluation here)."""
+    if distributed.multi_process(cfg.trainer):
+        raise ValueError(
+            f"trainer: devices={cfg.trainer.get('devices')} num_nodes={cfg.trainer.get('num_nodes', 1)}: a checkpoint "
+            "pool merges in one process (disk-bound streaming; AWD fits one tensor at a time); use trainer=gpu or "
+            "trainer=cpu"
+        )
     if cfg.get("eval"):
         raise ValueError(
             "model: a checkpoint (streaming) pool is merged without the text-classification suite; set eval=none"
