@@ -158,8 +158,10 @@ def test_code_execution_opt_in_reaches_the_harness(tmp_path: Path, smol: tuple[A
     (tmp_path / "unsafe.yaml").write_text(
         f"include: {LOCAL_TASKS_DIR / 'mergelab_sentiment.yaml'}\ntask: unsafe_sentiment\nunsafe_code: true\n"
     )
-    with pytest.raises(ValueError, match=r"\['unsafe_sentiment'\] execute model-generated code.*allow_code"):
-        LMHarnessSuite("h", ["unsafe_sentiment"], include_path=str(tmp_path))
+    (tmp_path / "group.yaml").write_text("group: unsafe_group\ntask: [mergelab_austen_names, unsafe_sentiment]\n")
+    for task in ("unsafe_sentiment", "unsafe_group"):  # a group holding an unsafe task is refused too
+        with pytest.raises(ValueError, match=rf"\['{task}'\] execute model-generated code.*allow_code"):
+            LMHarnessSuite("h", [task], include_path=str(tmp_path))
     suite = LMHarnessSuite("h", ["unsafe_sentiment"], include_path=str(tmp_path), limit=2, allow_code_execution=True)
     old = os.environ.pop("HF_ALLOW_CODE_EVAL", None)
     try:
