@@ -30,6 +30,7 @@ from mergelab.evaluation import run_test
 from mergelab.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
 from mergelab.generative import GenerativeSuite, GenerativeTask, cut_at_stop, normalize_answer, pad_id
 from mergelab.interfaces import MergePool, Scores
+from mergelab.lm_harness import LMHarnessEvaluator, LMHarnessSuite, one_step
 from mergelab.modelpool import checkpoint_location, load_model
 from mergelab.outputs import move_dir_into_place
 from mergelab.suite import file_digest
@@ -221,6 +222,10 @@ class GenerativeEvaluator(L.LightningModule):
 class CausalLMPool(MergePool):
     """A pretrained causal LM and one expert per task of a :class:`~mergelab.generative.GenerativeSuite`.
 
+    Scored by an :class:`~mergelab.lm_harness.LMHarnessSuite` (lm-eval benchmarks), the experts are those of
+    ``experts`` (name -> checkpoint) or else one per task of ``expert_suite`` (fine-tuned on it); the lm-eval suite's
+    ``experts`` mapping says which expert each benchmark is scored against.
+
     Args:
         pretrained: hub id or local HF dir of the pretrained LM, or the dir holding ``gguf_file``.
         gguf_file: a GGUF file in ``pretrained`` to load (dequantised, converted once into the cache); null: none.
@@ -231,6 +236,8 @@ class CausalLMPool(MergePool):
             max_train_examples).
         cache_dir: where converted checkpoints, built experts and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
+        expert_suite: the generative suite experts are fine-tuned on when the evaluation suite is not generative
+            (lm-eval benchmarks have no training split to fine-tune on); ignored with a generative evaluation suite.
     """
 
     def __init__(
@@ -242,8 +249,12 @@ class CausalLMPool(MergePool):
         finetune: Mapping[str, Any] | None = None,
         cache_dir: str = "~/.cache/mergelab",
         trust_remote_code: bool = False,
+        expert_suite: GenerativeSuite | None = None,
     ) -> None:
         super().__init__(exclude, cache_dir, trust_remote_code)
+        if expert_suite is not None and not isinstance(expert_suite, GenerativeSuite):
+            raise ValueError(f"model.expert_suite must be a generative suite, got {type(expert_suite).__name__}")
+        self.expert_suite = expert_suite
         self.source, self.gguf_file = str(pretrained), gguf_file
         self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
         self.finetune = dict(finetune or {})
@@ -253,12 +264,15 @@ class CausalLMPool(MergePool):
 
     def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
         """Convert/load the pretrained LM, build missing experts, load them and check they fit together."""
-        if not isinstance(suite, GenerativeSuite):
+        if isinstance(suite, LMHarnessSuite):
+            train_suite, paths = self.harness_experts(suite)
+        elif isinstance(suite, GenerativeSuite):
+            train_suite, paths = suite, self.task_paths(self.expert_paths, suite.task_names)
+        else:
             raise ValueError(
-                f"model pool CausalLMPool scores generative suites (e.g. eval=generative); eval '{suite.name}' is a "
-                f"{type(suite).__name__}"
+                f"model pool CausalLMPool scores generative suites (e.g. eval=generative) and lm-eval suites "
+                f"(eval=lm_harness); eval '{suite.name}' is a {type(suite).__name__}"
             )
-        paths = self.task_paths(self.expert_paths, suite.task_names)
         self.suite = suite
         transformers.logging.set_verbosity_error()
         if self.gguf_file:
@@ -279,11 +293,16 @@ class CausalLMPool(MergePool):
             if path is None:
                 if not self.finetune:
                     raise ValueError(f"model pool: expert '{task}' has no path and model.finetune is empty")
+                if train_suite is None or task not in train_suite.tasks:
+                    raise ValueError(
+                        f"model pool: expert '{task}' has no path and model.expert_suite has no task '{task}' to "
+                        "fine-tune it on"
+                    )
                 path = str(
                     build_causal_expert(
                         self.pretrained_path,
                         self.pretrained_id,
-                        suite,
+                        train_suite,
                         task,
                         self.finetune,
                         self.cache_dir,
@@ -298,17 +317,43 @@ class CausalLMPool(MergePool):
             tv.check_finite(state, where)
             self.add_expert(task, path, where, base, state)
 
+    def harness_experts(self, suite: LMHarnessSuite) -> tuple[GenerativeSuite | None, dict[str, str | None]]:
+        """Experts for lm-eval benchmarks: ``model.experts`` (name -> checkpoint) or one per ``model.expert_suite``
+        task; each benchmark is matched with ``eval.experts[task]`` (default: the expert of its own name)."""
+        if self.expert_paths is not None:
+            paths: dict[str, str | None] = dict(self.expert_paths)
+        elif self.expert_suite is not None:
+            paths = dict.fromkeys(self.expert_suite.task_names)
+        else:
+            raise ValueError(
+                f"eval '{suite.name}' (lm-eval) has no training data to fine-tune experts on: set model.experts "
+                "(expert name -> checkpoint dir) or model.expert_suite (a generative suite, e.g. the smollm2 pool's)"
+            )
+        if not paths:
+            raise ValueError("model.experts is empty")
+        self.tasks = list(paths)
+        self.expert_of = {t: suite.experts.get(t, t) for t in suite.task_names}
+        for task, expert in self.expert_of.items():
+            if expert not in paths:
+                raise ValueError(
+                    f"eval '{suite.name}': task '{task}' is scored against expert '{expert}' (eval.experts), but the "
+                    f"pool's experts are {self.tasks}; set eval.experts.{task}=<one of them>"
+                )
+        return self.expert_suite, paths
+
     def pretrained_state(self) -> tv.StateDict:
         """The pretrained LM's weights (tied aliases once)."""
         return untied_state(self._pretrained)
 
     def model(
         self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
-    ) -> GenerativeEvaluator:
+    ) -> GenerativeEvaluator | LMHarnessEvaluator:
         """A copy of the pretrained LM with ``state`` loaded over it, scoring ``tasks`` (default: all)."""
         lm = copy.deepcopy(self._pretrained)
         if state is not None:
             lm.load_state_dict(dict(state), strict=False)
+        if isinstance(self.suite, LMHarnessSuite):
+            return LMHarnessEvaluator(lm.eval(), self.suite, self.tokenizer, tasks)
         specs = {t: self.suite.tasks[t] for t in (tasks or self.tasks)}
         return GenerativeEvaluator(lm.eval(), specs, self.tokenizer)
 
@@ -320,7 +365,13 @@ class CausalLMPool(MergePool):
         tasks: Sequence[str] | None = None,
         callbacks: Sequence[L.Callback] = (),
     ) -> Scores:
-        """Exact-match / choice accuracy of ``model`` on ``split`` of each task (default: all it scores)."""
+        """Exact-match / choice accuracy of ``model`` on ``split`` of each task (default: all it scores).
+
+        lm-eval suites score each task on the harness's own split (``split`` is the suite's only one).
+        """
+        if isinstance(model, LMHarnessEvaluator):
+            model.eval_tasks = list(tasks or model.eval_tasks)
+            return run_test(model, [one_step()], trainer_kwargs, callbacks)
         assert isinstance(model, GenerativeEvaluator)
         model.eval_tasks = list(tasks or model.task_specs)
         loaders = [self.suite.eval_loader(t, split, self.tokenizer) for t in model.eval_tasks]

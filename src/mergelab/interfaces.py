@@ -59,6 +59,9 @@ class MergePool(ABC):
         self.model_type = ""
         #: task -> the expert's checkpoint (as given, or the dir it was built into); set by :meth:`setup`.
         self.resolved: dict[str, str] = {}
+        #: suite task (a table column) -> the expert it is scored against; the identity unless a suite scores
+        #: other tasks than the experts' (lm-eval benchmarks); set by :meth:`setup`.
+        self.expert_of: dict[str, str] = {}
         self._expert_states: dict[str, tv.StateDict] = {}
 
     @abstractmethod
@@ -72,7 +75,12 @@ class MergePool(ABC):
         if missing:
             raise ValueError(f"model pool has no expert for suite task(s) {missing}; experts: {sorted(paths)}")
         self.tasks = list(task_names)
+        self.expert_of = {t: t for t in task_names}
         return paths
+
+    def columns_of(self, task: str) -> list[str]:
+        """The suite tasks ``task``'s expert is the reference of (itself, unless :attr:`expert_of` says otherwise)."""
+        return [c for c, e in self.expert_of.items() if e == task]
 
     def check_architecture(self, where: str, model_type: str) -> None:
         """An expert must be the pretrained model's architecture (``self.model_type``)."""
@@ -115,8 +123,8 @@ class MergePool(ABC):
         """
 
     def expert_model(self, task: str) -> L.LightningModule:
-        """The expert of ``task`` alone, scoring its own task."""
-        return self.model(self._expert_states[task], [task])
+        """The expert of ``task`` alone, scoring the suite tasks it is the reference of."""
+        return self.model(self._expert_states[task], self.columns_of(task))
 
     @abstractmethod
     def evaluate(

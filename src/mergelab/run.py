@@ -23,6 +23,7 @@ from mergelab import distributed
 from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.interfaces import EvalSuite, MergePool
+from mergelab.lm_harness import LMHarnessSuite
 from mergelab.loggers import log_run, send
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
@@ -81,7 +82,8 @@ def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[
 
 def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One table row: per-task scores, the average of each metric and the normalized accuracy against the experts."""
-    metrics = list(dict.fromkeys(m for s in scores.values() for m in s))  # acc first, then the suite's others
+    # acc first, then the suite's others (those every task has: lm-eval's differ from task to task)
+    metrics = [m for m in dict.fromkeys(m for s in scores.values() for m in s) if all(m in s for s in scores.values())]
     out: dict[str, Any] = {"scores": scores, **{f"avg_{m}": ev.average(scores, m) for m in metrics}}
     if reference is not None:
         norm = ev.normalized(scores, reference)
@@ -137,13 +139,21 @@ def run(cfg: DictConfig) -> float:
     pre_scores = cached_scores(
         pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score(pool.model(), report)
     )
+    # Each expert is scored on the suite tasks it is the reference of (its own task, unless the suite's tasks are
+    # benchmarks matched with experts, as lm-eval's are).
+    columns = list(pool.expert_of)
     expert_scores: ev.Scores = {}
     for t in pool.tasks:
-        expert_scores[t] = cached_scores(
-            pool.cache_dir,
-            {**base_key, **pool.reference_key(t)},
-            lambda t=t: score(pool.expert_model(t), report, [t]),
-        )[t]
+        own = pool.columns_of(t)
+        if own:
+            expert_scores.update(
+                cached_scores(
+                    pool.cache_dir,
+                    {**base_key, **pool.reference_key(t), **({} if own == [t] else {"columns": own})},
+                    lambda t=t, own=own: score(pool.expert_model(t), report, own),
+                )
+            )
+    expert_scores = {c: expert_scores[c] for c in columns}
     rows: dict[str, dict[str, Any]] = {
         "pretrained": row(pre_scores, expert_scores),
         "experts": row(expert_scores, expert_scores),
@@ -172,7 +182,12 @@ def run(cfg: DictConfig) -> float:
         assert best is not None
         val, params, merge, model = best
         test_scores = score(model, report, merge=merge)
-        objective = ev.average(score(model, tune_split, merge=merge)) if len(cands) == 1 else val
+        if len(cands) > 1:
+            objective = val
+        elif tune_split == report:  # one split only (lm-eval's): no second evaluation
+            objective = ev.average(test_scores)
+        else:
+            objective = ev.average(score(model, tune_split, merge=merge))
         method, state = merge.method, merge.merged_state()
         rows[name] = row(test_scores, expert_scores, params)
         rows[name][f"{tune_split}_avg_acc"] = objective
@@ -182,8 +197,15 @@ def run(cfg: DictConfig) -> float:
             rows[name]["method_report"] = method.report()
         single = method.single_task_states(pool)
         if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
+            own = {t: pool.columns_of(t) for t in single}
             rows[f"{name} (single-task)"] = row(
-                {t: score(pool.model(s, [t]), report, [t])[t] for t, s in single.items()}, expert_scores
+                {
+                    c: v
+                    for t, s in single.items()
+                    if own[t]
+                    for c, v in score(pool.model(s, own[t]), report, own[t]).items()
+                },
+                expert_scores,
             )
         chosen[name] = method
         timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
@@ -193,8 +215,9 @@ def run(cfg: DictConfig) -> float:
         "suite": suite.name,
         "report_split": report,
         "tune_split": tune_split,
-        "tasks": pool.tasks,
+        "tasks": columns,
         "experts": pool.resolved,
+        **({} if columns == pool.tasks else {"expert_of": pool.expert_of}),
         "rows": rows,
         "objective": {"name": f"{tune_split}/avg_acc", "value": objective},
         "timings": timings,
@@ -209,7 +232,7 @@ def run(cfg: DictConfig) -> float:
     for name, method in chosen.items():
         method.save_artifacts(out_dir / "artifacts" / name)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_reports(rows, pool.tasks, out_dir, title, chart=bool(cfg.plot))
+    write_reports(rows, columns, out_dir, title, chart=bool(cfg.plot))
     atomic_write_json(out_dir / "metrics.json", results)
     log_run(loggers, cfg, results, out_dir)
     log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
@@ -222,16 +245,18 @@ def run_streaming(
     candidates: Mapping[str, list[tuple[dict[str, Any], MergeMethod]]],
     out_dir: Path,
 ) -> float:
-    """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model`` (no evaluation here)."""
+    """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model``; score it with an lm-eval suite."""
     if distributed.multi_process(cfg.trainer):
         raise ValueError(
             f"trainer: devices={cfg.trainer.get('devices')} num_nodes={cfg.trainer.get('num_nodes', 1)}: a checkpoint "
             "pool merges in one process (disk-bound streaming; AWD fits one tensor at a time); use trainer=gpu or "
             "trainer=cpu"
         )
-    if cfg.get("eval"):
+    suite = build(cfg.eval) if cfg.get("eval") else None
+    if suite is not None and not isinstance(suite, LMHarnessSuite):
         raise ValueError(
-            "model: a checkpoint (streaming) pool is merged without the text-classification suite; set eval=none"
+            "model: a checkpoint (streaming) pool is merged, then scored only by an lm-eval suite (eval=lm_harness); "
+            "set eval=none or eval=lm_harness"
         )
     if len(candidates) != 1 or any(len(c) != 1 for c in candidates.values()):
         raise ValueError("a checkpoint pool merges one method with fixed options: no table and no tune=true")
@@ -247,6 +272,11 @@ def run_streaming(
     merged = pool.merge(method, out_dir / "merged_model", overwrite=bool(cfg.overwrite))
     method.save_artifacts(artifacts)
     seconds = time.perf_counter() - start
+    scores = None
+    if suite is not None:  # the merged model exists only on disk here: load it once and hand it to lm-eval
+        start = time.perf_counter()
+        scores = suite.evaluate_checkpoint(merged, trainer_kwargs, bool(cfg.model.get("trust_remote_code", False)))
+        log.info("%s: %s", suite.name, {t: round(s["acc"], 4) for t, s in scores.items()})
     results = {
         "pretrained": pool.pretrained,
         "experts": pool.experts,
@@ -257,8 +287,13 @@ def run_streaming(
         "timings": {"prepare_s": round(prepare_seconds, 1), "merge_s": round(seconds - prepare_seconds, 1)},
         "overrides": list(cfg.get("overrides") or []),
     }
+    if scores is not None:
+        results.update(suite=suite.name, scores=scores, avg_acc=ev.average(scores))
+        results["timings"]["eval_s"] = round(time.perf_counter() - start, 1)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(out_dir / "metrics.json", results)
-    send(loggers, cfg, {f"method/{name}/{k}": float(v) for k, v in method.report().items()})
+    logged = {f"method/{name}/{k}": float(v) for k, v in method.report().items()}
+    logged.update({f"{suite.name}/{t}/acc": s["acc"] for t, s in (scores or {}).items()} if suite else {})
+    send(loggers, cfg, logged)
     log.info("merged %s with %s in %.1f s: %s %s", pool.pretrained, name, seconds, merged, method.report())
-    return float("nan")
+    return float(results.get("avg_acc", float("nan")))
