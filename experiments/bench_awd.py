@@ -63,11 +63,7 @@ def embedded_loader() -> tuple[list[str], dict, object, int]:
     base_keys = {k.removeprefix("bert."): k for k in base}
     keys = {k.removeprefix("bert."): k for k in experts[0]}
     probe = AWD()
-    names = [
-        n
-        for n in keys
-        if n in base_keys and probe.disentangles(n, torch.empty(base.shape(base_keys[n]), device="meta"))
-    ]
+    names = [n for n in keys if n in base_keys and probe.disentangles(n, base.shape(base_keys[n]))]
     shapes = {n: base.shape(base_keys[n]) for n in names}
 
     def load(n: str) -> torch.Tensor:

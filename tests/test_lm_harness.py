@@ -245,3 +245,10 @@ def test_streaming_pool_scores_its_merged_dir(harness_run: Path, tmp_path: Path,
     assert streamed["suite"] == "lm_harness"
     assert streamed["scores"] == {t: pytest.approx(s) for t, s in metrics["rows"]["metagpt"]["scores"].items()}
     assert objective == pytest.approx(streamed["avg_acc"])
+    # The evaluated-run layout as well, which is what mergelab-report reads.
+    assert streamed["rows"]["metagpt"]["scores"] == streamed["scores"]
+    assert streamed["rows"]["metagpt"]["avg_acc"] == pytest.approx(streamed["avg_acc"])
+    assert streamed["tasks"] == ["mergelab_sentiment", "mergelab_austen_names"]
+    from mergelab.paper_report import load_run
+
+    assert set(load_run(out).rows) == {"metagpt"}

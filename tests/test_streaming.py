@@ -231,7 +231,9 @@ def test_cli_streams_a_checkpoint_pool(pool: tuple[Path, list[Path]], tmp_path: 
 
 
 def test_paper_pools_compose_with_the_table_8_hub_ids() -> None:
-    from tests.conftest import make_cfg
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR, make_cfg
 
     cfg = make_cfg(Path("/unused"), ["experiment=metagpt_llama2_7b"], tiny=False)
     assert cfg.model.pretrained == "meta-llama/Llama-2-7b-hf"
@@ -240,7 +242,18 @@ def test_paper_pools_compose_with_the_table_8_hub_ids() -> None:
         "math": "TIGER-Lab/MAmmoTH-7B",
         "code": "mrm8488/llama-2-coder-7b",
     }
-    assert cfg.method.name == "metagpt" and not cfg.eval
+    # The paper's table: scored by lm-eval on the six benchmarks, a sweep over the five methods.
+    assert cfg.method.name == "metagpt" and cfg.eval.name == "lm_harness" and cfg.eval.dtype == "bfloat16"
+    assert list(cfg.eval.tasks) == ["winogrande", "agieval", "gsm8k", "minerva_math", "mbpp", "humaneval"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        hydra_cfg = compose("config", overrides=["experiment=metagpt_llama2_7b"], return_hydra_config=True)
+    assert hydra_cfg.hydra.sweeper.params.method.split(",") == [
+        "weight_averaging",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "metagpt",
+    ]
     assert make_cfg(Path("/unused"), ["experiment=metagpt_mistral_7b"], tiny=False).model.experts.math == (
         "TIGER-Lab/MAmmoTH2-7B"
     )

@@ -290,6 +290,9 @@ def run_streaming(
     if scores is not None:
         results.update(suite=suite.name, scores=scores, avg_acc=ev.average(scores))
         results["timings"]["eval_s"] = round(time.perf_counter() - start, 1)
+        # The evaluated runs' layout too, so mergelab-report reads a sweep of streaming runs like any other.
+        merged_row = {**row(scores, None, params), "method_report": method.report()}
+        results.update(tasks=list(scores), report_split=suite.report_split, rows={name: merged_row})
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(out_dir / "metrics.json", results)
     logged = {f"method/{name}/{k}": float(v) for k, v in method.report().items()}
