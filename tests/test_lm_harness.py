@@ -22,6 +22,7 @@ from mergelab.cli import ROOT_DIR, smollm2_dir
 from mergelab.lm_harness import LOCAL_TASKS_DIR, PAPER_TASKS, LMHarnessSuite
 from mergelab.run import run
 from tests.conftest import make_cfg
+from tests.test_causal_lm import greedy_alone
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SENTIMENTS = ["negative", "neutral", "positive"]
@@ -123,25 +124,13 @@ def test_multiple_choice_accuracy_equals_by_hand_loglikelihood_argmax(smol: tupl
     }
 
 
-@torch.inference_mode()
-def greedy(model: Any, ids: list[int], max_new: int, eos: int) -> list[int]:
-    """Greedy decoding without cache or padding: the whole sequence re-run at each step."""
-    out: list[int] = []
-    for _ in range(max_new):
-        nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
-        if nxt == eos:
-            break
-        out.append(nxt)
-    return out
-
-
 def test_generation_exact_match_equals_by_hand_greedy_decoding(smol: tuple[Any, Any]) -> None:
     model, tok = smol
     n = 6
     rows = pd.read_parquet(ROOT_DIR / "data/generative/austen_names/test.parquet").head(n)
     hits = []
     for text, answer in zip(rows.text, rows.answer, strict=True):
-        out = tok.decode(greedy(model, tok(text)["input_ids"], 6, tok.eos_token_id))
+        out = tok.decode(greedy_alone(model, tok(text)["input_ids"], 6, tok.eos_token_id))
         out = re.split(r"[\n,.;:!?\"']", out)[0]  # the task's stop strings
         words = re.findall("[A-Za-z]+", out)
         hits.append(bool(words) and words[0] == answer)

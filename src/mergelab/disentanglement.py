@@ -290,6 +290,9 @@ class FitResult:
     history: History
     gram_before: Tensor
     gram_after: Tensor
+    #: ||delta||^2 per parameter name (float64 sums), taken while delta is in memory so that reports never re-read
+    #: a delta kept on disk; empty when delta was loaded rather than fitted.
+    sq_norms: dict[str, float] = field(default_factory=dict)
 
 
 def fit_delta(
@@ -320,6 +323,7 @@ def fit_delta(
     objective = Objective(objective.granularity, objective.norm, objective.alpha, num_tensors=len(names))
     groups = [[n] for n in names] if per_tensor else [list(names)]
     delta: dict[str, Tensor] = {}
+    sq_norms: dict[str, float] = {}
     history = History()
     gram_before: Tensor | None = None
     gram_after: Tensor | None = None
@@ -341,10 +345,11 @@ def fit_delta(
         if per_tensor:
             kwargs["enable_progress_bar"] = False
         L.Trainer(**kwargs).fit(module)
-        if sink is None:
-            delta.update(module.deltas())
-        else:
-            for name, d in module.deltas().items():
+        for name, d in module.deltas().items():
+            sq_norms[name] = float(d.double().pow(2).sum())
+            if sink is None:
+                delta[name] = d
+            else:
                 sink(name, d)
         history.add(module.history)
         before, after = module.model_grams()
@@ -356,4 +361,4 @@ def fit_delta(
             for lg in loggers:
                 lg.log_metrics({f"{log_prefix}{k}": v for k, v in rec.items() if k != "loss"}, step=step)
     assert gram_before is not None and gram_after is not None
-    return FitResult(delta, history, gram_before, gram_after)
+    return FitResult(delta, history, gram_before, gram_after, sq_norms)

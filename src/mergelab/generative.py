@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from mergelab.suite import SPLITS, check_eval_options, file_digest, load_split, subsample
+from mergelab.suite import SPLITS, SuiteOptions, file_digest, load_split, subsample
 
 METRICS = ("exact_match", "choice")
 REQUIRED_KEYS = ("prompt", "answer_field", "metric")
@@ -154,7 +154,7 @@ def parse_task(name: str, entry: Any, data_dir: Path, where: Path) -> Generative
     )
 
 
-class GenerativeSuite:
+class GenerativeSuite(SuiteOptions):
     """Generative tasks scored by exact match of greedy generation or log-likelihood accuracy over choices.
 
     Args:
@@ -180,15 +180,9 @@ class GenerativeSuite:
         report_split: str = "test",
         seed: int = 0,
     ) -> None:
-        self.name = name
-        self.data_dir = Path(data_dir)
-        self.task_names = list(tasks)
-        check_eval_options(batch_size, max_eval_examples, tune_split, report_split)
-        if max_length < 8:
-            raise ValueError(f"eval.max_length must be >= 8 (prompt tokens), got {max_length}")
-        self.batch_size, self.max_length = int(batch_size), int(max_length)
-        self.max_eval_examples = max_eval_examples
-        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+        super().__init__(
+            name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed, 8
+        )
         self.index = self.data_dir / "tasks.yaml"
         self.tasks = self._read_tasks()
 

@@ -8,6 +8,7 @@ LightningModules that the suite's tasks are scored with (each exposing the merge
 
 from __future__ import annotations
 
+import copy
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -16,10 +17,22 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
+from torch import nn
 
 from mergelab import task_vectors as tv
 
 Scores = dict[str, dict[str, float]]  # task -> {metric: value}; every task has the main metric "acc"
+
+
+def copy_with_state(module: nn.Module, state: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    """A copy of ``module`` with ``state`` (possibly partial: e.g. only the merged parameters) loaded, in eval mode.
+
+    Every pool builds its scored and saved models this way, so the pool's own pretrained module is never changed.
+    """
+    out = copy.deepcopy(module)
+    if state is not None:
+        out.load_state_dict(dict(state), strict=False)
+    return out.eval()
 
 
 class EvalSuite(Protocol):
@@ -41,14 +54,20 @@ class MergePool(ABC):
     """The pretrained model and one expert per task, with the parameters that merge methods operate on.
 
     Args:
+        experts: task -> hub id or local dir of its expert (None entries, or None for all: the pool builds them).
         exclude: regexes over parameter names that are not merged (they stay pretrained).
         cache_dir: where built experts (and converted checkpoints) and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
     """
 
     def __init__(
-        self, exclude: Sequence[str] = (), cache_dir: str = "~/.cache/mergelab", trust_remote_code: bool = False
+        self,
+        experts: Mapping[str, str | None] | None = None,
+        exclude: Sequence[str] = (),
+        cache_dir: str = "~/.cache/mergelab",
+        trust_remote_code: bool = False,
     ) -> None:
+        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
         try:
             self.exclude = [re.compile(p) for p in exclude]
         except re.error as e:
@@ -68,9 +87,9 @@ class MergePool(ABC):
     def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
         """Resolve (building if needed) and load every model; check they fit together and fit ``suite``."""
 
-    def task_paths(self, experts: Mapping[str, str | None] | None, task_names: Sequence[str]) -> dict[str, str | None]:
+    def task_paths(self, task_names: Sequence[str]) -> dict[str, str | None]:
         """Task -> configured expert (None: build it); sets :attr:`tasks`. Every suite task needs an entry."""
-        paths = dict(experts) if experts is not None else dict.fromkeys(task_names)
+        paths = dict(self.expert_paths) if self.expert_paths is not None else dict.fromkeys(task_names)
         missing = [t for t in task_names if t not in paths]
         if missing:
             raise ValueError(f"model pool has no expert for suite task(s) {missing}; experts: {sorted(paths)}")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from mergelab import task_vectors as tv
 from mergelab.checkpoints import looks_local
 from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
 from mergelab.experts import build_expert, model_fingerprint
-from mergelab.interfaces import MergePool, Scores
-from mergelab.outputs import atomic_write_json, move_dir_into_place
+from mergelab.interfaces import MergePool, Scores, copy_with_state
+from mergelab.outputs import atomic_dir, atomic_write_json
 from mergelab.suite import TextClassificationSuite
 
 log = logging.getLogger(__name__)
@@ -83,9 +81,8 @@ class ModelPool(MergePool):
         cache_dir: str = "~/.cache/mergelab",
         trust_remote_code: bool = False,
     ) -> None:
-        super().__init__(exclude, cache_dir, trust_remote_code)
+        super().__init__(experts, exclude, cache_dir, trust_remote_code)
         self.pretrained_path = str(pretrained)
-        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
         self.finetune = dict(finetune or {})
 
     # ----------------------------------------------------------------------------------------- loading
@@ -97,7 +94,7 @@ class ModelPool(MergePool):
                 f"model pool ModelPool (sequence classifiers) scores text-classification suites (e.g. eval=embedded); "
                 f"eval '{suite.name}' is a {type(suite).__name__}"
             )
-        paths = self.task_paths(self.expert_paths, suite.task_names)
+        paths = self.task_paths(suite.task_names)
         self.suite = suite
         transformers.logging.set_verbosity_error()  # the "newly initialised head" report is expected here
         pre = load_classifier("pretrained model", self.pretrained_path, self.trust_remote_code, num_labels=2)
@@ -152,10 +149,7 @@ class ModelPool(MergePool):
 
     def backbone(self, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """A copy of the pretrained backbone, with ``state`` (possibly partial) loaded into it."""
-        bb = copy.deepcopy(self._pretrained_backbone)
-        if state is not None:
-            bb.load_state_dict(dict(state), strict=False)
-        return bb.eval()
+        return copy_with_state(self._pretrained_backbone, state)
 
     def classifier(
         self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
@@ -199,12 +193,7 @@ class ModelPool(MergePool):
 
         Written to a temporary dir and renamed into place when complete.
         """
-        out = Path(out_dir)
-        tmp = out.parent / f".tmp-{out.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
         clf = self.classifier(state)
-        clf.backbone.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
         heads: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"tasks": {}}
         for task, model in clf.task_models.items():
@@ -213,10 +202,12 @@ class ModelPool(MergePool):
                 if not k.startswith(prefix):
                     heads[f"{task}/{k}"] = v.detach().contiguous().clone()
             meta["tasks"][task] = model.config.to_dict()
-        save_file(heads, str(tmp / HEADS_FILE))
-        atomic_write_json(tmp / HEADS_META, meta)
-        move_dir_into_place(tmp, out)
-        return out
+        with atomic_dir(out_dir) as tmp:
+            clf.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            save_file(heads, str(tmp / HEADS_FILE))
+            atomic_write_json(tmp / HEADS_META, meta)
+        return Path(out_dir)
 
 
 def load_merged(path: str | Path) -> MultiTaskClassifier:

@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def move_dir_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FileExistsError(f"{final} already exists")
     tmp.rename(final)
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """A fresh temporary dir beside ``final`` to write into; moved into place when the block completes, removed if
+    it raises, so ``final`` is never half-written (and must not exist: see :func:`move_dir_into_place`)."""
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    move_dir_into_place(tmp, final)
 
 
 def guard_output_dir(out_dir: str | Path, overwrite: bool, names: Iterable[str] = RESULT_FILES) -> None:

@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> float:
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
     pool = build(cfg.model)
     if isinstance(pool, CheckpointPool):
-        return run_streaming(cfg, pool, candidates, out_dir)
+        return run_streaming(cfg, pool, candidates, out_dir, trainer_kwargs)
     if not cfg.get("eval"):
         raise ValueError("eval=none only applies to checkpoint pools; this model pool needs an evaluation suite")
     suite: EvalSuite = build(cfg.eval)
@@ -244,6 +244,7 @@ def run_streaming(
     pool: CheckpointPool,
     candidates: Mapping[str, list[tuple[dict[str, Any], MergeMethod]]],
     out_dir: Path,
+    trainer_kwargs: Mapping[str, Any],
 ) -> float:
     """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model``; score it with an lm-eval suite."""
     if distributed.multi_process(cfg.trainer):
@@ -266,7 +267,6 @@ def run_streaming(
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
     artifacts = out_dir / "artifacts" / name
     start = time.perf_counter()
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     method.prepare(pool, trainer_kwargs, loggers, work_dir=artifacts)  # AWD fits tensor by tensor from the files
     prepare_seconds = time.perf_counter() - start
     merged = pool.merge(method, out_dir / "merged_model", overwrite=bool(cfg.overwrite))

@@ -41,7 +41,43 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class TextClassificationSuite:
+class SuiteOptions:
+    """The options every evaluation suite shares, set and checked once, with errors naming the ``eval.`` key at fault.
+
+    ``min_length``: the smallest ``max_length`` the suite can work with (prompts need room for their answer).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        tasks: Sequence[str],
+        batch_size: int,
+        max_length: int,
+        max_eval_examples: int | None,
+        tune_split: str,
+        report_split: str,
+        seed: int,
+        min_length: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+        if max_length < min_length:
+            raise ValueError(f"eval.max_length must be >= {min_length} (prompt tokens), got {max_length}")
+        if max_eval_examples is not None and max_eval_examples < 1:
+            raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
+        for key, split in (("tune_split", tune_split), ("report_split", report_split)):
+            if split not in SPLITS:
+                raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.task_names = list(tasks)
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.max_eval_examples = max_eval_examples
+        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+
+
+class TextClassificationSuite(SuiteOptions):
     """Scores models on every task of a suite.
 
     Args:
@@ -68,13 +104,9 @@ class TextClassificationSuite:
         report_split: str = "test",
         seed: int = 0,
     ) -> None:
-        self.name = name
-        self.data_dir = Path(data_dir)
-        self.task_names = list(tasks)
-        check_eval_options(batch_size, max_eval_examples, tune_split, report_split)
-        self.batch_size, self.max_length = int(batch_size), int(max_length)
-        self.max_eval_examples = max_eval_examples
-        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+        super().__init__(
+            name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed
+        )
         self.tasks = self._read_tasks()
 
     def _read_tasks(self) -> dict[str, TaskInfo]:
@@ -154,17 +186,6 @@ class TextClassificationSuite:
                 h.update(f"{t}/{s}:{file_digest(self.tasks[t].files[s])}".encode())
         h.update(f"{self.max_eval_examples}|{self.max_length}|{self.seed}".encode())
         return h.hexdigest()[:16]
-
-
-def check_eval_options(batch_size: int, max_eval_examples: int | None, tune_split: str, report_split: str) -> None:
-    """The options every suite shares, with errors naming the ``eval.`` key at fault."""
-    if batch_size < 1:
-        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
-    if max_eval_examples is not None and max_eval_examples < 1:
-        raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
-    for key, split in (("tune_split", tune_split), ("report_split", report_split)):
-        if split not in SPLITS:
-            raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
 
 
 def load_split(path: Path, split: str) -> datasets.Dataset:

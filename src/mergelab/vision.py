@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,10 +48,10 @@ from mergelab.checkpoints import looks_local
 from mergelab.evaluation import run_test
 from mergelab.experts import cached_build, model_fingerprint
 from mergelab.generative import template_fields
-from mergelab.interfaces import MergePool, Scores
+from mergelab.interfaces import MergePool, Scores, copy_with_state
 from mergelab.modelpool import checkpoint_location, load_model
-from mergelab.outputs import atomic_write_json, move_dir_into_place
-from mergelab.suite import SPLITS, check_eval_options, subsample
+from mergelab.outputs import atomic_dir, atomic_write_json
+from mergelab.suite import SPLITS, SuiteOptions, subsample
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class ImageCollator:
         return {"pixel_values": pixels, "labels": torch.tensor([int(r[self.label_column]) for r in rows])}
 
 
-class ZeroShotImageSuite:
+class ZeroShotImageSuite(SuiteOptions):
     """Image-classification tasks scored with zero-shot heads, read through ``datasets``.
 
     Args:
@@ -212,17 +211,12 @@ class ZeroShotImageSuite:
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        self.name = name
-        self.data_dir = Path(data_dir)
-        self.task_names = list(tasks)
-        check_eval_options(batch_size, max_eval_examples, tune_split, report_split)
-        if max_length < 4:
-            raise ValueError(f"eval.max_length must be >= 4 (prompt tokens), got {max_length}")
+        super().__init__(
+            name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed, 4
+        )
         if num_workers < 0:
             raise ValueError(f"eval.num_workers must be >= 0, got {num_workers}")
-        self.batch_size, self.max_length, self.num_workers = int(batch_size), int(max_length), int(num_workers)
-        self.max_eval_examples = max_eval_examples
-        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+        self.num_workers = int(num_workers)
         self.index = self.data_dir / "tasks.yaml"
         self.tasks = self._read_tasks()
         for t, info in self.tasks.items():
@@ -456,9 +450,8 @@ class CLIPVisionPool(MergePool):
         cache_dir: str = "~/.cache/mergelab",
         trust_remote_code: bool = False,
     ) -> None:
-        super().__init__(exclude, cache_dir, trust_remote_code)
+        super().__init__(experts, exclude, cache_dir, trust_remote_code)
         self.source = str(pretrained)
-        self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
         self.heads: dict[str, torch.Tensor] = {}
         self.head_dirs: dict[str, Path] = {}
 
@@ -475,7 +468,7 @@ class CLIPVisionPool(MergePool):
                 f"model pool CLIPVisionPool scores zero-shot image suites (e.g. eval=clip8); eval '{suite.name}' is a "
                 f"{type(suite).__name__}"
             )
-        paths = self.task_paths(self.expert_paths, suite.task_names)
+        paths = self.task_paths(suite.task_names)
         missing = [t for t in self.tasks if not paths[t]]
         if missing:
             raise ValueError(f"model pool CLIPVisionPool builds no experts: set model.experts for {missing}")
@@ -550,12 +543,10 @@ class CLIPVisionPool(MergePool):
         self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
     ) -> ZeroShotClassifier:
         """A copy of the pretrained vision tower with ``state`` loaded over it, with the heads of ``tasks``."""
-        backbone = copy.deepcopy(self.clip.vision_model)
-        if state is not None:
-            backbone.load_state_dict(dict(state), strict=False)
+        backbone = copy_with_state(self.clip.vision_model, state)
         heads = {t: self.heads[t] for t in (tasks or self.tasks)}
         # The projection is copied too: Lightning moves each scored module to its device, and the pool's CLIP stays.
-        return ZeroShotClassifier(backbone.eval(), copy.deepcopy(self.clip.visual_projection), heads)
+        return ZeroShotClassifier(backbone, copy.deepcopy(self.clip.visual_projection), heads)
 
     def evaluate(
         self,
@@ -581,18 +572,15 @@ class CLIPVisionPool(MergePool):
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write a ``CLIPModel`` dir with the merged vision tower, plus tokenizer, processor and heads, atomically."""
-        out = Path(out_dir)
-        tmp = out.parent / f".tmp-{out.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
         clip = copy.deepcopy(self.clip)
         clip.vision_model.load_state_dict(dict(state), strict=False)
-        clip.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        self.processor.save_pretrained(tmp)
-        save_file({t: h.contiguous() for t, h in self.heads.items()}, str(tmp / MERGED_HEADS_FILE))
-        atomic_write_json(
-            tmp / MERGED_HEADS_META,
-            {t: {"classnames": self.suite.classnames(t), "templates": self.suite.templates(t)} for t in self.tasks},
-        )
-        move_dir_into_place(tmp, out)
-        return out
+        with atomic_dir(out_dir) as tmp:
+            clip.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            save_file({t: h.contiguous() for t, h in self.heads.items()}, str(tmp / MERGED_HEADS_FILE))
+            prompts = {
+                t: {"classnames": self.suite.classnames(t), "templates": self.suite.templates(t)} for t in self.tasks
+            }
+            atomic_write_json(tmp / MERGED_HEADS_META, prompts)
+        return Path(out_dir)

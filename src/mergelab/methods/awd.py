@@ -311,18 +311,19 @@ class AWD(TaskVectorMethod):
                 "L_R_end": h.L_R[-1],
                 "mean_abs_cos_before": float(mean_abs_cos(self.fit.gram_before)),
                 "mean_abs_cos_after": float(mean_abs_cos(self.fit.gram_after)),
-                "delta_norm": float(sum(float(self.delta[n].double().pow(2).sum()) for n in self.delta) ** 0.5),
+                "delta_norm": sum(self.fit.sq_norms.values()) ** 0.5,
             }
         )
         return out
 
     def delta_norms_per_layer(self) -> dict[int, float]:
-        """L2 norm of delta over each transformer block's parameters."""
+        """L2 norm of a fitted delta over each transformer block's parameters (from the norms taken at fit time)."""
         sq: dict[int, float] = {}
-        for name in self.delta:
+        assert self.fit is not None
+        for name, value in self.fit.sq_norms.items():
             m = LAYER_INDEX.search(name)
             if m is not None:
-                sq[int(m.group(1))] = sq.get(int(m.group(1)), 0.0) + float(self.delta[name].double().pow(2).sum())
+                sq[int(m.group(1))] = sq.get(int(m.group(1)), 0.0) + value
         return {k: v**0.5 for k, v in sorted(sq.items())}
 
     def save_artifacts(self, out_dir: str | Path) -> None:
