@@ -16,11 +16,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
 from mergelab.cli import CONFIG_DIR
 from mergelab.methods import AWD
 from mergelab.run import build, quiet_libraries
+from mergelab.text import model as ev
 
 SETTINGS = [
     {"granularity": "row", "lr": 0.01},

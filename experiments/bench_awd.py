@@ -50,8 +50,8 @@ def embedded_loader() -> tuple[list[str], dict, object, int]:
 
     import torch
 
-    from mergelab.checkpoints import LazyCheckpoint
     from mergelab.cli import minilm_path
+    from mergelab.io.reader import LazyCheckpoint
     from mergelab.methods.awd import AWD
 
     cache = Path.home() / ".cache" / "mergelab" / "experts"
@@ -107,7 +107,7 @@ def child(name: str) -> None:
 
     import torch
 
-    from mergelab.disentanglement import Objective, OptimizerConfig, fit_delta
+    from mergelab.methods.awd_fit import Objective, OptimizerConfig, fit_delta
 
     spec = RUNS[name]
     names, shapes, load, n_tasks = embedded_loader() if spec["pool"] == "embedded" else llama_loader()

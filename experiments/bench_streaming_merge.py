@@ -64,7 +64,7 @@ def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
     """Random bf16 weights; an expert is the base plus a small random task vector."""
     import torch
 
-    from mergelab.checkpoints import ShardedWriter
+    from mergelab.io.writer import ShardedWriter
 
     if (path / "model.safetensors.index.json").is_file():
         return
@@ -112,8 +112,8 @@ def cpu_s() -> float:
 
 def child(method: str, base: str, experts: list[str], out: str) -> None:
     """Run one merge and print its wall time, CPU time and memory as JSON."""
+    from mergelab.engine.streaming import stream_merge
     from mergelab.methods import TIES, MetaGPT, TaskArithmetic  # noqa: F401 - used by eval below
-    from mergelab.streaming import stream_merge
 
     rss0, cpu0 = rss_mib(), cpu_s()
     start = time.perf_counter()

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from mergelab import task_vectors as tv
-from mergelab.disentanglement import Objective, OptimizerConfig, fit_delta, objective_terms, tau_gram
-from mergelab.engine import combine_in_memory
+from mergelab.engine.passes import combine_in_memory
 from mergelab.methods import AWD, TIES, TaskArithmetic
+from mergelab.methods.awd_fit import Objective, OptimizerConfig, fit_delta, objective_terms, tau_gram
 from mergelab.run import run
 from tests.conftest import make_cfg
 
@@ -318,8 +318,8 @@ def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path)
     artifacts/awd/delta as it goes) equals the in-memory per-tensor fit, and the merged model is
     theta_0 + scaling * sum_t (tau_t - delta) on the disentangled matrices, theta_0 + scaling * sum_t tau_t elsewhere.
     """
-    from mergelab.checkpoints import LazyCheckpoint
-    from mergelab.streaming import stream_merge
+    from mergelab.engine.streaming import stream_merge
+    from mergelab.io.reader import LazyCheckpoint
     from tests.test_streaming import llama
 
     base_model = llama(0)
@@ -394,7 +394,7 @@ def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path)
 
 
 def test_streaming_awd_refuses_model_granularity(tmp_path: Path) -> None:
-    from mergelab.streaming import CheckpointPool
+    from mergelab.pools.checkpoint import CheckpointPool
     from tests.test_streaming import llama
 
     for name in ("base", "e0"):

@@ -18,11 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from mergelab.causal_lm import CausalLMPool, GenerativeEvaluator, convert_gguf, untied_state
+from mergelab.causal_lm.model import GenerativeEvaluator
+from mergelab.causal_lm.pool import CausalLMPool, convert_gguf, untied_state
+from mergelab.causal_lm.suite import SPLITS, GenerativeSuite, collate_choices, pad_id
 from mergelab.cli import smollm2_dir
-from mergelab.evaluation import run_test
-from mergelab.generative import SPLITS, GenerativeSuite, collate_choices, pad_id
 from mergelab.run import run
+from mergelab.suites.scoring import run_test
 from tests.conftest import make_cfg
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -242,7 +243,7 @@ def test_bad_data_names_the_file_row_and_value(tmp_path: Path) -> None:
     ("overrides", "match"),
     [
         (["model=smollm2", "eval=embedded"], r"CausalLMPool scores generative suites .* 'embedded' is a TextClass"),
-        (["eval=generative"], r"ModelPool \(sequence classifiers\) scores text-classification suites"),
+        (["eval=generative"], r"ClassifierPool \(sequence classifiers\) scores text-classification suites"),
         (["model=smollm2", "eval=generative", "model.pretrained=/nonexistent"], r"pretrained model dir '/nonexistent'"),
     ],
 )

@@ -14,9 +14,9 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelab.evaluation import evaluate
-from mergelab.modelpool import load_merged
 from mergelab.run import run
+from mergelab.text.model import evaluate
+from mergelab.text.pool import load_merged
 from tests.conftest import TINY, make_cfg
 
 

@@ -10,16 +10,16 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification
 
-from mergelab.evaluation import evaluate
-from mergelab.modelpool import ModelPool
-from mergelab.suite import TextClassificationSuite, pad_batch
+from mergelab.text.model import evaluate
+from mergelab.text.pool import ClassifierPool
+from mergelab.text.suite import TextClassificationSuite, pad_batch
 from tests.conftest import make_cfg
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
 
 
 @pytest.fixture(scope="module")
-def pool_and_suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelPool, TextClassificationSuite]:
+def pool_and_suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[ClassifierPool, TextClassificationSuite]:
     cfg = make_cfg(tmp_path_factory.mktemp("eval"))
     suite = instantiate(cfg.eval, _convert_="all")
     pool = instantiate(cfg.model, _convert_="all")
@@ -37,7 +37,7 @@ def macro_f1(y: np.ndarray, p: np.ndarray, n: int) -> float:
     return float(np.mean(f1s))
 
 
-def test_scores_match_a_direct_computation(pool_and_suite: tuple[ModelPool, TextClassificationSuite]) -> None:
+def test_scores_match_a_direct_computation(pool_and_suite: tuple[ClassifierPool, TextClassificationSuite]) -> None:
     pool, suite = pool_and_suite
     task = "tweet_sentiment"
     scores = evaluate(pool.expert_classifier(task), suite, "test", pool.tokenizer, TRAINER)[task]
@@ -54,7 +54,9 @@ def test_scores_match_a_direct_computation(pool_and_suite: tuple[ModelPool, Text
     assert scores["f1"] == pytest.approx(macro_f1(y, p, 3), abs=1e-5)
 
 
-def test_padding_and_sorting_do_not_change_logits(pool_and_suite: tuple[ModelPool, TextClassificationSuite]) -> None:
+def test_padding_and_sorting_do_not_change_logits(
+    pool_and_suite: tuple[ClassifierPool, TextClassificationSuite],
+) -> None:
     pool, suite = pool_and_suite
     clf = pool.expert_classifier("food_review").eval()
     ds = suite.eval_dataset("food_review", "test").select(range(6))
@@ -66,7 +68,7 @@ def test_padding_and_sorting_do_not_change_logits(pool_and_suite: tuple[ModelPoo
 
 
 def test_pretrained_classifier_has_pretrained_backbone(
-    pool_and_suite: tuple[ModelPool, TextClassificationSuite],
+    pool_and_suite: tuple[ClassifierPool, TextClassificationSuite],
 ) -> None:
     pool, _ = pool_and_suite
     clf = pool.classifier()
@@ -78,7 +80,9 @@ def test_pretrained_classifier_has_pretrained_backbone(
     torch.testing.assert_close(clf.task_models["food_review"].classifier.weight, expert.classifier.weight)
 
 
-def test_mergeable_respects_exclude(tmp_path: Path, pool_and_suite: tuple[ModelPool, TextClassificationSuite]) -> None:
+def test_mergeable_respects_exclude(
+    tmp_path: Path, pool_and_suite: tuple[ClassifierPool, TextClassificationSuite]
+) -> None:
     pool, _ = pool_and_suite
     cfg = make_cfg(tmp_path, ["model.exclude=['^embeddings\\.']"])
     excl = instantiate(cfg.model, _convert_="all")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergelab.causal_lm import convert_gguf
+from mergelab.causal_lm.lm_harness import LOCAL_TASKS_DIR, PAPER_TASKS, LMHarnessSuite
+from mergelab.causal_lm.pool import convert_gguf
 from mergelab.cli import ROOT_DIR, smollm2_dir
-from mergelab.lm_harness import LOCAL_TASKS_DIR, PAPER_TASKS, LMHarnessSuite
 from mergelab.run import run
 from tests.conftest import make_cfg
 from tests.test_causal_lm import greedy_alone
@@ -238,6 +238,6 @@ def test_streaming_pool_scores_its_merged_dir(harness_run: Path, tmp_path: Path,
     assert streamed["rows"]["metagpt"]["scores"] == streamed["scores"]
     assert streamed["rows"]["metagpt"]["avg_acc"] == pytest.approx(streamed["avg_acc"])
     assert streamed["tasks"] == ["mergelab_sentiment", "mergelab_austen_names"]
-    from mergelab.paper_report import load_run
+    from mergelab.reports.paper.runs import load_run
 
     assert set(load_run(out).rows) == {"metagpt"}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mergelab import paper_report as pr
+from mergelab.reports.paper import matching as pr
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPERS = ROOT / "data" / "papers"

@@ -13,10 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mergelab import task_vectors as tv
-from mergelab.checkpoints import LazyCheckpoint, write_checkpoint
-from mergelab.engine import combine_in_memory
+from mergelab.engine.passes import combine_in_memory
+from mergelab.engine.streaming import stream_merge
+from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.writer import write_checkpoint
 from mergelab.methods import DARE, TIES, MetaGPT, TaskArithmetic, WeightAveraging
-from mergelab.streaming import stream_merge
 
 VOCAB = 64
 
@@ -277,7 +278,7 @@ def same_files(a: Path, b: Path) -> None:
 def test_pipelined_engine_writes_the_bytes_of_the_sequential_one(
     name: str, pool: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mergelab import streaming
+    from mergelab.engine.passes import streaming as streaming
 
     base_dir, expert_dirs = pool
     fast = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "fast", chunk_elems=256, progress=False)
@@ -287,7 +288,7 @@ def test_pipelined_engine_writes_the_bytes_of_the_sequential_one(
 
 
 def test_direct_and_buffered_reads_agree(pool: tuple[Path, list[Path]]) -> None:
-    from mergelab.checkpoints import ALIGN, aligned_empty
+    from mergelab.io.files import ALIGN, aligned_empty
 
     base_dir, _ = pool
     cached, direct, buffered = (LazyCheckpoint(base_dir, direct=d) for d in (None, True, False))
@@ -303,7 +304,7 @@ def test_direct_and_buffered_reads_agree(pool: tuple[Path, list[Path]]) -> None:
 
 def test_writer_direct_and_buffered_agree_with_odd_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Odd-sized and mixed-dtype tensors (unaligned offsets), blocks larger than a staging buffer, empty tensors."""
-    from mergelab.checkpoints import ShardedWriter
+    from mergelab.io.writer import ShardedWriter
 
     monkeypatch.setattr(ShardedWriter, "STAGING_BYTES", 3 * 4096)  # force many flushes and split blocks
     g = torch.Generator().manual_seed(0)
@@ -393,7 +394,7 @@ def test_folded_ties_sign_pass_is_exact(
 ) -> None:
     """Streaming global TIES skips the sign pass and corrects the exact ties afterwards (the majority -1
     case), or merges again when there are more corrections than its budget: always the in-memory result."""
-    from mergelab import engine
+    from mergelab.engine.passes import passes as engine
 
     if budget is not None:
         monkeypatch.setattr(engine.DeferredValues.__init__, "__defaults__", (budget,))
@@ -417,7 +418,7 @@ def test_errors_in_the_pipeline_threads_propagate_and_leave_no_output(
 ) -> None:
     import threading
 
-    from mergelab import checkpoints
+    from mergelab.io import files as checkpoints
 
     base_dir, expert_dirs = pool
     method = TIES(k=30, prune="global") if where == "statistics" else TaskArithmetic(0.3)

@@ -35,13 +35,14 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mergelab import vision
 from mergelab.callbacks import MergeCallback
 from mergelab.methods import TaskArithmetic
-from mergelab.paper_report import load_table
-from mergelab.paper_report import main as report_main
+from mergelab.reports.paper.cli import main as report_main
+from mergelab.reports.paper.schema import load_table
 from mergelab.run import build, run
-from mergelab.vision import CLIPVisionPool, ZeroShotImageSuite
+from mergelab.vision.pool import CLIPVisionPool
+from mergelab.vision.suite import ZeroShotImageSuite
+from mergelab.vision.suite import suite as vision
 from tests.conftest import make_cfg
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}

@@ -11,7 +11,7 @@ from mergelab import task_vectors as tv
 from mergelab.methods.base import MergeMethod
 
 if TYPE_CHECKING:
-    from mergelab.interfaces import MergePool
+    from mergelab.pools.base import ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class MergeCallback(L.Callback):
     than as a LightningModule. The merge is computed once; later evaluations reuse it.
     """
 
-    def __init__(self, method: MergeMethod, pool: MergePool) -> None:
+    def __init__(self, method: MergeMethod, pool: ModelPool) -> None:
         self.method, self.pool = method, pool
         self.state: tv.StateDict | None = None
         self._loaded: set[int] = set()

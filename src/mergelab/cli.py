@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mergelab.loggers import wandb_offline
+from mergelab.reports.loggers import wandb_offline
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # conf/ and data/ sit at the repository root (the package is installed in editable mode).

@@ -19,16 +19,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mergelab import distributed
-from mergelab import evaluation as ev
 from mergelab.callbacks import MergeCallback
-from mergelab.interfaces import EvalSuite, MergePool
-from mergelab.lm_harness import LMHarnessSuite
-from mergelab.loggers import log_run, send
+from mergelab.causal_lm.lm_harness import LMHarnessSuite
+from mergelab.io.atomic import atomic_write_json, atomic_write_text, guard_output_dir
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
-from mergelab.outputs import atomic_write_json, atomic_write_text, guard_output_dir
-from mergelab.reports import write_reports
-from mergelab.streaming import CheckpointPool
+from mergelab.pools.base import ModelPool
+from mergelab.pools.checkpoint import CheckpointPool
+from mergelab.reports.loggers import log_run, send
+from mergelab.reports.tables import write_reports
+from mergelab.suites.base import EvalSuite
+from mergelab.text import model as ev
+from mergelab.training import distributed as distributed
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ def run(cfg: DictConfig) -> float:
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
-    if not isinstance(pool, MergePool):
-        raise TypeError(f"model: {type(pool).__name__} is not a model pool (mergelab.interfaces.MergePool)")
+    if not isinstance(pool, ModelPool):
+        raise TypeError(f"model: {type(pool).__name__} is not a model pool (mergelab.pools.base.ModelPool)")
     pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
     report, tune_split = suite.report_split, suite.tune_split

@@ -1,6 +1,6 @@
 """AWD, Adaptive Weight Disentanglement (Xiong et al. 2024): merge tau_t - delta instead of tau_t.
 
-delta is learned by :mod:`mergelab.disentanglement` under ``trainer.fit`` (:meth:`AWD.prepare`); the
+delta is learned by :mod:`mergelab.methods.awd_fit` under ``trainer.fit`` (:meth:`AWD.prepare`); the
 disentangled vectors then go through any task-vector method (task arithmetic by default), chunk by chunk
 through the same engine as every other method, so AWD-TA = TA - scaling * T * delta exactly.
 """
@@ -20,28 +20,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.checkpoints import LazyCheckpoint, ShardedWriter
-from mergelab.disentanglement import (
-    FitResult,
-    History,
-    Objective,
-    OptimizerConfig,
-    cosines,
-    fit_delta,
-    mean_abs_cos,
-)
-from mergelab.engine import DictSource, TaskVectorLoader
+from mergelab.engine.chunks import DictSource, TaskVectorLoader
+from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.writer import ShardedWriter
+from mergelab.methods.awd_fit import FitResult, History, Objective, OptimizerConfig, cosines, fit_delta, mean_abs_cos
 from mergelab.methods.base import TaskVectorMethod, check_choice
 from mergelab.methods.dare import DARE
 from mergelab.methods.metagpt import MetaGPT
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.ties import TIES
 from mergelab.methods.weight_averaging import WeightAveraging
-from mergelab.outputs import atomic_save_figure, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from mergelab.modelpool import ModelPool
-    from mergelab.streaming import CheckpointPool
+    from mergelab.pools.checkpoint import CheckpointPool
+    from mergelab.text.pool import ClassifierPool
 
 #: Methods the disentangled vectors can go into (``method.merge``).
 INNER_METHODS: dict[str, type[TaskVectorMethod]] = {
@@ -160,17 +153,17 @@ class AWD(TaskVectorMethod):
 
     def prepare(
         self,
-        pool: ModelPool | CheckpointPool,
+        pool: ClassifierPool | CheckpointPool,
         trainer_kwargs: Mapping[str, Any] | None = None,
         loggers: Sequence[Any] = (),
         work_dir: str | Path | None = None,
     ) -> None:
         """Fit delta on the pool's task vectors (once per pool and fit options in this process).
 
-        A :class:`~mergelab.streaming.CheckpointPool` is fitted tensor by tensor from the files, and delta is written
+        A :class:`~mergelab.pools.checkpoint.CheckpointPool` is fitted tensor by tensor from the files, and delta is written
         to ``work_dir/delta`` as it is fitted, so memory holds one tensor's task vectors whatever the model's size.
         """
-        from mergelab.streaming import CheckpointPool
+        from mergelab.pools.checkpoint import CheckpointPool
 
         if self.fit is not None:
             return
@@ -254,7 +247,7 @@ class AWD(TaskVectorMethod):
             raise RuntimeError("AWD: delta is not fitted yet; call prepare(pool) first")
         return self.fit.delta
 
-    def run(self, pool: ModelPool) -> tv.StateDict:
+    def run(self, pool: ClassifierPool) -> tv.StateDict:
         self.prepare(pool)
         self.inner.task_names = list(pool.tasks)
         return super().run(pool)
@@ -287,7 +280,7 @@ class AWD(TaskVectorMethod):
     def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
         return self.inner.merge_chunk(name, chunk, self.disentangle(name, chunk, vectors))
 
-    def single_task_states(self, pool: ModelPool) -> dict[str, tv.StateDict]:
+    def single_task_states(self, pool: ClassifierPool) -> dict[str, tv.StateDict]:
         """theta_0 + (tau_t - delta) for each task, i.e. each expert with delta removed (when enabled)."""
         if not self.score_single_task:
             return {}

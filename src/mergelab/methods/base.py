@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine import combine_in_memory
+from mergelab.engine.passes import combine_in_memory
 
 if TYPE_CHECKING:
-    from mergelab.modelpool import ModelPool
+    from mergelab.text.pool import ClassifierPool
 
 
 class MergeMethod(ABC):
@@ -22,7 +22,7 @@ class MergeMethod(ABC):
     #: Task names in expert order, set by :meth:`run` (for reports such as per-task coefficients).
     task_names: list[str] | None = None
 
-    def run(self, pool: ModelPool) -> tv.StateDict:
+    def run(self, pool: ClassifierPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained."""
         self.task_names = list(pool.tasks)
         return self.merge(pool.mergeable(pool.pretrained_state()), [pool.mergeable(s) for s in pool.expert_states()])
@@ -63,7 +63,7 @@ class MergeMethod(ABC):
 
 
 class TaskVectorMethod(MergeMethod):
-    """Methods of the form theta_0 + f(tau_1, ..., tau_T), run chunk by chunk by :mod:`mergelab.engine`.
+    """Methods of the form theta_0 + f(tau_1, ..., tau_T), run chunk by chunk by :mod:`mergelab.engine.passes`.
 
     Subclasses implement :meth:`merge_chunk`; methods that need whole-model statistics (a global magnitude
     threshold, task-vector norms) declare ``stat_passes`` and accumulate them in :meth:`observe`. Methods

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine import DEFAULT_CHUNK_ELEMS, row_blocks
+from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, row_blocks
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.ties import TIES

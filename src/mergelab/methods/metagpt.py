@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine import is_scratch
+from mergelab.engine.chunks import is_scratch
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 from mergelab.methods.dare import DARE
 from mergelab.methods.ties import TIES

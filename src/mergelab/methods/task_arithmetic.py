@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine import is_scratch
+from mergelab.engine.chunks import is_scratch
 from mergelab.methods.base import TaskVectorMethod, check_range
 
 

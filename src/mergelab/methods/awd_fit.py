@@ -15,8 +15,7 @@ Granularity (of delta's loss terms and of the cosine):
     ``tensor``: one cosine per tensor; L_O and L_R are the means over tensors of the per-tensor terms.
     ``row``: one cosine per row of each tensor, averaged over rows; then as ``tensor``.
 With ``tensor`` and ``row`` the loss is a sum of per-tensor terms, so each tensor's delta can be optimised on
-its own (:func:`fit_delta` with ``per_tensor=True``) with the same iterates as optimising all at once.
-"""
+its own (:func:`fit_delta` with ``per_tensor=True``) with the same iterates as optimising all at once."""
 
 from __future__ import annotations
 
@@ -31,11 +30,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mergelab.distributed import trainer_arguments
+from mergelab.training.distributed import trainer_arguments
 
 GRANULARITIES = ("model", "tensor", "row")
+
+
 NORMS = ("l2", "l2_squared", "l1", "row_l2")
+
+
 OPTIMIZERS = ("sgd", "adam")
+
+
 #: Cosines of vectors shorter than this are computed as if they had this norm (no division by zero).
 COS_EPS = 1e-12
 

@@ -8,11 +8,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergelab.outputs import atomic_save_figure, atomic_write_text
+from mergelab.io.atomic import atomic_save_figure, atomic_write_text
 
 # rows: name -> {"scores": {task: {"acc", ...}}, "avg_acc": float, "avg_<metric>": ..., "avg_norm_acc": float | None,
 #                "params": {}}
 Rows = Mapping[str, Mapping[str, Any]]
+
+
 HEADERS = {"avg_acc": "Avg acc", "avg_f1": "Avg F1"}
 
 

@@ -12,8 +12,7 @@ says how its prompt is built and how it is scored:
   tokens plus end-of-sequence get the highest summed log-probability after the prompt);
 - ``description``, ``source``, ``license``, ``how``, ``seed``, ``sizes``, ``test_majority_*``: documentation.
 
-Both metrics are reported as ``acc``.
-"""
+Both metrics are reported as ``acc``."""
 
 from __future__ import annotations
 
@@ -31,11 +30,17 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from mergelab.suite import SPLITS, SuiteOptions, file_digest, load_split, subsample
+from mergelab.suites.base import SPLITS, SuiteOptions, file_digest, load_split, subsample
 
 METRICS = ("exact_match", "choice")
+
+
 REQUIRED_KEYS = ("prompt", "answer_field", "metric")
+
+
 SCORING_KEYS = ("chat", "answer_prefix", "choices", "stop", "max_new_tokens")
+
+
 DOC_KEYS = (
     "description",
     "source",
@@ -47,8 +52,14 @@ DOC_KEYS = (
     "test_majority_answer",
     "test_majority_baseline",
 )
+
+
 TRAINING_KEYS = ("name", "prompt", "answer_field", "chat", "answer_prefix")  # the rest only changes scoring
+
+
 IGNORE_INDEX = -100  # label of the tokens the fine-tuning loss skips (prompt, padding)
+
+
 STRIP = ".,;:!?\"' "
 
 

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from mergelab.distributed import is_filler, shard_eval_loader, trainer_arguments
-from mergelab.interfaces import Scores
-from mergelab.suite import TextClassificationSuite
+from mergelab.pools.base import Scores
+from mergelab.suites.scoring import run_test
+from mergelab.text.suite import TextClassificationSuite
+from mergelab.training.distributed import is_filler
 
 
 def split_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -34,7 +35,7 @@ class MultiTaskClassifier(L.LightningModule):
     """One shared backbone, one classification model per task built around it.
 
     ``heads`` are sequence-classification models whose backbone attribute is ``None`` (see
-    :meth:`mergelab.modelpool.ModelPool.head_shell`); each gets ``backbone`` attached, so any
+    :meth:`mergelab.text.pool.ClassifierPool.head_shell`); each gets ``backbone`` attached, so any
     ``AutoModelForSequenceClassification`` architecture works unchanged.
     """
 
@@ -95,36 +96,3 @@ def evaluate(
     model.eval_tasks = list(tasks or model.task_models.keys())
     loaders = [suite.dataloader(suite.eval_dataset(t, split), tokenizer) for t in model.eval_tasks]
     return run_test(model, loaders, trainer_kwargs, callbacks)
-
-
-def run_test(
-    model: L.LightningModule,
-    loaders: Sequence[Any],
-    trainer_kwargs: Mapping[str, Any],
-    callbacks: Sequence[L.Callback] = (),
-) -> Scores:
-    """``trainer.test`` over one dataloader per task (in ``model.eval_tasks`` order); returns ``model.scores``.
-
-    Under a multi-process strategy each rank scores its share of the batches (:func:`shard_eval_loader`, no
-    example repeated) and the modules' torchmetrics sum their states across ranks when computed, so every rank
-    returns the scores one process would.
-    """
-    trainer = L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **{**trainer_arguments(trainer_kwargs), "use_distributed_sampler": False},
-    )
-    trainer.test(model, dataloaders=[shard_eval_loader(d) for d in loaders], verbose=False)
-    return dict(model.scores)
-
-
-def average(scores: Scores, key: str = "acc") -> float:
-    """Unweighted mean of one metric over tasks."""
-    return sum(s[key] for s in scores.values()) / len(scores)
-
-
-def normalized(scores: Scores, reference: Scores, key: str = "acc") -> dict[str, float]:
-    """Per task merged / expert score (the normalized accuracy of the merging literature)."""
-    return {t: scores[t][key] / reference[t][key] if reference[t][key] > 0 else float("nan") for t in scores}

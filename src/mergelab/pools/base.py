@@ -1,10 +1,9 @@
 """What :func:`mergelab.run.run` needs from a model pool and an evaluation suite, whatever the model family.
 
-A pool (sequence classifiers in :mod:`mergelab.modelpool`, causal LMs in :mod:`mergelab.causal_lm`) holds the
+A pool (sequence classifiers in :mod:`mergelab.text.pool`, causal LMs in :mod:`mergelab.causal_lm.pool`) holds the
 pretrained model and one expert per task of a suite; merge methods read its state dicts, and it builds the
 LightningModules that the suite's tasks are scored with (each exposing the merged weights as ``backbone``, which
-:class:`mergelab.callbacks.MergeCallback` loads into).
-"""
+:class:`mergelab.callbacks.MergeCallback` loads into)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,22 +34,7 @@ def copy_with_state(module: nn.Module, state: Mapping[str, torch.Tensor] | None)
     return out.eval()
 
 
-class EvalSuite(Protocol):
-    """An evaluation suite: named tasks with train/validation/test splits."""
-
-    name: str
-    task_names: list[str]
-    tune_split: str
-    report_split: str
-    max_length: int
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies everything the scores depend on (data files, subset, formatting)."""
-        ...
-
-
-class MergePool(ABC):
+class ModelPool(ABC):
     """The pretrained model and one expert per task, with the parameters that merge methods operate on.
 
     Args:

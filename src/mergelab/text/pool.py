@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from mergelab import task_vectors as tv
-from mergelab.checkpoints import looks_local
-from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
-from mergelab.experts import build_expert, model_fingerprint
-from mergelab.interfaces import MergePool, Scores, copy_with_state
-from mergelab.outputs import atomic_dir, atomic_write_json
-from mergelab.suite import TextClassificationSuite
-
-log = logging.getLogger(__name__)
+from mergelab.io.atomic import atomic_dir, atomic_write_json
+from mergelab.io.files import looks_local
+from mergelab.pools.base import ModelPool, Scores, copy_with_state
+from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
+from mergelab.text.suite import TextClassificationSuite
+from mergelab.training.experts import build_expert, model_fingerprint
 
 HEADS_FILE = "task_heads.safetensors"
+
+
 HEADS_META = "task_heads.json"
 
 
@@ -59,13 +58,13 @@ def load_classifier(name: str, path: str, trust_remote_code: bool, **kwargs: Any
     return load_model(AutoModelForSequenceClassification, name, path, trust_remote_code, **kwargs)
 
 
-class ModelPool(MergePool):
+class ClassifierPool(ModelPool):
     """The pretrained model and the experts, with the shared (merged) / per-task (head) split.
 
     Args:
         pretrained: hub id or local dir of the pretrained model.
         experts: task name -> hub id or local dir; a null value (or ``experts: null`` for every suite task)
-            means "fine-tune this expert from the suite's train split" (cached, see :mod:`mergelab.experts`).
+            means "fine-tune this expert from the suite's train split" (cached, see :mod:`mergelab.training.experts`).
         exclude: regexes over backbone parameter names that are not merged (they stay pretrained).
         finetune: the recipe for experts built on demand.
         cache_dir: where built experts and cached reference scores live.
@@ -91,7 +90,7 @@ class ModelPool(MergePool):
         """Resolve (building if needed) and load every model, and check they fit together and the suite."""
         if not isinstance(suite, TextClassificationSuite):
             raise ValueError(
-                f"model pool ModelPool (sequence classifiers) scores text-classification suites (e.g. eval=embedded); "
+                f"model pool ClassifierPool (sequence classifiers) scores text-classification suites (e.g. eval=embedded); "
                 f"eval '{suite.name}' is a {type(suite).__name__}"
             )
         paths = self.task_paths(suite.task_names)
@@ -175,7 +174,7 @@ class ModelPool(MergePool):
         tasks: Sequence[str] | None = None,
         callbacks: Sequence[L.Callback] = (),
     ) -> Scores:
-        """Accuracy and macro-F1 of ``model`` on ``split`` of each task (see :func:`mergelab.evaluation.evaluate`)."""
+        """Accuracy and macro-F1 of ``model`` on ``split`` of each task (see :func:`mergelab.text.model.evaluate`)."""
         assert isinstance(model, MultiTaskClassifier)
         return evaluate(model, self.suite, split, self.tokenizer, trainer_kwargs, tasks, callbacks)
 
@@ -211,7 +210,7 @@ class ModelPool(MergePool):
 
 
 def load_merged(path: str | Path) -> MultiTaskClassifier:
-    """Load a merged model written by :meth:`ModelPool.save_merged` back into a multi-task classifier."""
+    """Load a merged model written by :meth:`ClassifierPool.save_merged` back into a multi-task classifier."""
     path = Path(path)
     backbone = AutoModel.from_pretrained(path).eval()
     meta = json.loads((path / HEADS_META).read_text())

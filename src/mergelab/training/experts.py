@@ -1,8 +1,7 @@
 """Building experts: full fine-tuning of the pretrained model (plus a task head for classifiers), cached as HF dirs.
 
 :func:`cached_build` is the cache every built checkpoint goes through (classification and causal-LM experts, converted
-GGUF checkpoints): keyed by a hash of what determines it, written atomically.
-"""
+GGUF checkpoints): keyed by a hash of what determines it, written atomically."""
 
 from __future__ import annotations
 
@@ -21,16 +20,19 @@ import lightning as L
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelab import distributed
-from mergelab.distributed import trainer_arguments
-from mergelab.evaluation import MultiTaskClassifier, evaluate, split_backbone
-from mergelab.outputs import atomic_write_text
-from mergelab.suite import TextClassificationSuite, file_digest
+from mergelab.io.atomic import atomic_write_text
+from mergelab.suites.base import file_digest
+from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
+from mergelab.text.suite import TextClassificationSuite
+from mergelab.training import distributed as distributed
+from mergelab.training.distributed import trainer_arguments
 
 log = logging.getLogger(__name__)
 
 # Bump when the way experts are trained changes, so stale cache entries are not reused.
 EXPERT_FORMAT = 1
+
+
 RECORD = "mergelab_expert.json"
 
 

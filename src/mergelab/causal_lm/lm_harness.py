@@ -8,8 +8,7 @@ wrapping the in-memory ``transformers`` LM (the merged weights already loaded) i
 main metric (acc, exact_match, pass@1 ...) is reported as ``acc`` (the table's column) next to the harness's own
 metric names.
 
-Offline tasks defined on local files live in ``data/lm_harness`` (always registered); ``include_path`` adds more.
-"""
+Offline tasks defined on local files live in ``data/lm_harness`` (always registered); ``include_path`` adds more."""
 
 from __future__ import annotations
 
@@ -29,13 +28,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mergelab.evaluation import run_test
-from mergelab.interfaces import Scores
-from mergelab.suite import file_digest
+from mergelab.pools.base import Scores
+from mergelab.suites.base import file_digest
+from mergelab.suites.scoring import run_test
 
 log = logging.getLogger(__name__)
 
-LOCAL_TASKS_DIR = Path(__file__).resolve().parents[2] / "data" / "lm_harness"
+LOCAL_TASKS_DIR = Path(__file__).resolve().parents[3] / "data" / "lm_harness"
+
+
 #: The MetaGPT paper's benchmarks and shots (WinoGrande 0, AGIEval 5, GSM8K 4, MATH 4, MBPP 3, HumanEval 0). MATH is
 #: the harness's ``minerva_math`` (the 4-shot Minerva prompt, answers checked by exact match after normalisation).
 PAPER_TASKS: dict[str, int] = {
@@ -46,6 +47,8 @@ PAPER_TASKS: dict[str, int] = {
     "mbpp": 3,
     "humaneval": 0,
 }
+
+
 #: The harness metric ("metric,filter") reported as ``acc`` where the first-match rule of :func:`main_metric` would
 #: pick another one.
 DEFAULT_METRICS: dict[str, str] = {
@@ -53,9 +56,15 @@ DEFAULT_METRICS: dict[str, str] = {
     "humaneval": "pass@1,create_test",
     "mbpp": "pass_at_1,none",
 }
+
+
 #: Metric names tried in order when a task has no entry in ``metrics``.
 METRIC_PREFERENCE = ("acc", "exact_match", "pass@1", "pass_at_1", "acc_norm", "f1", "bleu")
+
+
 SPLIT = "harness"  # lm-eval scores each task on its own evaluation split (test, else validation)
+
+
 OPTION = "eval.allow_code_execution=true"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mergelab.reports import table_records
+from mergelab.reports.tables import table_records
 
 
 def wandb_offline() -> bool:

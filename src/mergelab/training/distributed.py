@@ -11,8 +11,7 @@ With Lightning's subprocess launcher every rank re-runs the whole entry point, s
 - every rank takes the same decisions (a cache hit on one rank is a hit on all), since the collectives of a
   Trainer only complete when every rank runs it.
 
-In one process every function here is a no-op or the identity.
-"""
+In one process every function here is a no-op or the identity."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 A suite directory holds ``tasks.yaml`` (per task: label names, source, licence) and
 ``<task>/{train,validation,test}.parquet`` with columns ``text`` and ``label``. Adding a task means adding its
-files and a ``tasks.yaml`` entry; no code.
-"""
+files and a ``tasks.yaml`` entry; no code."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-SPLITS = ("train", "validation", "test")
+from mergelab.suites.base import SPLITS, SuiteOptions, file_digest, load_split, subsample
 
 
 @dataclass(frozen=True)
@@ -34,47 +33,6 @@ class TaskInfo:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (used in cache keys)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class SuiteOptions:
-    """The options every evaluation suite shares, set and checked once, with errors naming the ``eval.`` key at fault.
-
-    ``min_length``: the smallest ``max_length`` the suite can work with (prompts need room for their answer).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        data_dir: str,
-        tasks: Sequence[str],
-        batch_size: int,
-        max_length: int,
-        max_eval_examples: int | None,
-        tune_split: str,
-        report_split: str,
-        seed: int,
-        min_length: int = 1,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
-        if max_length < min_length:
-            raise ValueError(f"eval.max_length must be >= {min_length} (prompt tokens), got {max_length}")
-        if max_eval_examples is not None and max_eval_examples < 1:
-            raise ValueError(f"eval.max_eval_examples must be >= 1 or null, got {max_eval_examples}")
-        for key, split in (("tune_split", tune_split), ("report_split", report_split)):
-            if split not in SPLITS:
-                raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
-        self.name = name
-        self.data_dir = Path(data_dir)
-        self.task_names = list(tasks)
-        self.batch_size, self.max_length = int(batch_size), int(max_length)
-        self.max_eval_examples = max_eval_examples
-        self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
 
 
 class TextClassificationSuite(SuiteOptions):
@@ -186,18 +144,6 @@ class TextClassificationSuite(SuiteOptions):
                 h.update(f"{t}/{s}:{file_digest(self.tasks[t].files[s])}".encode())
         h.update(f"{self.max_eval_examples}|{self.max_length}|{self.seed}".encode())
         return h.hexdigest()[:16]
-
-
-def load_split(path: Path, split: str) -> datasets.Dataset:
-    """One parquet split file as a ``datasets.Dataset``."""
-    return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
-
-
-def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> datasets.Dataset:
-    """The first ``max_examples`` of a seeded shuffle (all of ``ds`` when None), so every model sees the same."""
-    if max_examples is not None and len(ds) > max_examples:
-        ds = ds.shuffle(seed=seed).select(range(max_examples))
-    return ds
 
 
 def pad_batch(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

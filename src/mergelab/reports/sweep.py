@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mergelab.outputs import atomic_write_json, atomic_write_text
+from mergelab.io.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

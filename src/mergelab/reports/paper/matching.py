@@ -1,0 +1,298 @@
+"""``mergelab-report``: a run's (or a sweep's) rows in a paper's table layout, next to the paper's published numbers.
+
+A paper table is a YAML file in ``data/papers/`` (one per published table): the paper, the model, the tasks in the
+paper's order (with the names a mergelab suite may give them), the metric, how the paper defines its normalized
+average, and per method the published per-task scores and averages plus the mergelab rows that hold that method.
+
+The report puts, for every method of the table, our score and the paper's ("ours / paper") per task, on average
+and as the paper's normalized average (computed from the run's own experts row), with the differences of the
+averages; it prints the markdown and writes ``report.md``, ``report.csv`` and ``report.png``::
+
+    mergelab-report outputs/multirun/2025-01-01/12-00-00 --table awd_vit_b32
+    mergelab-report outputs/runs/a outputs/runs/b --table metagpt_llama2_7b --out reports/llama --overwrite
+    mergelab-report --list"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mergelab.reports.paper.runs import Run
+from mergelab.reports.paper.schema import (
+    DEFINITIONS,
+    REFERENCE_ROWS,
+    UNITS,
+    PaperMethod,
+    PaperTable,
+    ReportError,
+    _choice,
+)
+
+
+def normalized_average(
+    scores: Mapping[str, float | None], reference: Mapping[str, float | None], definition: str
+) -> float | None:
+    """The normalized average of ``scores`` against the experts' ``reference`` scores, over the tasks of ``scores``.
+
+    ``mean_of_ratios``: mean over tasks t of scores[t] / reference[t]; ``ratio_of_means``: mean of scores / mean of
+    reference; ``none``: None. None as well when a task lacks a score or a reference score (a normalized average
+    over fewer tasks than the paper's is not comparable), or when a denominator is zero.
+    """
+    _choice(definition, DEFINITIONS, "normalized definition")
+    tasks = list(scores)
+    if definition == "none" or not tasks:
+        return None
+    ours = [scores[t] for t in tasks]
+    ref = [reference.get(t) for t in tasks]
+    if any(v is None for v in ours) or any(v is None for v in ref):
+        return None
+    if definition == "mean_of_ratios":
+        if any(r == 0 for r in ref):
+            return None
+        return sum(s / r for s, r in zip(ours, ref, strict=True)) / len(tasks)  # type: ignore[operator]
+    total = sum(ref)  # type: ignore[arg-type]
+    return None if total == 0 else sum(ours) / total  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One method of the table: our numbers and the paper's, in the table's display units (None = missing)."""
+
+    method: PaperMethod
+    source: str | None
+    note: str
+    ours: Mapping[str, float | None]
+    ours_average: float | None
+    ours_normalized: float | None
+    paper: Mapping[str, float | None]
+    paper_average: float | None
+    paper_normalized: float | None
+    paper_normalized_derived: bool
+
+    @property
+    def diff_average(self) -> float | None:
+        """Our average minus the paper's (None when either is missing)."""
+        return _diff(self.ours_average, self.paper_average)
+
+    @property
+    def diff_normalized(self) -> float | None:
+        """Our normalized average minus the paper's (None when either is missing)."""
+        return _diff(self.ours_normalized, self.paper_normalized)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A table filled with the runs' rows: one ReportRow per paper method, in the paper's order."""
+
+    table: PaperTable
+    definition: str
+    task_columns: Mapping[str, str | None]
+    rows: tuple[ReportRow, ...]
+    runs: tuple[Run, ...]
+    unused: tuple[str, ...]
+
+
+def _diff(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else ours - paper
+
+
+def _key(name: str) -> str:
+    """Task names compared without case or punctuation (stanford-cars = Stanford_Cars)."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ReportError(f"{option} {pair!r}: expected NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def resolve_tasks(
+    table: PaperTable, runs: Sequence[Run], task_map: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
+    """Paper task -> the runs' task name (None when no run has it), by name or alias, or as ``task_map`` says."""
+    task_map = dict(task_map or {})
+    names = [t.name for t in table.tasks]
+    for name in task_map:
+        if name not in names:
+            raise ReportError(f"--map-task {name}: table {table.name} has no task {name!r} (tasks: {', '.join(names)})")
+    run_tasks = list(dict.fromkeys(t for r in runs for t in r.tasks))
+    out: dict[str, str | None] = {}
+    for task in table.tasks:
+        if task.name in task_map:
+            mapped = task_map[task.name]
+            if mapped not in run_tasks:
+                raise ReportError(
+                    f"--map-task {task.name}={mapped}: no run has that task (tasks: {', '.join(run_tasks)})"
+                )
+            out[task.name] = mapped
+            continue
+        keys = {_key(task.name), *map(_key, task.aliases)}
+        found = [t for t in run_tasks if _key(t) in keys]
+        if len(found) > 1:
+            raise ReportError(f"paper task {task.name} matches several run tasks {found}: pick one with --map-task")
+        out[task.name] = found[0] if found else None
+    return out
+
+
+def _matches(method: PaperMethod, run: Run, row: str) -> bool:
+    """Whether ``row`` of ``run`` holds ``method``: its name is one of the method's rows and no recorded option
+    contradicts the method's (an option the run does not record cannot rule the row out)."""
+    if row not in method.rows:
+        return False
+    options = run.row_options(row)
+    return all(k not in options or options[k] == v for k, v in method.options.items())
+
+
+def _same_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if set(a["scores"]) != set(b["scores"]):
+        return False
+    for task, metrics in a["scores"].items():
+        other = b["scores"][task]
+        if set(metrics) != set(other):
+            return False
+        if not all(math.isclose(metrics[m], other[m], rel_tol=1e-9, abs_tol=1e-12) for m in metrics):
+            return False
+    return True
+
+
+def _choose(method: PaperMethod, candidates: list[tuple[Run, str]]) -> tuple[tuple[Run, str] | None, str]:
+    """The row that stands for ``method`` among several, and a note on how it was chosen.
+
+    Merge rows: the best validation score (what the runs tuned on); without one on every candidate, an error.
+    The experts / pretrained rows have no such score: several runs must hold the same numbers.
+    """
+    if not candidates:
+        return None, ""
+    if len(candidates) == 1:
+        return candidates[0], ""
+    labels = ", ".join(run.label(row) for run, row in candidates)
+    if method.method in REFERENCE_ROWS:
+        first_run, first_row = candidates[0]
+        if all(_same_scores(first_run.rows[first_row], run.rows[row]) for run, row in candidates[1:]):
+            return candidates[0], f"the same in {len(candidates)} runs"
+        raise ReportError(f"{method.name}: the runs' {first_row} rows differ ({labels}); report runs that share them")
+    keys = {run.tune_key for run, _ in candidates}
+    values = []
+    for run, row in candidates:
+        value = run.rows[row].get(run.tune_key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ReportError(
+                f"{method.name}: several rows hold it ({labels}) and {run.label(row)} has no {run.tune_key} to "
+                "choose by; report only one of those runs"
+            )
+        values.append(float(value))
+    best = max(range(len(values)), key=lambda i: values[i])  # ties: the first, in the order the runs were given
+    return candidates[best], f"best {'/'.join(sorted(keys))} ({values[best]:.4f}) of {len(candidates)}"
+
+
+def _paper_normalized(table: PaperTable, method: PaperMethod, definition: str) -> tuple[float | None, bool]:
+    """The paper's normalized average under ``definition``: as published when that is the paper's own definition,
+    else derived from its published numbers where they suffice (flagged True), else None."""
+    if definition == "none":
+        return None, False
+    if definition == table.normalized and method.normalized is not None:
+        return method.normalized, False
+    experts = next((m for m in table.methods if m.method == "experts"), None)
+    if experts is None:
+        return None, False
+    scale = UNITS[table.normalized_unit]  # a derived value is a plain ratio; published ones are already scaled
+    if definition == "ratio_of_means" and method.average is not None and experts.average:
+        return scale * method.average / experts.average, True
+    tasks = [t.name for t in table.tasks]
+    value = normalized_average({t: method.scores.get(t) for t in tasks}, experts.scores, definition)
+    return (None, False) if value is None else (scale * value, True)
+
+
+def build_report(
+    table: PaperTable,
+    runs: Sequence[Run],
+    definition: str | None = None,
+    method_map: Mapping[str, str] | None = None,
+    task_map: Mapping[str, str] | None = None,
+) -> Report:
+    """Fill ``table`` with the runs' rows.
+
+    Each paper method takes the run row that holds it (``method_map``: paper method -> row name, overriding the
+    table's mapping); several candidates are settled by validation score (see :func:`_choose`). Per-task scores
+    come from the row, the averages are over the paper's tasks (missing when the run lacks one), and the normalized
+    average uses ``definition`` (default: the paper's) against the experts row of the same run.
+    """
+    definition = _choice(definition or table.normalized, DEFINITIONS, "--normalized")
+    if not runs:
+        raise ReportError("no runs to report")
+    method_map = dict(method_map or {})
+    for name in method_map:
+        table.method(name)  # raises naming the table's methods
+    for name, row in method_map.items():
+        if not any(row in r.rows for r in runs):
+            raise ReportError(f"--map {name}={row}: no run has a row {row!r}")
+    mapped_rows = set(method_map.values())
+    columns = resolve_tasks(table, runs, task_map)
+    scale = UNITS[table.unit]
+    norm_scale = UNITS[table.normalized_unit]
+
+    def values(run: Run, row: str) -> dict[str, float | None]:
+        scores = run.rows[row]["scores"]
+        return {
+            t: None if col is None or col not in scores else scores[col].get(table.metric_key)
+            for t, col in columns.items()
+        }
+
+    chosen: dict[tuple[int, str], str] = {}
+    considered: set[tuple[int, str]] = set()
+    out = []
+    for method in table.methods:
+        if method.name in method_map:
+            candidates = [(r, method_map[method.name]) for r in runs if method_map[method.name] in r.rows]
+        else:
+            # A row the user assigned with --map stands for that method only.
+            candidates = [
+                (r, row) for r in runs for row in r.rows if row not in mapped_rows and _matches(method, r, row)
+            ]
+        considered.update((id(r), row) for r, row in candidates)
+        pick, note = _choose(method, candidates)
+        ours: dict[str, float | None] = dict.fromkeys(columns)
+        ours_avg = ours_norm = None
+        source = None
+        if pick is not None:
+            run, row = pick
+            key = (id(run), row)
+            if key in chosen:
+                raise ReportError(
+                    f"{run.label(row)} holds both {chosen[key]!r} and {method.name!r} as far as its run records "
+                    "(its options do not tell them apart); name each method's row with --map"
+                )
+            chosen[key] = method.name
+            source = run.label(row)
+            raw = values(run, row)
+            ours = {t: None if v is None else scale * v for t, v in raw.items()}
+            if all(v is not None for v in raw.values()):
+                ours_avg = scale * sum(raw.values()) / len(raw)  # type: ignore[arg-type]
+            if "experts" in run.rows:
+                value = normalized_average(raw, values(run, "experts"), definition)
+                ours_norm = None if value is None else norm_scale * value
+        paper_norm, derived = _paper_normalized(table, method, definition)
+        out.append(
+            ReportRow(
+                method=method,
+                source=source,
+                note=note,
+                ours=ours,
+                ours_average=ours_avg,
+                ours_normalized=ours_norm,
+                paper={t.name: method.scores.get(t.name) for t in table.tasks},
+                paper_average=method.average,
+                paper_normalized=paper_norm,
+                paper_normalized_derived=derived,
+            )
+        )
+    unused = tuple(r.label(row) for r in runs for row in r.rows if (id(r), row) not in considered)
+    return Report(table, definition, columns, tuple(out), tuple(runs), unused)
