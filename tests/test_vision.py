@@ -42,7 +42,7 @@ from mergelab.reports.paper.schema import load_table
 from mergelab.run import build, run
 from mergelab.vision.pool import CLIPVisionPool
 from mergelab.vision.suite import ZeroShotImageSuite
-from mergelab.vision.suite import suite as vision
+from mergelab.vision import pool as vision
 from tests.conftest import make_cfg
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
