@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from mergelab.cli import CONFIG_DIR  # registers the config resolvers
+from mergelab.pools.base import ModelPool
 
 # Two real tasks, few examples: experts train in seconds and still learn something.
 TINY = [
@@ -48,3 +49,23 @@ def make_cfg(output_dir: Path, overrides: Sequence[str] = (), tiny: bool = True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+class ListPool:
+    """An in-memory model pool over state dicts: what merge methods use of a pool, without models or a suite."""
+
+    in_memory = True
+    tensor_sources = ModelPool.tensor_sources
+
+    def __init__(self, base: dict, experts: list[dict]) -> None:
+        self.base, self.experts = base, experts
+        self.tasks = [f"task{i}" for i in range(len(experts))]
+
+    def pretrained_state(self) -> dict:
+        return self.base
+
+    def expert_states(self) -> list[dict]:
+        return self.experts
+
+    def mergeable(self, state: dict) -> dict:
+        return dict(state)

@@ -17,6 +17,7 @@ from mergelab.engine.passes import combine_in_memory
 from mergelab.methods import AWD, TIES, TaskArithmetic
 from mergelab.methods.awd_fit import Objective, OptimizerConfig, fit_delta, objective_terms, tau_gram
 from mergelab.run import run
+from tests.conftest import ListPool
 from tests.conftest import make_cfg
 
 CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False}
@@ -38,23 +39,6 @@ def make_models(n: int = 3, seed: int = 0) -> tuple[dict, list[dict]]:
         {k: base[k] + shared[k] + 0.3 * torch.randn(s, generator=g) for k, s in SHAPES.items()} for _ in range(n)
     ]
     return base, experts
-
-
-class ListPool:
-    """The part of a model pool AWD uses, over in-memory state dicts."""
-
-    def __init__(self, base: dict, experts: list[dict]) -> None:
-        self.base, self.experts = base, experts
-        self.tasks = [f"task{i}" for i in range(len(experts))]
-
-    def pretrained_state(self) -> dict:
-        return self.base
-
-    def expert_states(self) -> list[dict]:
-        return self.experts
-
-    def mergeable(self, state: dict) -> dict:
-        return dict(state)
 
 
 # ------------------------------------------------------------------------------ the objective, computed directly
@@ -189,7 +173,7 @@ def test_orthogonal_task_vectors_leave_delta_at_zero(granularity: str) -> None:
 
 def test_awd_ta_is_ta_minus_scaling_times_t_times_delta() -> None:
     base, experts = make_models(seed=4)
-    method = fit(base, experts, scaling=0.4)
+    method = fit(base, experts, merge=TaskArithmetic(scaling=0.4))
     out = method.merge(base, experts)
     ta = TaskArithmetic(scaling=0.4).merge(base, experts)
     for k in base:
@@ -199,7 +183,7 @@ def test_awd_ta_is_ta_minus_scaling_times_t_times_delta() -> None:
 
 def test_awd_ties_is_ties_on_the_disentangled_vectors_in_any_chunking() -> None:
     base, experts = make_models(seed=5)
-    method = fit(base, experts, merge="ties", merge_options={"k": 30}, scaling=1.0)
+    method = fit(base, experts, merge=TIES(k=30, scaling=1.0))
     hats = tv.task_vectors(base, experts)
     for v in hats:
         for k, d in method.delta.items():
@@ -254,7 +238,7 @@ def test_rerun_gives_the_same_delta_and_saved_delta_reloads(tmp_path: Path) -> N
         ({"lr": 0.0}, "'lr'"),
         ({"steps": 0}, "'steps'"),
         ({"merge": "fisher"}, "'merge'"),
-        ({"merge": "ties", "merge_options": {"q": 1}}, "'merge_options'"),
+        ({"merge": {"_target_": "mergelab.methods.TIES", "q": 1}}, "'merge'"),
         ({"mode": "per_tensor", "granularity": "model"}, "per_tensor"),
         ({"delta_path": "/nonexistent/delta.safetensors"}, "delta_path"),
     ],
@@ -344,7 +328,7 @@ def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path)
         "method=awd",
         "method.steps=15",
         "method.lr=0.5",
-        "method.scaling=0.3",
+        "method.merge.scaling=0.3",
     ]
     run(make_cfg(tmp_path / "run", overrides, tiny=False))
     out = tmp_path / "run"
@@ -360,7 +344,7 @@ def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path)
     assert sorted(delta) == sorted(blocks)  # the default: 2-D weights inside the numbered blocks
 
     # The same fit in memory, tensor by tensor (the streaming fit's own mode).
-    mem = AWD(steps=15, lr=0.5, scaling=0.3, mode="per_tensor")
+    mem = AWD(steps=15, lr=0.5, merge=TaskArithmetic(scaling=0.3), mode="per_tensor")
     mem.prepare(ListPool(base, experts), CPU)
     for k in blocks:
         torch.testing.assert_close(delta[k], mem.delta[k], rtol=1e-5, atol=1e-7)
@@ -378,7 +362,7 @@ def test_streaming_awd_fits_from_the_files_and_merges_as_defined(tmp_path: Path)
     merged.close()
 
     # delta_path accepts the delta dir: the merge is reproduced without fitting.
-    again = AWD(scaling=0.3, delta_path=str(out / "artifacts" / "awd" / "delta"))
+    again = AWD(merge=TaskArithmetic(scaling=0.3), delta_path=str(out / "artifacts" / "awd" / "delta"))
     stream_merge(again, str(tmp_path / "base"), [str(tmp_path / f"e{i}") for i in range(3)], tmp_path / "again")
     a, b = LazyCheckpoint(out / "merged_model"), LazyCheckpoint(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a)

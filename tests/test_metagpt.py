@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mergelab import task_vectors as tv
+from mergelab.engine.chunks import Block
 from mergelab.methods import DARE, TIES, MetaGPT, WeightAveraging
 from tests.test_methods import SHAPES, assert_state_close, flat, make_models, unflat
 
@@ -82,16 +83,17 @@ def test_data_aware_curvature_variant() -> None:
 def test_with_ties(lambda_from: str) -> None:
     base, experts = make_models(seed=6)
     vecs = tv.task_vectors(base, experts)
-    method = MetaGPT(sparsify="ties", k=30, lambda_from=lambda_from)
+    method = MetaGPT(sparsify=TIES(k=30), lambda_from=lambda_from)
     out = method.combine(vecs)
     # Independently: TIES trim + sign election keeps, per task, the entries agreeing with the elected sign.
     ties = TIES(k=30, scaling=1.0)
     ties.begin(list(vecs[0]))
+    blocks = {n: Block(n, 0, None, None, tuple(vecs[0][n].shape)) for n in vecs[0]}
     for p in range(ties.stat_passes):
         for n in vecs[0]:
-            ties.observe(p, n, 0, [v[n] for v in vecs])
+            ties.add_statistics(p, blocks[n], ties.chunk_statistics(p, blocks[n], [v[n] for v in vecs]))
         ties.end_pass(p)
-    kept = [{n: ties.select([v[n] for v in vecs])[i] for n in vecs[0]} for i in range(len(vecs))]
+    kept = [{n: ties.sparsify_chunk(blocks[n], [v[n] for v in vecs])[i] for n in vecs[0]} for i in range(len(vecs))]
     norms_of = vecs if lambda_from == "original" else kept
     sq = np.array([sq_norm(v) for v in norms_of])
     lam = sq / sq.sum()
@@ -107,7 +109,7 @@ def test_with_ties(lambda_from: str) -> None:
 def test_with_dare_uses_the_dare_masks() -> None:
     base, experts = make_models(seed=7)
     vecs = tv.task_vectors(base, experts)
-    out = MetaGPT(sparsify="dare", p=0.4, seed=2, lambda_from="sparsified").combine(vecs)
+    out = MetaGPT(sparsify=DARE(p=0.4, seed=2), lambda_from="sparsified").combine(vecs)
     dropped = DARE(p=0.4, seed=2).drop(vecs)
     sq = np.array([sq_norm(v) for v in dropped])
     lam = sq / sq.sum()
@@ -122,8 +124,9 @@ def test_with_dare_uses_the_dare_masks() -> None:
         ({"granularity": "layer"}, "'granularity'"),
         ({"sparsify": "magic"}, "'sparsify'"),
         ({"lambda_from": "both"}, "'lambda_from'"),
-        ({"sparsify": "ties", "k": 0}, "'k'"),
-        ({"sparsify": "dare", "p": 1.0}, "'p'"),
+        ({"sparsify": {"_target_": "mergelab.methods.TIES", "k": 0}}, "'k'"),
+        ({"sparsify": {"_target_": "mergelab.methods.DARE", "p": 1.0}}, "'p'"),
+        ({"sparsify": "task_arithmetic"}, "'sparsify' must be a Sparsifier"),
     ],
 )
 def test_bad_options(kwargs: dict, match: str) -> None:

@@ -118,7 +118,7 @@ def test_dare_with_injected_mask() -> None:
     g = torch.Generator().manual_seed(5)
     masks = [{k: torch.rand(s, generator=g) > 0.4 for k, s in SHAPES.items()} for _ in experts]
     p, lam = 0.4, 0.6
-    method = DARE(p=p, scaling=lam, merge="task_arithmetic")
+    method = DARE(p=p, merge=TaskArithmetic(scaling=lam))
     out = tv.apply_task_vector(base, method.combine(tv.task_vectors(base, experts), masks=masks))
     expected = {
         k: base[k] + lam * sum(m[k].float() * (e[k] - base[k]) / (1 - p) for e, m in zip(experts, masks, strict=True))
@@ -129,7 +129,7 @@ def test_dare_with_injected_mask() -> None:
 
 def test_dare_then_ties_equals_ties_on_dropped_vectors() -> None:
     base, experts = make_models()
-    dare = DARE(p=0.3, seed=3, merge="ties", k=30, disjoint="mean", scaling=0.9)
+    dare = DARE(p=0.3, seed=3, merge=TIES(k=30, disjoint="mean", scaling=0.9))
     vecs = tv.task_vectors(base, experts)
     dropped = dare.drop(vecs)
     expected = TIES(k=30, disjoint="mean", scaling=0.9).combine(dropped)
@@ -152,7 +152,9 @@ def test_dare_statistics_and_seeding() -> None:
 
 def test_dare_p_zero_is_task_arithmetic() -> None:
     base, experts = make_models()
-    assert_state_close(DARE(p=0.0, scaling=0.4).merge(base, experts), TaskArithmetic(scaling=0.4).merge(base, experts))
+    assert_state_close(
+        DARE(p=0.0, merge=TaskArithmetic(scaling=0.4)).merge(base, experts), TaskArithmetic(scaling=0.4).merge(base, experts)
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""The streaming engine: identical to in-memory merging, sharded output that transformers loads, vocab policy."""
+"""The streaming engine's files: sharded output that transformers loads, vocab policy, reads, writes and errors.
+
+That every method streams exactly as it merges in memory is tests/test_conformance.py's matrix."""
 
 from __future__ import annotations
 
@@ -70,47 +72,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 def load_all(path: Path) -> dict[str, torch.Tensor]:
     ck = LazyCheckpoint(path)
     return {k: ck.get(k) for k in ck}
-
-
-METHODS = {
-    "weight_averaging": lambda: WeightAveraging(),
-    "task_arithmetic": lambda: TaskArithmetic(scaling=0.4),
-    "ties_global_mean": lambda: TIES(k=30, prune="global", disjoint="mean", scaling=0.8),
-    "ties_per_tensor": lambda: TIES(k=30, prune="per_tensor", scaling=0.5),
-    "dare_ta": lambda: DARE(p=0.3, seed=1, scaling=0.5),
-    "dare_ties": lambda: DARE(p=0.3, seed=1, merge="ties", k=50, scaling=0.5),
-    "metagpt": lambda: MetaGPT(),
-    "metagpt_tensor": lambda: MetaGPT(granularity="tensor"),
-    "metagpt_ties_sparse": lambda: MetaGPT(sparsify="ties", lambda_from="sparsified", k=40),
-    "metagpt_dare": lambda: MetaGPT(sparsify="dare", p=0.2),
-}
-
-
-@pytest.mark.parametrize("name", list(METHODS))
-def test_streaming_equals_in_memory(name: str, pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    base_dir, expert_dirs = pool
-    chunk = 256  # small row blocks: every matrix is split into several chunks
-    out = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "out", chunk_elems=chunk, progress=False)
-    streamed = load_all(out)
-    base = load_all(base_dir)
-    experts = [load_all(e) for e in expert_dirs]
-    delta = combine_in_memory(METHODS[name](), tv.task_vectors(base, experts), chunk_elems=chunk)
-    expected = tv.apply_task_vector(base, delta)
-    assert streamed.keys() == expected.keys()
-    for k, v in expected.items():
-        assert streamed[k].dtype == torch.bfloat16
-        assert torch.equal(streamed[k], v), k
-
-
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties_global_mean", "ties_per_tensor", "metagpt"])
-def test_chunking_does_not_change_deterministic_methods(name: str, pool: tuple[Path, list[Path]]) -> None:
-    base_dir, expert_dirs = pool
-    base = load_all(base_dir)
-    vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
-    whole = combine_in_memory(METHODS[name](), vecs, chunk_elems=None)
-    chunked = combine_in_memory(METHODS[name](), vecs, chunk_elems=100)
-    for k in whole:
-        torch.testing.assert_close(whole[k], chunked[k], rtol=0, atol=1e-7)
 
 
 def test_sharded_output_loads_in_transformers(pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -274,19 +235,6 @@ def same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties_global_mean", "ties_per_tensor", "metagpt", "dare_ties"])
-def test_pipelined_engine_writes_the_bytes_of_the_sequential_one(
-    name: str, pool: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mergelab.engine.passes import streaming as streaming
-
-    base_dir, expert_dirs = pool
-    fast = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "fast", chunk_elems=256, progress=False)
-    monkeypatch.setattr(streaming, "PIPELINE", False)
-    slow = stream_merge(METHODS[name](), base_dir, expert_dirs, tmp_path / "slow", chunk_elems=256, progress=False)
-    same_files(fast, slow)
-
-
 def test_direct_and_buffered_reads_agree(pool: tuple[Path, list[Path]]) -> None:
     from mergelab.io.files import ALIGN, aligned_empty
 
@@ -394,7 +342,7 @@ def test_folded_ties_sign_pass_is_exact(
 ) -> None:
     """Streaming global TIES skips the sign pass and corrects the exact ties afterwards (the majority -1
     case), or merges again when there are more corrections than its budget: always the in-memory result."""
-    from mergelab.engine.passes import passes as engine
+    from mergelab.engine import passes as engine
 
     if budget is not None:
         monkeypatch.setattr(engine.DeferredValues.__init__, "__defaults__", (budget,))
@@ -418,7 +366,7 @@ def test_errors_in_the_pipeline_threads_propagate_and_leave_no_output(
 ) -> None:
     import threading
 
-    from mergelab.io import files as checkpoints
+    from mergelab.io import reader, writer
 
     base_dir, expert_dirs = pool
     method = TIES(k=30, prune="global") if where == "statistics" else TaskArithmetic(0.3)
@@ -438,12 +386,10 @@ def test_errors_in_the_pipeline_threads_propagate_and_leave_no_output(
     elif where == "statistics":
         monkeypatch.setattr(method, "chunk_statistics", fail_later(method.chunk_statistics))
     elif where == "write":
-        monkeypatch.setattr(checkpoints, "_pwrite_all", fail_later(checkpoints._pwrite_all))
-        monkeypatch.setattr(checkpoints.ShardedWriter, "STAGING_BYTES", 8192)  # many writes
+        monkeypatch.setattr(writer, "_pwrite_all", fail_later(writer._pwrite_all))
+        monkeypatch.setattr(writer.ShardedWriter, "STAGING_BYTES", 8192)  # many writes
     else:
-        monkeypatch.setattr(
-            checkpoints.LazyCheckpoint, "read_rows_into", fail_later(checkpoints.LazyCheckpoint.read_rows_into)
-        )
+        monkeypatch.setattr(reader.LazyCheckpoint, "read_rows_into", fail_later(reader.LazyCheckpoint.read_rows_into))
     threads_before = threading.active_count()
     with pytest.raises(RuntimeError, match=f"injected failure in {where}"):
         stream_merge(method, base_dir, expert_dirs, tmp_path / "out", chunk_elems=256, progress=False)

@@ -10,12 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mergelab.locations import CONFIG_DIR, ROOT_DIR
 from mergelab.reports.loggers import wandb_offline
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-# conf/ and data/ sit at the repository root (the package is installed in editable mode).
-ROOT_DIR = PACKAGE_DIR.parents[1]
-CONFIG_DIR = ROOT_DIR / "conf"
 
 
 def minilm_path() -> str:

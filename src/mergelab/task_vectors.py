@@ -18,14 +18,34 @@ from torch import Tensor
 StateDict = dict[str, Tensor]
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """Low-precision tensors are upcast so that sums of several experts do not lose precision."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype task vectors are computed in: float32, or float64 for float64 weights.
+
+    Low-precision weights are upcast so that sums over several experts do not lose precision.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def subtract_base(expert: Tensor, base: Tensor, out: Tensor | None = None) -> Tensor:
+    """tau = expert - base for one block, ``base`` already in its compute dtype (into ``out`` when given).
+
+    The only place a task vector is formed: in memory, sequentially streamed and pipelined alike. Upcasting is
+    exact, so copying the expert into ``out`` and subtracting in place gives the values of the mixed-dtype
+    subtraction (which TensorIterator runs on a slower casting path).
+    """
+    if out is None:
+        return torch.sub(expert, base)
+    return out.copy_(expert).sub_(base)
+
+
+def add_base(base: Tensor, delta: Tensor, out: Tensor | None = None) -> Tensor:
+    """theta = base + delta for one block in the compute dtype (into ``out`` when given); the caller casts back."""
+    return torch.add(base, delta, out=out) if out is not None else base.add(delta)
 
 
 def task_vector(base: Mapping[str, Tensor], expert: Mapping[str, Tensor]) -> StateDict:
     """tau = theta_expert - theta_0 for every parameter of ``base`` (keys must match)."""
-    return {k: expert[k].to(_compute_dtype(v)) - v.to(_compute_dtype(v)) for k, v in base.items()}
+    return {k: subtract_base(expert[k], v.to(compute_dtype(v.dtype))) for k, v in base.items()}
 
 
 def task_vectors(base: Mapping[str, Tensor], experts: Iterable[Mapping[str, Tensor]]) -> list[StateDict]:
@@ -37,7 +57,7 @@ def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -
     """theta_0 + delta, cast back to the pretrained dtypes. Parameters absent from ``delta`` stay pretrained."""
     out: StateDict = {}
     for k, v in base.items():
-        out[k] = (v.to(_compute_dtype(v)) + delta[k]).to(v.dtype) if k in delta else v.clone()
+        out[k] = add_base(v.to(compute_dtype(v.dtype)), delta[k]).to(v.dtype) if k in delta else v.clone()
     return out
 
 
@@ -47,6 +67,23 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], out: Tenso
     for w, t in zip(weights[1:], tensors[1:], strict=True):
         out.add_(t, alpha=w)
     return out
+
+
+def row_squared_sums(t: Tensor) -> Tensor:
+    """Sum of squares of each row in float64 (each element of a 1-D tensor; the value of a 0-D one).
+
+    Squares of float32 values are exact in float64, and a row is never split across blocks, so these values do
+    not depend on how a tensor is cut into blocks.
+    """
+    d = t.detach().to(torch.float64)
+    if d.dim() <= 1:
+        return d.reshape(-1).square()
+    return d.reshape(d.shape[0], -1).square().sum(1)
+
+
+def exact_sum(parts: Sequence[Tensor]) -> float:
+    """The exactly rounded sum of the values of 1-D float64 tensors (order and grouping do not matter)."""
+    return math.fsum(v for p in parts for v in p.tolist())
 
 
 def topk_count(numel: int, k_percent: float) -> int:
@@ -332,7 +369,7 @@ def ties_merge_folded_(
 
 
 def tensor_seed(seed: int, name: str, index: int, chunk: int = 0) -> int:
-    """A seed for one (parameter, row block, task) that does not depend on the order tensors are visited in."""
+    """A seed for one (parameter, mask block, task) that does not depend on the order tensors are visited in."""
     return (seed * 1_000_003 + zlib.crc32(f"{name}#{chunk}".encode()) * 31 + index) % (2**63 - 1)
 
 

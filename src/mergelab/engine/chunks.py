@@ -1,23 +1,42 @@
-"""PART OF engine: engine.chunks"""
+"""The chunk vocabulary every merge method and engine part speaks: blocks, sources and one chunk of task vectors.
+
+A *block* is a range of rows of one tensor (or the whole tensor); a *chunk* is that block of the pretrained
+weights in the compute dtype plus the task vectors of every expert over it. Methods see only chunks, so the same
+method code runs on in-memory state dicts and on checkpoints streamed from disk. This module sits below the
+methods and the pass drivers: it imports neither.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
-import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    pass
+from mergelab.task_vectors import compute_dtype, subtract_base
 
 # Rows are grouped so that a chunk holds at most this many elements per task (4 MiB in float32): small enough
 # that a chunk's several elementwise steps run in cache rather than streaming each one from main memory.
 DEFAULT_CHUNK_ELEMS = 1 << 20
 
 
+class Block(NamedTuple):
+    """Rows ``start:stop`` of tensor ``name`` (both None: the whole tensor), the ``index``-th block of it.
+
+    ``shape`` is the whole tensor's shape (the pretrained model's), so a method can relate a block to the
+    tensor whatever the chunk size (DARE draws its masks on fixed blocks of it).
+    """
+
+    name: str
+    index: int
+    start: int | None
+    stop: int | None
+    shape: tuple[int, ...]
+
+
 class TensorSource(Protocol):
-    """Something that hands out tensors (or row blocks of them) by name."""
+    """Something that hands out tensors (or row blocks of them) by name: a state dict or a checkpoint on disk."""
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -29,6 +48,9 @@ class DictSource:
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
         self.tensors = tensors
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
@@ -51,9 +73,20 @@ def row_blocks(shape: tuple[int, ...], chunk_elems: int | None) -> list[tuple[in
     return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype task vectors are computed in: float32, or float64 for float64 weights."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def plan_blocks(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], chunk_elems: int | None) -> list[Block]:
+    """Every block of every tensor, tensor by tensor, in row order."""
+    return [
+        Block(n, i, s, e, tuple(shapes[n]))
+        for n in names
+        for i, (s, e) in enumerate(row_blocks(shapes[n], chunk_elems))
+    ]
+
+
+def read_bounds(shape: tuple[int, ...], start: int | None, stop: int | None) -> tuple[int | None, int | None]:
+    """The rows read for a block: the pretrained model's rows only (experts may have extra rows, added tokens)."""
+    if start is None and shape:
+        return 0, shape[0]
+    return start, stop
 
 
 class ScratchChunk(list):
@@ -73,42 +106,29 @@ def is_scratch(vectors: Sequence[Tensor]) -> bool:
     return isinstance(vectors, ScratchChunk)
 
 
-VectorLoader = Callable[[str, int | None, int | None], list[Tensor]]
+@dataclass
+class Chunk:
+    """One block in flight: the pretrained block (compute dtype), the task vectors and an output buffer.
 
-
-class TaskVectorLoader:
-    """Loads tau_t = theta_t - theta_0 for a row block, in float32 (float64 stays float64).
-
-    The pretrained block of the latest load is kept (:meth:`base_block`), so adding the merged task vector
-    back does not read it again.
+    ``base`` is None when the chunk was made from task vectors alone; ``out`` is a free buffer of the block's
+    shape owned by the engine, or None (results are then fresh tensors).
     """
 
-    def __init__(self, base: TensorSource, experts: Sequence[TensorSource]) -> None:
-        self.base, self.experts = base, experts
-        self._last: tuple[str, int | None, int | None, Tensor] | None = None
-
-    def bounds(self, name: str, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
-        """The rows actually read: experts may have extra rows (added tokens), only the base's rows are used."""
-        shape = self.base.shape(name)
-        if start is None and shape:
-            return 0, shape[0]
-        return start, stop
-
-    def base_block(self, name: str, start: int | None, stop: int | None) -> Tensor:
-        """The pretrained block in the compute dtype."""
-        start, stop = self.bounds(name, start, stop)
-        if self._last is not None and self._last[:3] == (name, start, stop):
-            return self._last[3]
-        b = self.base.get_rows(name, start, stop)
-        b = b.to(compute_dtype(b.dtype))
-        self._last = (name, start, stop, b)
-        return b
-
-    def __call__(self, name: str, start: int | None, stop: int | None) -> list[Tensor]:
-        b = self.base_block(name, start, stop)
-        start, stop = self.bounds(name, start, stop)
-        # Mixed-dtype subtraction promotes to the base's compute dtype in one pass (no separate upcast).
-        return [torch.sub(e.get_rows(name, start, stop), b) for e in self.experts]
+    block: Block
+    base: Tensor | None
+    vectors: Sequence[Tensor]
+    out: Tensor | None = None
 
 
-Block = tuple[str, int, int | None, int | None]  # tensor name, chunk index, start row, stop row
+def load_chunk(block: Block, base: TensorSource, experts: Sequence[TensorSource]) -> Chunk:
+    """The chunk of ``block``: the pretrained rows in the compute dtype and tau_t = theta_t - theta_0 over them."""
+    s, e = read_bounds(block.shape, block.start, block.stop)
+    b = base.get_rows(block.name, s, e)
+    b = b.to(compute_dtype(b.dtype))
+    return Chunk(block, b, [subtract_base(x.get_rows(block.name, s, e), b) for x in experts])
+
+
+def vector_chunk(block: Block, vectors: Sequence[TensorSource]) -> Chunk:
+    """The chunk of ``block`` from task vectors already formed (no pretrained block)."""
+    s, e = read_bounds(block.shape, block.start, block.stop)
+    return Chunk(block, None, [v.get_rows(block.name, s, e) for v in vectors])

@@ -1,79 +1,58 @@
-"""The merge engine: one code path for in-memory state dicts and for checkpoints far larger than memory.
+"""The pass driver: one loop runs a method's statistics passes and its merge pass, on one of two executors.
 
-A task-vector method sees the task vectors one *chunk* at a time (a block of rows of one tensor, or a whole
-tensor for methods that need it), in zero or more statistics passes followed by a merge pass. In memory the
-chunks are slices of tensors already loaded (:func:`run_method`); when streaming they are read from safetensors
-shards block by block (:func:`run_method_pipelined`), so peak memory is a few row blocks whatever the model's
-size.
-
-Streaming overlaps everything: a reader thread reads the blocks ahead into reused page-aligned buffers, worker
-threads turn them into task vectors and run the method's per-chunk work, and the caller consumes the results in
-order. Methods that declare ``parallel_chunks`` (all built-in ones) have their per-chunk statistics
-(``chunk_statistics``) and merges computed on the workers; what is accumulated across chunks
-(``add_statistics``) is still added in chunk order, so results are identical to a sequential run."""
+:class:`SequentialExecutor` forms each chunk on the calling thread from any :class:`TensorSource` (state dicts,
+checkpoints, ready task vectors); :class:`~mergelab.engine.pipeline.ChunkPipeline` reads checkpoints ahead on
+threads and runs the method's per-chunk hooks on workers. Both hand chunks to :func:`run_passes` in block order,
+and what is accumulated across blocks is accumulated in that order, so both give the same bytes. The hooks called
+are exactly those declared by :class:`mergelab.engine.protocol.ChunkMethod`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block, DictSource, VectorLoader, row_blocks
-from mergelab.engine.pipeline import BlockReader, Chunk, ChunkPipeline
-from mergelab.task_vectors import release_workspace
+from mergelab.engine.chunks import (
+    DEFAULT_CHUNK_ELEMS,
+    Block,
+    Chunk,
+    DictSource,
+    TensorSource,
+    load_chunk,
+    plan_blocks,
+    vector_chunk,
+)
+from mergelab.engine.protocol import ChunkMethod, FoldsLastPass, folds
+from mergelab.task_vectors import StateDict, add_base, release_workspace
 
-if TYPE_CHECKING:
-    from mergelab.methods.base import TaskVectorMethod
+# finish(chunk, merged task vector, flat index or None) -> what the pass yields for the block (e.g. theta)
+Finish = Callable[[Chunk, Tensor, Tensor | None], Tensor]
 
 
-def run_method(
-    method: TaskVectorMethod,
-    names: Sequence[str],
-    shapes: Mapping[str, tuple[int, ...]],
-    load: VectorLoader,
-    chunk_elems: int | None = DEFAULT_CHUNK_ELEMS,
-    progress: bool = False,
-) -> Iterator[tuple[str, int | None, int | None, Tensor]]:
-    """Run the method's statistics passes, then yield ``(name, start_row, stop_row, merged task vector)``.
+class SequentialExecutor:
+    """Forms every chunk on the calling thread, as fresh tensors (views of in-memory sources where possible).
 
-    Blocks of one tensor are yielded in row order; ``start_row`` is None for a whole tensor.
+    ``base`` None: ``experts`` are task vectors already formed (no pretrained block in the chunks).
     """
-    chunking = chunk_elems if method.elementwise else None
-    blocks = {n: row_blocks(shapes[n], chunking) for n in names}
-    method.begin(names)
-    for p in range(method.stat_passes):
-        for n in tqdm(names, desc=f"statistics pass {p + 1}/{method.stat_passes}", disable=not progress):
-            for i, (s, e) in enumerate(blocks[n]):
-                method.observe(p, n, i, load(n, s, e))
-        method.end_pass(p)
-    for n in tqdm(names, desc="merging", disable=not progress):
-        for i, (s, e) in enumerate(blocks[n]):
-            yield n, s, e, method.merge_chunk(n, i, load(n, s, e))
 
+    def __init__(self, base: TensorSource | None, experts: Sequence[TensorSource]) -> None:
+        self.base, self.experts = base, list(experts)
 
-def combine_in_memory(
-    method: TaskVectorMethod, vectors: Sequence[Mapping[str, Tensor]], chunk_elems: int | None = DEFAULT_CHUNK_ELEMS
-) -> dict[str, Tensor]:
-    """The merged task vector of in-memory task vectors (the same passes as a streaming merge)."""
-    if not vectors:
-        raise ValueError("at least one task vector is needed")
-    names = list(vectors[0])
-    shapes = {n: tuple(vectors[0][n].shape) for n in names}
-    sources = [DictSource(v) for v in vectors]
+    @property
+    def n_tasks(self) -> int:
+        return len(self.experts)
 
-    def load(name: str, start: int | None, stop: int | None) -> list[Tensor]:
-        return [src.get_rows(name, start, stop) for src in sources]
-
-    parts: dict[str, list[Tensor]] = {}
-    try:
-        for name, _, _, delta in run_method(method, names, shapes, load, chunk_elems):
-            parts.setdefault(name, []).append(delta)
-    finally:
-        release_workspace()
-    return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in parts.items()}
+    def map(
+        self, blocks: Sequence[Block], fn: Callable[[Chunk], Any], parallel: bool = True
+    ) -> Iterator[tuple[Chunk, Any]]:
+        """``(chunk, fn(chunk))`` for every block, in order (``parallel`` is accepted and means nothing here)."""
+        for b in blocks:
+            chunk = vector_chunk(b, self.experts) if self.base is None else load_chunk(b, self.base, self.experts)
+            yield chunk, fn(chunk)
 
 
 class DeferredValues:
@@ -103,82 +82,107 @@ class DeferredValues:
         self.count += index.numel()
 
 
-def _blocks_of(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], chunking: int | None) -> list[Block]:
-    return [(n, i, s, e) for n in names for i, (s, e) in enumerate(row_blocks(shapes[n], chunking))]
-
-
-def run_method_pipelined(
-    method: TaskVectorMethod,
-    names: Sequence[str],
-    shapes: Mapping[str, tuple[int, ...]],
-    base: BlockReader,
-    experts: Sequence[BlockReader],
-    chunk_elems: int | None = DEFAULT_CHUNK_ELEMS,
-    progress: bool = False,
-    finish: Callable[[Chunk, Tensor, Tensor | None], Tensor] | None = None,
+def run_passes(
+    method: ChunkMethod,
+    blocks: Sequence[Block],
+    executor: Any,
+    finish: Finish | None = None,
     deferred: DeferredValues | None = None,
-    workers: int | None = None,
+    progress: bool = False,
 ) -> Iterator[tuple[Chunk, Tensor]]:
-    """:func:`run_method` for checkpoints on disk, through a :class:`ChunkPipeline`.
+    """Run ``method``'s statistics passes over ``blocks``, then yield ``(chunk, result)`` of the merge pass in order.
 
-    Yields ``(chunk, result)`` in block order, where the result is ``finish(chunk, merged task vector, None)``
-    (the merged task vector itself without ``finish``); ``chunk.base`` is the pretrained block and
-    ``chunk.out`` a free buffer of its shape, both reused once the next item is asked for. Call it inside
-    :func:`single_threaded_torch`. Methods with ``parallel_chunks`` run ``chunk_statistics``, ``merge_chunk``
-    and ``finish`` on the workers; others run ``observe`` and ``merge_chunk`` on the consumer's thread.
-
-    With ``deferred``, a method that can (``fold_last_pass``) computes its last statistics pass during the
-    merge pass; its corrections go to ``deferred`` as ``finish(chunk, values, flat index)``.
+    The result is ``finish(chunk, merged task vector, None)`` (the merged task vector itself without ``finish``);
+    ``finish`` runs where the merge runs (a worker thread for ``parallel_chunks`` methods). With ``deferred``, a
+    method that folds its last statistics pass (:func:`mergelab.engine.protocol.folds`) does so; its corrections
+    go to ``deferred`` as ``finish(chunk, values, flat index)``, and ``deferred.needed`` is set after the pass.
+    ``executor`` is a :class:`SequentialExecutor` or a :class:`~mergelab.engine.pipeline.ChunkPipeline`.
     """
-    blocks = _blocks_of(names, shapes, chunk_elems if method.elementwise else None)
-    pipe = ChunkPipeline(base, experts, blocks, workers)
-    parallel = bool(getattr(method, "parallel_chunks", False))
-    can_fold = getattr(method, "fold_last_pass", None)
-    fold = deferred is not None and parallel and can_fold is not None and method.stat_passes > 0
-    fold = fold and bool(can_fold(len(experts)))  # type: ignore[misc]
-    method.begin(names)
+    parallel = bool(method.parallel_chunks)
+    fold = deferred is not None and folds(method, executor.n_tasks)
+    method.begin(list(dict.fromkeys(b.name for b in blocks)))
     for p in range(method.stat_passes - (1 if fold else 0)):
         bar = tqdm(total=len(blocks), desc=f"statistics pass {p + 1}/{method.stat_passes}", disable=not progress)
-        if parallel:
 
-            def stats(c: Chunk, p: int = p) -> Any:
-                name, i, _, _ = c.block
-                return method.chunk_statistics(p, name, i, c.vectors)  # type: ignore[attr-defined]
+        def stats(c: Chunk, p: int = p) -> Any:
+            return method.chunk_statistics(p, c.block, c.vectors)
 
-            for chunk, st in pipe.map(blocks, stats):
-                method.add_statistics(p, chunk.block[0], chunk.block[1], st)  # type: ignore[attr-defined]
-                bar.update()
-        else:
-            for chunk, _ in pipe.map(blocks, lambda c: None):
-                method.observe(p, chunk.block[0], chunk.block[1], chunk.vectors)
-                bar.update()
+        for chunk, st in executor.map(blocks, stats, parallel):
+            method.add_statistics(p, chunk.block, st)
+            bar.update()
         bar.close()
         method.end_pass(p)
 
     def merge(c: Chunk) -> Any:
-        name, i, _, _ = c.block
         if not fold:
-            delta = method.merge_chunk(name, i, c.vectors)
+            delta = method.merge_chunk(c.block, c.vectors)
             return finish(c, delta, None) if finish is not None else delta
-        delta, stat, alt = method.merge_chunk_folded(name, i, c.vectors)  # type: ignore[attr-defined]
+        assert isinstance(method, FoldsLastPass)
+        delta, stat, alt = method.merge_chunk_folded(c.block, c.vectors)
         if alt is not None and finish is not None:
             alt = (alt[0], finish(c, alt[1], alt[0]))
         return (finish(c, delta, None) if finish is not None else delta), stat, alt
 
     bar = tqdm(total=len(blocks), desc="merging", disable=not progress)
-    for chunk, result in pipe.map(blocks, merge if parallel else lambda c: None):
-        if not parallel:
-            result = merge(chunk)
+    for chunk, result in executor.map(blocks, merge, parallel):
         if fold:
             assert deferred is not None
             result, stat, alt = result
-            method.add_statistics(method.stat_passes - 1, chunk.block[0], chunk.block[1], stat)  # type: ignore[attr-defined]
+            method.add_statistics(method.stat_passes - 1, chunk.block, stat)
             if alt is not None:
-                deferred.add(chunk.block[0], chunk.block[2], alt[0], alt[1])
+                deferred.add(chunk.block.name, chunk.block.start, alt[0], alt[1])
         yield chunk, result
         bar.update()
     bar.close()
     if fold:
-        assert deferred is not None
+        assert deferred is not None and isinstance(method, FoldsLastPass)
         method.end_pass(method.stat_passes - 1)
-        deferred.needed = not method.folded_values_hold()  # type: ignore[attr-defined]
+        deferred.needed = not method.folded_values_hold()
+
+
+def method_blocks(
+    method: ChunkMethod, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], chunk_elems: int | None
+) -> list[Block]:
+    """The blocks ``method`` sees: row blocks of ``chunk_elems`` elements, or whole tensors if not elementwise."""
+    return plan_blocks(names, shapes, chunk_elems if method.elementwise else None)
+
+
+def _gather(stream: Iterator[tuple[Chunk, Tensor]]) -> dict[str, Tensor]:
+    parts: dict[str, list[Tensor]] = {}
+    try:
+        for chunk, t in stream:
+            parts.setdefault(chunk.block.name, []).append(t)
+    finally:
+        release_workspace()
+    return {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in parts.items()}
+
+
+def combine_in_memory(
+    method: ChunkMethod, vectors: Sequence[Mapping[str, Tensor]], chunk_elems: int | None = DEFAULT_CHUNK_ELEMS
+) -> StateDict:
+    """The merged task vector of in-memory task vectors (the same passes as a streaming merge)."""
+    if not vectors:
+        raise ValueError("at least one task vector is needed")
+    names = list(vectors[0])
+    blocks = method_blocks(method, names, {n: tuple(vectors[0][n].shape) for n in names}, chunk_elems)
+    return _gather(run_passes(method, blocks, SequentialExecutor(None, [DictSource(v) for v in vectors])))
+
+
+def merge_in_memory(
+    method: ChunkMethod,
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    chunk_elems: int | None = DEFAULT_CHUNK_ELEMS,
+) -> StateDict:
+    """theta_0 + the merged task vector for every tensor of ``base``, cast to the pretrained dtypes."""
+    if not experts:
+        raise ValueError("at least one expert is needed")
+    names = list(base)
+    blocks = method_blocks(method, names, {n: tuple(base[n].shape) for n in names}, chunk_elems)
+    executor = SequentialExecutor(DictSource(base), [DictSource(e) for e in experts])
+
+    def theta(chunk: Chunk, delta: Tensor, index: Tensor | None) -> Tensor:
+        assert chunk.base is not None
+        return add_base(chunk.base, delta).to(base[chunk.block.name].dtype)
+
+    return _gather(run_passes(method, blocks, executor, finish=theta))

@@ -1,4 +1,9 @@
-"""PART OF engine: engine.pipeline"""
+"""The threaded executor of the merge passes: reads, task-vector forming and per-chunk work overlap.
+
+Reader threads read the next blocks of the pretrained checkpoint and every expert into reused page-aligned
+buffers; worker threads form the task vectors in place and run the method's per-chunk hook; the consumer takes
+the results in block order, so what it accumulates is accumulated in the same order as on one thread.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from mergelab.engine.chunks import Block, ScratchChunk, compute_dtype
-
-if TYPE_CHECKING:
-    pass
+from mergelab.engine.chunks import Block, Chunk, ScratchChunk, read_bounds
+from mergelab.task_vectors import compute_dtype, subtract_base
 
 
 class BlockReader(Protocol):
@@ -29,16 +31,6 @@ class BlockReader(Protocol):
     def block_nbytes(self, name: str, start: int | None = None, stop: int | None = None) -> int: ...
 
     def read_rows_into(self, name: str, start: int | None, stop: int | None, buf: Tensor) -> Tensor: ...
-
-
-@dataclass
-class Chunk:
-    """One row block in flight: the pretrained block, the task vectors and an output buffer, all reused."""
-
-    block: Block
-    base: Tensor
-    vectors: ScratchChunk
-    out: Tensor
 
 
 class _Slot:
@@ -102,10 +94,11 @@ class ChunkPipeline:
         self.base, self.experts = base, list(experts)
         self.sources = [base, *self.experts]
         raw = max(
-            (src.block_nbytes(n, *self.bounds(n, s, e)) for n, _, s, e in blocks for src in self.sources), default=0
+            (src.block_nbytes(b.name, *read_bounds(b.shape, b.start, b.stop)) for b in blocks for src in self.sources),
+            default=0,
         )
-        numel = max((self._numel(n, s, e) for n, _, s, e in blocks), default=0)
-        itemsize = max((dtype_size(compute_dtype(base.dtype(n))) for n, _, _, _ in blocks), default=4)
+        numel = max((_numel(b) for b in blocks), default=0)
+        itemsize = max((dtype_size(compute_dtype(base.dtype(b.name))) for b in blocks), default=4)
         self.raw_bytes = raw + 2 * ALIGN
         self.work_bytes = (len(self.experts) + 2) * numel * itemsize
         slot_bytes = len(self.sources) * self.raw_bytes + self.work_bytes
@@ -118,29 +111,12 @@ class ChunkPipeline:
         self.readers = min(self.readers, self.n_slots)
         self._slots: list[_Slot] = []
 
-    def bounds(self, name: str, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
-        """Rows read for a block: the pretrained model's rows (experts may have extra ones)."""
-        shape = self.base.shape(name)
-        if start is None and shape:
-            return 0, shape[0]
-        return start, stop
-
-    def _numel(self, name: str, start: int | None, stop: int | None) -> int:
-        shape = self.base.shape(name)
-        s, e = self.bounds(name, start, stop)
-        rows = (e - s) if shape and s is not None and e is not None else 1
-        inner = 1
-        for d in shape[1:]:
-            inner *= d
-        return rows * inner
-
     # ---- the stages
 
     def _read(self, slot: _Slot, block: Block) -> None:
-        name, _, s, e = block
-        s, e = self.bounds(name, s, e)
+        s, e = read_bounds(block.shape, block.start, block.stop)
         slot.block = block
-        slot.read = [src.read_rows_into(name, s, e, buf) for src, buf in zip(self.sources, slot.raw, strict=True)]
+        slot.read = [src.read_rows_into(block.name, s, e, buf) for src, buf in zip(self.sources, slot.raw, strict=True)]
 
     def _convert(self, slot: _Slot) -> Chunk:
         assert slot.block is not None
@@ -152,14 +128,25 @@ class ChunkPipeline:
         base, out, stacked = work[0], work[1], work[2:]
         base.copy_(b_raw)  # the same conversion as .to(dtype)
         for tau, raw in zip(stacked.unbind(0), e_raw, strict=True):
-            # Upcast, then subtract in place: the same values as the mixed-dtype subtraction (upcasting is
-            # exact), which TensorIterator runs on a slower casting path.
-            tau.copy_(raw).sub_(base)
+            subtract_base(raw, base, out=tau)
         return Chunk(slot.block, base, ScratchChunk(stacked), out)
 
-    def map(self, blocks: Sequence[Block], fn: Callable[[Chunk], Any]) -> Iterator[tuple[Chunk, Any]]:
-        """``(chunk, fn(chunk))`` for every block, in order; ``fn`` runs on the worker threads."""
+    @property
+    def n_tasks(self) -> int:
+        return len(self.experts)
+
+    def map(
+        self, blocks: Sequence[Block], fn: Callable[[Chunk], Any], parallel: bool = True
+    ) -> Iterator[tuple[Chunk, Any]]:
+        """``(chunk, fn(chunk))`` for every block, in block order.
+
+        ``fn`` runs on the worker threads when ``parallel`` (it must then be thread-safe), else on the consumer's.
+        """
         if not blocks:
+            return
+        if not parallel:
+            for chunk, _ in self.map(blocks, _nothing):
+                yield chunk, fn(chunk)
             return
         if not self._slots:
             self._slots = [_Slot(self.raw_bytes, len(self.sources), self.work_bytes) for _ in range(self.n_slots)]
@@ -168,6 +155,20 @@ class ChunkPipeline:
             yield from run.results()
         finally:
             run.stop()
+
+
+def _nothing(chunk: Chunk) -> None:
+    return None
+
+
+def _numel(block: Block) -> int:
+    """Elements of a block per source."""
+    s, e = read_bounds(block.shape, block.start, block.stop)
+    rows = (e - s) if block.shape and s is not None and e is not None else 1
+    inner = 1
+    for d in block.shape[1:]:
+        inner *= d
+    return rows * inner
 
 
 class _Run:

@@ -1,4 +1,10 @@
-"""Merging checkpoints larger than memory: tensor by tensor from safetensors shards to safetensors shards."""
+"""Merging checkpoints larger than memory: tensor by tensor from safetensors shards to safetensors shards.
+
+The method's passes run through :func:`mergelab.engine.passes.run_passes` on the threaded executor
+(:class:`~mergelab.engine.pipeline.ChunkPipeline`), or on the sequential one where the pipeline's buffers cannot
+hold the task vectors (a float64 expert over a lower-precision base) or ``PIPELINE`` is off; both write the same
+bytes.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, TaskVectorLoader
-from mergelab.engine.passes import DeferredValues, run_method, run_method_pipelined
-from mergelab.engine.pipeline import Chunk, single_threaded_torch
+from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Chunk
+from mergelab.engine.passes import DeferredValues, SequentialExecutor, method_blocks, run_passes
+from mergelab.engine.pipeline import ChunkPipeline, single_threaded_torch
+from mergelab.engine.protocol import ChunkMethod
 from mergelab.io.files import TOKENIZER_FILES
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.methods.base import TaskVectorMethod
-from mergelab.task_vectors import release_workspace
+from mergelab.task_vectors import add_base, release_workspace
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +88,14 @@ def plan_tensors(
     return merged, extended
 
 
-def extra_rows(name: str, base_rows: int, out_rows: int, experts: Sequence[LazyCheckpoint]) -> Tensor:
-    """Rows only some experts have: each output row is the mean of the experts that have it."""
+def extra_rows(
+    method: ChunkMethod, name: str, base_rows: int, out_rows: int, experts: Sequence[LazyCheckpoint]
+) -> Tensor:
+    """Rows only some experts have (added tokens), each merged by ``method.extra_rows`` from those experts' rows."""
     blocks = []
     for r in range(base_rows, out_rows):
         have = [e for e in experts if e.shape(name)[0] > r]
-        blocks.append(torch.stack([e.get_rows(name, r, r + 1)[0].float() for e in have]).mean(0))
+        blocks.append(method.extra_rows(name, [e.get_rows(name, r, r + 1)[0] for e in have]))
     return torch.stack(blocks)
 
 
@@ -104,7 +112,7 @@ def check_block(
 
 
 def stream_merge(
-    method: TaskVectorMethod,
+    method: ChunkMethod,
     pretrained: str | Path,
     experts: Sequence[str | Path],
     out_dir: str | Path,
@@ -125,7 +133,8 @@ def stream_merge(
     largest expert's), ``base`` keeps only the pretrained rows, ``error`` refuses. The result is written to
     a temporary dir and moved into place when complete, with config and tokenizer files.
 
-    Reading, computing and writing overlap (:func:`mergelab.engine.passes.run_method_pipelined`, one compute thread
+    Reading, computing and writing overlap (:func:`mergelab.engine.passes.run_passes` on a
+    :class:`~mergelab.engine.pipeline.ChunkPipeline`, one compute thread
     per core, torch itself single-threaded meanwhile); the bytes written are those of the sequential engine
     (``PIPELINE = False``). Global TIES skips its sign pass here (see :meth:`TIES.merge_chunk_folded`).
     """
@@ -166,7 +175,7 @@ def stream_merge(
 
 
 def _write_merge(
-    method: TaskVectorMethod,
+    method: ChunkMethod,
     base: LazyCheckpoint,
     exps: Sequence[LazyCheckpoint],
     merged: Sequence[str],
@@ -189,7 +198,7 @@ def _write_merge(
             for name in base:
                 blocks = blocks_of.take(name) if name in merged else iter([base.get(name)])
                 if name in extended:
-                    blocks = _chain(blocks, extra_rows(name, base.shape(name)[0], extended[name], exps))
+                    blocks = _chain(blocks, extra_rows(method, name, base.shape(name)[0], extended[name], exps))
                 writer.add_blocks(name, blocks)
             for _ in stream:  # run the engine to its end: a folded statistics pass concludes there
                 raise AssertionError("merged blocks left over")
@@ -220,7 +229,7 @@ def _write_merge(
 
 
 def _merged_stream(
-    method: TaskVectorMethod,
+    method: ChunkMethod,
     merged: Sequence[str],
     base: LazyCheckpoint,
     experts: Sequence[LazyCheckpoint],
@@ -230,47 +239,30 @@ def _merged_stream(
 ) -> Iterator[tuple[str, Tensor]]:
     """``(name, merged weights)`` row block by row block, in the base's compute dtype (cast by the writer).
 
-    The blocks come from the pipelined engine, in buffers that are reused once the next block is asked for.
-    An expert in float64 over a lower-precision base gets float64 task vectors (the promotion the in-memory
-    path applies), which the pipeline's float32 buffers cannot hold: such pools run sequentially.
+    Blocks come in buffers that are reused once the next block is asked for. An expert in float64 over a
+    lower-precision base gets float64 task vectors, which the pipeline's buffers (sized for the base's compute
+    dtype) cannot hold: such pools run on the sequential executor.
     """
-    shapes = {n: base.shape(n) for n in merged}
+    blocks = method_blocks(method, merged, {n: base.shape(n) for n in merged}, chunk_elems)
     wide = any(e.dtype(n) == torch.float64 and base.dtype(n) != torch.float64 for n in merged for e in experts)
-    if wide or not PIPELINE:
-        load = TaskVectorLoader(base, experts)
-        for name, s, e, delta in run_method(method, merged, shapes, load, chunk_elems, progress=progress):
-            yield name, _theta(name, load.base_block(name, s, e), delta, None, base, experts, s, e)
-        return
+    executor = SequentialExecutor(base, experts) if wide or not PIPELINE else ChunkPipeline(base, experts, blocks)
 
-    def finish(chunk: Chunk, delta: Tensor, index: Tensor | None) -> Tensor:  # on the pipeline's workers
-        name, _, s, e = chunk.block
+    def finish(chunk: Chunk, delta: Tensor, index: Tensor | None) -> Tensor:  # where the merge runs
+        assert chunk.base is not None
+        name = chunk.block.name
         if index is not None:  # a folded pass's corrections: theta at those coordinates, as written
-            return (chunk.base.reshape(-1)[index] + delta).to(base.dtype(name))
-        return _theta(name, chunk.base, delta, chunk.out, base, experts, s, e)
+            return add_base(chunk.base.reshape(-1)[index], delta).to(base.dtype(name))
+        theta = add_base(chunk.base, delta, out=chunk.out)
+        if not torch.isfinite(theta.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
+            check_block(name, theta, base, experts, chunk.block.start, chunk.block.stop)
+        return theta
 
-    stream = run_method_pipelined(method, merged, shapes, base, experts, chunk_elems, progress, finish, deferred)
+    stream = run_passes(method, blocks, executor, finish, deferred, progress)
     try:
         for chunk, theta in stream:
-            yield chunk.block[0], theta
+            yield chunk.block.name, theta
     finally:
         stream.close()
-
-
-def _theta(
-    name: str,
-    base_block: Tensor,
-    delta: Tensor,
-    out: Tensor | None,
-    base: LazyCheckpoint,
-    experts: Sequence[LazyCheckpoint],
-    s: int | None,
-    e: int | None,
-) -> Tensor:
-    """theta_0 + delta for one block (into ``out`` when given), checked for NaN/inf."""
-    theta = torch.add(base_block, delta, out=out) if out is not None else base_block.add(delta)
-    if not torch.isfinite(theta.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
-        check_block(name, theta, base, experts, s, e)
-    return theta
 
 
 class _BlockStream:

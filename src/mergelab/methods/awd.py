@@ -20,30 +20,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import DictSource, TaskVectorLoader
+from mergelab.engine.chunks import Block, DictSource, load_chunk, read_bounds
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
 from mergelab.methods.awd_fit import FitResult, History, Objective, OptimizerConfig, cosines, fit_delta, mean_abs_cos
-from mergelab.methods.base import TaskVectorMethod, check_choice
-from mergelab.methods.dare import DARE
-from mergelab.methods.metagpt import MetaGPT
-from mergelab.methods.task_arithmetic import TaskArithmetic
-from mergelab.methods.ties import TIES
-from mergelab.methods.weight_averaging import WeightAveraging
+from mergelab.methods.base import WrappedMethod, check_choice
 
 if TYPE_CHECKING:
-    from mergelab.pools.checkpoint import CheckpointPool
-    from mergelab.text.pool import ClassifierPool
+    from mergelab.pools.base import ModelPool
 
-#: Methods the disentangled vectors can go into (``method.merge``).
-INNER_METHODS: dict[str, type[TaskVectorMethod]] = {
-    "task_arithmetic": TaskArithmetic,
-    "ties": TIES,
-    "dare": DARE,
-    "metagpt": MetaGPT,
-    "weight_averaging": WeightAveraging,
-}
 #: Parameters inside numbered transformer blocks (BERT ``encoder.layer.3.``, Llama ``model.layers.3.``, GPT-2
 #: ``h.3.``, ViT/CLIP ``encoder.layers.3.`` / ``blocks.3.``).
 DEFAULT_INCLUDE = (r"(^|\.)(layer|layers|h|blocks?)\.\d+\.",)
@@ -56,12 +42,13 @@ DELTA_DIR = "delta"  # a streaming run's delta: sharded safetensors, written ten
 _FITS: dict[tuple[int, str], tuple[Any, FitResult]] = {}
 
 
-class AWD(TaskVectorMethod):
+class AWD(WrappedMethod):
     """Learn a redundant vector delta shared by all task vectors, then merge tau_t - delta with ``merge``.
 
     Args:
-        merge: the method the disentangled vectors go into: task_arithmetic, ties, dare, metagpt or
-            weight_averaging; ``merge_options`` are its options and ``scaling`` (when set) its coefficient.
+        merge: the method the disentangled vectors go into: a config node with ``_target_`` (Hydra:
+            ``method@method.merge=ties``), the name of a ``conf/method`` YAML, or a method instance; any
+            task-vector method, including one added later.
         granularity: ``row`` (cosine per row of each matrix, averaged), ``tensor`` (per matrix) or ``model``
             (one flattened vector); delta's norm follows the same granularity.
         norm: ``l2``, ``l2_squared``, ``l1`` or ``row_l2`` (sum of row L2 norms).
@@ -80,9 +67,7 @@ class AWD(TaskVectorMethod):
 
     def __init__(
         self,
-        merge: str = "task_arithmetic",
-        merge_options: Mapping[str, Any] | None = None,
-        scaling: float | None = None,
+        merge: Any = "task_arithmetic",
         granularity: str = "row",
         norm: str = "l2",
         alpha: float = 0.1,
@@ -98,16 +83,8 @@ class AWD(TaskVectorMethod):
         score_single_task: bool = True,
         trainer: Mapping[str, Any] | None = None,
     ) -> None:
-        check_choice("merge", merge, tuple(INNER_METHODS))
         check_choice("mode", mode, ("whole", "per_tensor"))
-        options = dict(merge_options or {})
-        if scaling is not None:
-            options["scaling"] = scaling
-        try:
-            self.inner = INNER_METHODS[merge](**options)
-        except TypeError as e:
-            raise ValueError(f"method option 'merge_options' does not fit merge={merge}: {e}") from None
-        self.merge_name = merge
+        super().__init__(merge, "merge")
         self.objective = Objective(granularity, norm, float(alpha))
         self.optim = OptimizerConfig(optimizer, float(lr), float(momentum), int(steps))
         if mode == "per_tensor" and granularity == "model":
@@ -128,8 +105,6 @@ class AWD(TaskVectorMethod):
             else:
                 raise FileNotFoundError(f"method option 'delta_path': no file or dir {path}")
             self.fit = FitResult(delta, History(), torch.zeros(0), torch.zeros(0))
-        self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
-        self._row: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- fitting
 
@@ -153,18 +128,17 @@ class AWD(TaskVectorMethod):
 
     def prepare(
         self,
-        pool: ClassifierPool | CheckpointPool,
+        pool: ModelPool,
         trainer_kwargs: Mapping[str, Any] | None = None,
         loggers: Sequence[Any] = (),
         work_dir: str | Path | None = None,
     ) -> None:
         """Fit delta on the pool's task vectors (once per pool and fit options in this process).
 
-        A :class:`~mergelab.pools.checkpoint.CheckpointPool` is fitted tensor by tensor from the files, and delta is written
-        to ``work_dir/delta`` as it is fitted, so memory holds one tensor's task vectors whatever the model's size.
+        The task vectors come from the pool's tensor sources. A pool that is not held in memory (a checkpoint pool) is
+        fitted tensor by tensor from its files and delta is written to ``work_dir/delta`` as it is fitted, so memory
+        holds one tensor's task vectors whatever the model's size.
         """
-        from mergelab.pools.checkpoint import CheckpointPool
-
         if self.fit is not None:
             return
         key = (id(pool), self.fit_signature())
@@ -172,32 +146,45 @@ class AWD(TaskVectorMethod):
             self.fit = _FITS[key][1]
             return
         trainer_kwargs = {**dict(trainer_kwargs or {}), **self.trainer_options}
-        if isinstance(pool, CheckpointPool):
-            self.fit = self._fit_streaming(pool, trainer_kwargs, loggers, work_dir)
-        else:
-            base = pool.mergeable(pool.pretrained_state())
-            load = TaskVectorLoader(DictSource(base), [DictSource(pool.mergeable(s)) for s in pool.expert_states()])
-            names = [n for n, t in base.items() if self.disentangles(n, t.shape)]
-            self.fit = fit_delta(
-                names,
-                {n: tuple(base[n].shape) for n in names},
-                lambda n: torch.stack(load(n, None, None)),
-                self.objective,
-                self.optim,
-                trainer_kwargs,
-                per_tensor=self.mode == "per_tensor",
-                loggers=loggers,
-            )
+        with pool.tensor_sources() as src:
+            names = [n for n in src.names if self.disentangles(n, src.base.shape(n))]
+            if not names:
+                raise ValueError(
+                    f"method options include={[p.pattern for p in self.include]} / exclude / matrices_only select "
+                    f"no tensor of {src.label} to disentangle"
+                )
+            shapes = {n: tuple(src.base.shape(n)) for n in names}
+
+            def task_vectors(name: str) -> Tensor:
+                return torch.stack(
+                    list(load_chunk(Block(name, 0, None, None, shapes[name]), src.base, src.experts).vectors)
+                )
+
+            if pool.in_memory:
+                self.fit = fit_delta(
+                    names,
+                    shapes,
+                    task_vectors,
+                    self.objective,
+                    self.optim,
+                    trainer_kwargs,
+                    per_tensor=self.mode == "per_tensor",
+                    loggers=loggers,
+                )
+            else:
+                self.fit = self._fit_to_disk(names, shapes, task_vectors, trainer_kwargs, loggers, work_dir)
         _FITS[key] = (pool, self.fit)
 
-    def _fit_streaming(
+    def _fit_to_disk(
         self,
-        pool: CheckpointPool,
+        names: Sequence[str],
+        shapes: Mapping[str, tuple[int, ...]],
+        task_vectors: Any,
         trainer_kwargs: Mapping[str, Any],
         loggers: Sequence[Any],
         work_dir: str | Path | None,
     ) -> FitResult:
-        """Fit tensor by tensor from the checkpoint files; delta goes to ``work_dir/delta`` (sharded safetensors)."""
+        """Fit tensor by tensor (a pool larger than memory); delta goes to ``work_dir/delta`` (sharded safetensors)."""
         if self.objective.granularity == "model":
             raise ValueError(
                 "method option 'granularity=model' couples every tensor, so it needs all task vectors in memory; "
@@ -205,38 +192,25 @@ class AWD(TaskVectorMethod):
             )
         if work_dir is None:
             raise ValueError("AWD on a checkpoint pool needs a work_dir to write delta into")
-        base, experts, merged = pool.open_checkpoints()
+        delta_dir = Path(work_dir) / DELTA_DIR
+        # The run's output dir is already guarded against overwriting; this is a fresh subdir of it.
+        writer = ShardedWriter(delta_dir, [(n, shapes[n], torch.float32) for n in names], overwrite=True)
         try:
-            names = [n for n in merged if self.disentangles(n, base.shape(n))]
-            if not names:
-                raise ValueError(
-                    f"method options include={[p.pattern for p in self.include]} / exclude / matrices_only select "
-                    f"no tensor of {pool.pretrained} to disentangle"
-                )
-            shapes = {n: base.shape(n) for n in names}
-            load = TaskVectorLoader(base, experts)
-            delta_dir = Path(work_dir) / DELTA_DIR
-            # The run's output dir is already guarded against overwriting; this is a fresh subdir of it.
-            writer = ShardedWriter(delta_dir, [(n, shapes[n], torch.float32) for n in names], overwrite=True)
-            try:
-                fit = fit_delta(
-                    names,
-                    shapes,
-                    lambda n: torch.stack(load(n, None, None)),
-                    self.objective,
-                    self.optim,
-                    trainer_kwargs,
-                    per_tensor=True,
-                    loggers=loggers,
-                    sink=writer.add,
-                )
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-        finally:
-            for ck in (base, *experts):
-                ck.close()
+            fit = fit_delta(
+                names,
+                shapes,
+                task_vectors,
+                self.objective,
+                self.optim,
+                trainer_kwargs,
+                per_tensor=True,
+                loggers=loggers,
+                sink=writer.add,
+            )
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         fit.delta = LazyCheckpoint(delta_dir, name="AWD delta")
         return fit
 
@@ -247,40 +221,27 @@ class AWD(TaskVectorMethod):
             raise RuntimeError("AWD: delta is not fitted yet; call prepare(pool) first")
         return self.fit.delta
 
-    def run(self, pool: ClassifierPool) -> tv.StateDict:
+    def run(self, pool: ModelPool) -> tv.StateDict:
         self.prepare(pool)
-        self.inner.task_names = list(pool.tasks)
         return super().run(pool)
 
     # ------------------------------------------------------------------------------------------- merging
 
-    def disentangle(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
-        """tau_t - delta for one row block (blocks of a tensor arrive in row order, starting at chunk 0)."""
-        delta = self.delta
-        if name not in delta:
+    def transform(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """tau_t - delta over ``block`` (tensors without a delta pass unchanged); thread-safe."""
+        delta = self.delta_source
+        if block.name not in delta:
             return vectors
-        if vectors[0].dim() == 0:
-            d = delta[name]
-        else:
-            start = 0 if chunk == 0 else self._row[name]
-            stop = self._row[name] = start + vectors[0].shape[0]
-            d = delta.get_rows(name, start, stop) if isinstance(delta, LazyCheckpoint) else delta[name][start:stop]
+        d = delta.get_rows(block.name, *read_bounds(block.shape, block.start, block.stop))
         return [v - d for v in vectors]
 
-    def begin(self, names: Sequence[str]) -> None:
-        self._row = {}
-        self.inner.begin(names)
+    @property
+    def delta_source(self) -> Any:
+        """delta as a :class:`~mergelab.engine.chunks.TensorSource` (a checkpoint on disk already is one)."""
+        delta = self.delta
+        return delta if isinstance(delta, LazyCheckpoint) else DictSource(delta)
 
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        self.inner.observe(pass_idx, name, chunk, self.disentangle(name, chunk, vectors))
-
-    def end_pass(self, pass_idx: int) -> None:
-        self.inner.end_pass(pass_idx)
-
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return self.inner.merge_chunk(name, chunk, self.disentangle(name, chunk, vectors))
-
-    def single_task_states(self, pool: ClassifierPool) -> dict[str, tv.StateDict]:
+    def single_task_states(self, pool: ModelPool) -> dict[str, tv.StateDict]:
         """theta_0 + (tau_t - delta) for each task, i.e. each expert with delta removed (when enabled)."""
         if not self.score_single_task:
             return {}

@@ -1,19 +1,35 @@
-"""The method interface: ``run(pool) -> merged backbone state dict``."""
+"""What every merge method is: ``run(pool) -> merged state dict``, and the task-vector methods' chunk protocol.
+
+A method of the form theta_0 + f(tau_1..tau_T) subclasses :class:`TaskVectorMethod` and implements the hooks of
+:class:`mergelab.engine.protocol.ChunkMethod` (at least ``merge_chunk``); it then merges in memory and streams
+from disk through the same pass driver. A method wrapping another one (DARE, AWD, MetaGPT's sparsification) takes
+it as a config node with ``_target_``, a conf/method YAML name, or an instance (:func:`build_method`), so any
+method, including one added later, composes with them.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.passes import combine_in_memory
+from mergelab.engine.chunks import Block
+from mergelab.engine.passes import combine_in_memory, merge_in_memory
+from mergelab.engine.protocol import ChunkMethod, Sparsifier
+from mergelab.locations import CONFIG_DIR
 
 if TYPE_CHECKING:
-    from mergelab.text.pool import ClassifierPool
+    from mergelab.pools.base import ModelPool
+
+#: Keys of a method's config that are not constructor options: its row name, its tuning grid, Hydra's defaults.
+NOT_METHOD_OPTIONS = ("name", "grid", "defaults")
 
 
 class MergeMethod(ABC):
@@ -22,7 +38,7 @@ class MergeMethod(ABC):
     #: Task names in expert order, set by :meth:`run` (for reports such as per-task coefficients).
     task_names: list[str] | None = None
 
-    def run(self, pool: ClassifierPool) -> tv.StateDict:
+    def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained."""
         self.task_names = list(pool.tasks)
         return self.merge(pool.mergeable(pool.pretrained_state()), [pool.mergeable(s) for s in pool.expert_states()])
@@ -62,44 +78,200 @@ class MergeMethod(ABC):
         return self.task_names[i] if self.task_names and i < len(self.task_names) else str(i)
 
 
-class TaskVectorMethod(MergeMethod):
-    """Methods of the form theta_0 + f(tau_1, ..., tau_T), run chunk by chunk by :mod:`mergelab.engine.passes`.
+class TaskVectorMethod(MergeMethod, ChunkMethod):
+    """Methods of the form theta_0 + f(tau_1, ..., tau_T), run block by block by :mod:`mergelab.engine.passes`.
 
-    Subclasses implement :meth:`merge_chunk`; methods that need whole-model statistics (a global magnitude
-    threshold, task-vector norms) declare ``stat_passes`` and accumulate them in :meth:`observe`. Methods
-    whose result for a coordinate depends on other coordinates of the same tensor set ``elementwise = False``
-    and then always see whole tensors.
+    The hooks, their call order and their contracts are declared on :class:`~mergelab.engine.protocol.ChunkMethod`;
+    subclasses implement :meth:`merge_chunk` and, for whole-model statistics, ``stat_passes`` with
+    ``chunk_statistics`` / ``add_statistics`` / ``end_pass``.
     """
 
-    stat_passes: int = 0
-    elementwise: bool = True
-
     def merge(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        return tv.apply_task_vector(base, self.combine(tv.task_vectors(base, experts)))
+        return merge_in_memory(self, base, experts)
 
     def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
         """The merged task vector of in-memory task vectors."""
         return combine_in_memory(self, vectors)
 
-    def begin(self, names: Sequence[str]) -> None:
-        """Reset statistics before the first pass over ``names``."""
 
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        """Accumulate statistics from one chunk of every task vector."""
+class WrappedMethod(TaskVectorMethod):
+    """A task-vector method that runs ``inner`` on transformed task vectors (DARE's drop, AWD's tau - delta).
 
-    def end_pass(self, pass_idx: int) -> None:
-        """Turn the statistics of a finished pass into what the next pass needs."""
+    Every hook forwards to ``inner`` with :meth:`transform` applied to the block's vectors, so the wrapper streams,
+    parallelises and tunes exactly as its inner method does.
+    """
+
+    def __init__(self, inner: Any, option: str) -> None:
+        self.inner: TaskVectorMethod = build_method(inner, option, TaskVectorMethod)
+        self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
+        self.parallel_chunks = self.inner.parallel_chunks
 
     @abstractmethod
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        """The merged task vector for one chunk."""
+    def transform(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The task vectors ``inner`` sees for ``block`` (thread-safe; may overwrite scratch ``vectors``)."""
+
+    def run(self, pool: ModelPool) -> tv.StateDict:
+        self.inner.task_names = list(pool.tasks)
+        return super().run(pool)
+
+    def begin(self, names: Sequence[str]) -> None:
+        self.inner.task_names = self.task_names
+        self.inner.begin(names)
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        return self.inner.chunk_statistics(pass_idx, block, self.transform(block, vectors))
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        self.inner.add_statistics(pass_idx, block, stats)
+
+    def end_pass(self, pass_idx: int) -> None:
+        self.inner.end_pass(pass_idx)
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        return self.inner.merge_chunk(block, self.transform(block, vectors))
+
+    def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """The transformed vectors, sparsified further by ``inner`` when it can (see :class:`Sparsifier`)."""
+        out = self.transform(block, vectors)
+        return self.inner.sparsify_chunk(block, out) if isinstance(self.inner, Sparsifier) else out
+
+    def report(self) -> dict[str, Any]:
+        return self.inner.report()
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def method_node(name: str) -> dict[str, Any]:
+    """The config of ``conf/method/<name>.yaml`` as a plain dict, nested ``/method@key: other`` defaults expanded.
+
+    Interpolations into the root config (``${seed}``) are left as strings: :func:`build_method` drops them so the
+    constructor's default applies; inside the app, :func:`mergelab.run.method_candidates` resolves them instead.
+    """
+    import yaml
+
+    path = CONFIG_DIR / "method" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+        raise ValueError(f"no method config '{name}' ({path} does not exist); known: {known}")
+    node = yaml.safe_load(path.read_text()) or {}
+    for entry in node.pop("defaults", []) or []:
+        if isinstance(entry, Mapping):
+            for key, value in entry.items():
+                group, _, package = str(key).removeprefix("override ").partition("@")
+                if group.strip("/") == "method" and package and value is not None:
+                    node[package] = {**method_node(str(value)), **(node.get(package) or {})}
+    return node
+
+
+def strip_config_keys(node: Any) -> Any:
+    """A method config without :data:`NOT_METHOD_OPTIONS` (and unresolved ``${...}``), nested method nodes too."""
+    if isinstance(node, Mapping):
+        is_method = "_target_" in node
+        return {
+            k: strip_config_keys(v)
+            for k, v in node.items()
+            if not (is_method and k in NOT_METHOD_OPTIONS) and not (isinstance(v, str) and v.startswith("${"))
+        }
+    if isinstance(node, (list, tuple)):
+        return [strip_config_keys(v) for v in node]
+    return node
+
+
+def option_summary(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A method config's options as flat ``{option: value}`` for tables: a nested method node becomes its name
+    under its key plus its own options as ``key.option`` (``{"merge": "ties", "merge.k": 20, ...}``)."""
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if k in NOT_METHOD_OPTIONS or k.startswith("_"):
+            continue
+        if isinstance(v, Mapping) and "_target_" in v:
+            out[prefix + k] = v.get("name", str(v["_target_"]).rsplit(".", 1)[-1])
+            out.update(option_summary(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def set_option(node: dict[str, Any], key: str, value: Any) -> None:
+    """Set a (dotted) option of a method config; an inner method given by name is expanded to its YAML first."""
+    *path, leaf = key.split(".")
+    for part in path:
+        inner = node.get(part)
+        if isinstance(inner, str):
+            inner = node[part] = method_node(inner)
+        if not isinstance(inner, dict):
+            raise ValueError(f"grid key '{key}': '{part}' is not a method config (got {inner!r})")
+        node = inner
+    node[leaf] = value
+
+
+def grid_candidates(
+    node: Mapping[str, Any], tune: bool, build: Callable[[dict[str, Any]], Any]
+) -> list[tuple[dict[str, Any], Any]]:
+    """The method built at each point of its config's ``grid`` (only as configured when not tuning).
+
+    ``node`` is a resolved method config (``_target_``, options, ``name``, ``grid`` with possibly dotted keys such
+    as ``merge.scaling``); ``build`` instantiates a config without its ``name``/``grid``. Every candidate is built
+    up front, so an out-of-range value fails before any work is done, with the method's name in the message.
+    Returns ``(params, method)``: the grid point when tuning, else every option (:func:`option_summary`).
+    """
+    grid = dict(node.get("grid") or {}) if tune else {}
+    keys = list(grid)
+    points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+    out = []
+    for point in points:
+        cfg = copy.deepcopy(dict(node))
+        try:
+            for k, v in point.items():
+                set_option(cfg, k, v)
+            method = build(strip_config_keys(cfg))
+        except ValueError as e:
+            raise ValueError(f"method '{node.get('name')}': {e}") from e
+        out.append((point if grid else option_summary(cfg), method))
+    return out
+
+
+def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
+    """The method ``spec`` names, for the wrapping method's option ``option``.
+
+    ``spec``: an instance, a config mapping with ``_target_`` (e.g. a Hydra node), or the name of a
+    ``conf/method`` YAML (its defaults). Raises a ValueError naming the option when it is none of these or the
+    built object is not a ``kind``.
+    """
+    if isinstance(spec, str):
+        try:
+            spec = method_node(spec)
+        except ValueError as e:
+            raise ValueError(f"method option '{option}': {e}") from None
+    if isinstance(spec, Mapping) and not isinstance(spec, dict):
+        from omegaconf import OmegaConf
+
+        spec = OmegaConf.to_container(spec, resolve=True)  # type: ignore[arg-type]
+    if isinstance(spec, Mapping):
+        if "_target_" not in spec:
+            raise ValueError(f"method option '{option}': a method config needs '_target_', got keys {sorted(spec)}")
+        from hydra.errors import InstantiationException
+        from hydra.utils import instantiate
+
+        try:
+            spec = instantiate(strip_config_keys(spec), _convert_="all")
+        except InstantiationException as e:
+            cause = e.__cause__ or e
+            raise ValueError(f"method option '{option}': {cause}") from None
+    if not isinstance(spec, kind):
+        raise ValueError(f"method option '{option}' must be a {kind.__name__}, got {type(spec).__name__}")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- option checks
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    """Raise a ValueError naming the option when ``value`` lies outside the interval."""
+    """Raise a ValueError naming the option when ``value`` lies outside the interval (NaN is never inside)."""
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if below or above:
+    if below or above or math.isnan(value):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"method option '{name}' must be in {interval}, got {value}")
 

@@ -9,93 +9,73 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, row_blocks
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
-from mergelab.methods.task_arithmetic import TaskArithmetic
-from mergelab.methods.ties import TIES
+from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block, read_bounds, row_blocks
+from mergelab.engine.passes import combine_in_memory
+from mergelab.engine.protocol import Sparsifier
+from mergelab.methods.base import WrappedMethod, check_range
+
+#: DARE draws its masks on these fixed row blocks of each tensor, whatever blocks the engine hands it, so the
+#: same seed gives the same masks for any chunk size, thread count, and in memory or streamed.
+MASK_BLOCK_ELEMS = DEFAULT_CHUNK_ELEMS
 
 
-class DARE(TaskVectorMethod):
-    """Drop-and-rescale every task vector, then combine with task arithmetic or TIES.
+class DARE(WrappedMethod, Sparsifier):
+    """Drop-and-rescale every task vector, then merge the results with another method.
 
     Args:
         p: drop rate in [0, 1); survivors are scaled by 1 / (1 - p).
-        seed: the mask of a row block is drawn from (seed, parameter name, block, task index), so it does not
-            depend on the order tensors are visited in, nor on streaming vs in-memory merging.
-        merge: ``task_arithmetic`` or ``ties``: the method applied to the dropped vectors.
-        scaling, k, prune, disjoint: options of that method (the TIES ones are ignored for task arithmetic).
+        seed: the mask of a tensor's rows is drawn per (seed, parameter name, mask block, task index), on fixed
+            row blocks of ``MASK_BLOCK_ELEMS`` elements: it depends neither on the order tensors are visited in
+            nor on the engine's chunk size or threads, nor on streaming vs in-memory merging.
+        merge: the method the dropped vectors go into: a config node with ``_target_``, the name of a
+            ``conf/method`` YAML (default ``task_arithmetic``) or a method instance.
     """
 
-    parallel_chunks = True  # masks are drawn from per-chunk seeds: every chunk is independent
-
-    def __init__(
-        self,
-        p: float = 0.5,
-        seed: int = 0,
-        merge: str = "task_arithmetic",
-        scaling: float = 0.3,
-        k: float = 20.0,
-        prune: str = "global",
-        disjoint: str = "sum",
-    ) -> None:
+    def __init__(self, p: float = 0.5, seed: int = 0, merge: Any = "task_arithmetic") -> None:
         check_range("p", p, 0.0, 1.0, low_open=False, high_open=True)
-        check_choice("merge", merge, ("task_arithmetic", "ties"))
         self.p, self.seed = float(p), int(seed)
-        if merge == "task_arithmetic":
-            self.inner: TaskVectorMethod = TaskArithmetic(scaling=scaling)
-        else:
-            self.inner = TIES(k=k, prune=prune, disjoint=disjoint, scaling=scaling)
-        self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
+        super().__init__(merge, "merge")
 
-    def drop_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> list[Tensor]:
-        """Dropped-and-rescaled task vectors of one row block."""
-        out = []
-        for i, t in enumerate(vectors):
-            gen = torch.Generator().manual_seed(tv.tensor_seed(self.seed, name, i, chunk))
-            out.append(tv.drop_and_rescale(t, self.p, generator=gen))
-        return out
+    def masks(self, block: Block, task: int) -> Tensor:
+        """The keep-mask (True = keep) of task ``task`` over ``block``'s rows."""
+        s, e = read_bounds(block.shape, block.start, block.stop)
+        shape = block.shape
+        if not shape or shape[0] == 0:
+            gen = torch.Generator().manual_seed(tv.tensor_seed(self.seed, block.name, task, 0))
+            return torch.rand(shape, generator=gen) >= self.p
+        assert s is not None and e is not None
+        parts = []
+        for c, (ms, me) in enumerate(row_blocks(shape, MASK_BLOCK_ELEMS)):
+            lo, hi = (0, shape[0]) if ms is None or me is None else (ms, me)
+            if hi <= s or lo >= e:
+                continue  # this mask block does not overlap the requested rows
+            gen = torch.Generator().manual_seed(tv.tensor_seed(self.seed, block.name, task, c))
+            full = torch.rand((hi - lo, *shape[1:]), generator=gen) >= self.p
+            parts.append(full[max(s, lo) - lo : min(e, hi) - lo])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def transform(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """Dropped-and-rescaled task vectors of one block."""
+        return [tv.drop_and_rescale(t, self.p, mask=self.masks(block, i)) for i, t in enumerate(vectors)]
 
     def drop(
         self, vectors: Sequence[Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]] | None = None
     ) -> list[tv.StateDict]:
-        """Whole dropped task vectors (the same masks a merge draws); ``masks`` (True = keep) replace the draw."""
+        """Whole dropped task vectors (the masks a merge draws); ``masks`` (True = keep) replace the draw."""
         if masks is not None:
             pairs = zip(vectors, masks, strict=True)
             return [{n: tv.drop_and_rescale(t, self.p, mask=m[n]) for n, t in v.items()} for v, m in pairs]
-        chunking = DEFAULT_CHUNK_ELEMS if self.elementwise else None
         out: list[tv.StateDict] = [{} for _ in vectors]
-        for n in vectors[0]:
-            parts: list[list[Tensor]] = [[] for _ in vectors]
-            for c, (s, e) in enumerate(row_blocks(tuple(vectors[0][n].shape), chunking)):
-                block = [v[n] if s is None else v[n][s:e] for v in vectors]
-                for i, d in enumerate(self.drop_chunk(n, c, block)):
-                    parts[i].append(d)
-            for i, ps in enumerate(parts):
-                out[i][n] = ps[0] if len(ps) == 1 else torch.cat(ps)
+        for n, t in vectors[0].items():
+            block = Block(n, 0, None, None, tuple(t.shape))
+            for i, d in enumerate(self.transform(block, [v[n] for v in vectors])):
+                out[i][n] = d
         return out
 
     def combine(
         self, vectors: Sequence[Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]] | None = None
     ) -> tv.StateDict:
+        """The merged task vector; with ``masks`` (True = keep) injected instead of drawn."""
         if masks is not None:
-            return self.inner.combine(self.drop(vectors, masks))
+            return combine_in_memory(self.inner, self.drop(vectors, masks))
         return super().combine(vectors)
-
-    def begin(self, names: Sequence[str]) -> None:
-        self.inner.begin(names)
-
-    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
-        """The inner method's statistics of the dropped chunk (thread-safe)."""
-        return self.inner.chunk_statistics(pass_idx, name, chunk, self.drop_chunk(name, chunk, vectors))  # type: ignore[attr-defined]
-
-    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
-        self.inner.add_statistics(pass_idx, name, chunk, stats)  # type: ignore[attr-defined]
-
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
-
-    def end_pass(self, pass_idx: int) -> None:
-        self.inner.end_pass(pass_idx)
-
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        return self.inner.merge_chunk(name, chunk, self.drop_chunk(name, chunk, vectors))

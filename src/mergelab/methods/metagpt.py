@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import is_scratch
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
-from mergelab.methods.dare import DARE
-from mergelab.methods.ties import TIES
+from mergelab.engine.chunks import Block, is_scratch
+from mergelab.engine.protocol import Sparsifier
+from mergelab.methods.base import TaskVectorMethod, build_method, check_choice, check_range
 
 
 class MetaGPT(TaskVectorMethod):
@@ -23,10 +22,12 @@ class MetaGPT(TaskVectorMethod):
             (one lambda per task per tensor).
         curvature: optional per-task curvature constants delta_t (data-aware variant):
             lambda_t = delta_t^2 ||tau_t||^2 / sum_s delta_s^2 ||tau_s||^2. Default: none (the paper).
-        sparsify: ``none`` (the paper's MetaGPT), ``ties`` (trim + sign election, then sum_t lambda_t of each
-            task's surviving entries) or ``dare`` (drop and rescale, then sum_t lambda_t) - Table 4's combinations.
+        sparsify: null / ``none`` (the paper's MetaGPT), or a method that sparsifies each task vector before the
+            lambda-weighted sum (any :class:`~mergelab.engine.protocol.Sparsifier`: ``ties`` keeps each task's
+            trimmed, sign-agreeing entries, ``dare`` drops and rescales - Table 4's combinations), given as a config
+            node with ``_target_``, a ``conf/method`` YAML name, or an instance; its own statistics passes run
+            first and its merge coefficient (``scaling``) is not used.
         lambda_from: with sparsify, compute the norms on the ``original`` or on the ``sparsified`` task vectors.
-        k, prune: TIES options (sparsify=ties). p, seed: DARE options (sparsify=dare).
     """
 
     parallel_chunks = True  # per-chunk statistics and merges are pure functions of the chunk
@@ -35,72 +36,61 @@ class MetaGPT(TaskVectorMethod):
         self,
         granularity: str = "model",
         curvature: Sequence[float] | None = None,
-        sparsify: str = "none",
+        sparsify: Any = None,
         lambda_from: str = "original",
-        k: float = 20.0,
-        prune: str = "global",
-        p: float = 0.5,
-        seed: int = 0,
     ) -> None:
         check_choice("granularity", granularity, ("model", "tensor"))
-        check_choice("sparsify", sparsify, ("none", "ties", "dare"))
         check_choice("lambda_from", lambda_from, ("original", "sparsified"))
         if curvature is not None:
             for c in curvature:
                 check_range("curvature", float(c), 0.0, float("inf"), low_open=True, high_open=True)
-        self.granularity, self.sparsify, self.lambda_from = granularity, sparsify, lambda_from
+        self.granularity, self.lambda_from = granularity, lambda_from
         self.curvature = [float(c) for c in curvature] if curvature is not None else None
-        self.sparsifier: TIES | DARE | None = None
-        if sparsify == "ties":
-            self.sparsifier = TIES(k=k, prune=prune, scaling=1.0)
-        elif sparsify == "dare":
-            self.sparsifier = DARE(p=p, seed=seed, scaling=1.0)
-        inner_passes = self.sparsifier.stat_passes if self.sparsifier else 0
+        self.sparsifier: Sparsifier | None = None
+        if sparsify is not None and sparsify != "none":
+            self.sparsifier = build_method(sparsify, "sparsify", Sparsifier)
+        inner: Any = self.sparsifier
+        inner_passes = inner.stat_passes if inner is not None else 0
+        self.parallel_chunks = inner is None or bool(inner.parallel_chunks)
         self.stat_passes = inner_passes + 1
-        self.elementwise = self.sparsifier.elementwise if self.sparsifier else True
+        self.elementwise = inner.elementwise if inner is not None else True
         self._norm_pass = inner_passes
 
-    def _sparse(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
-        if isinstance(self.sparsifier, TIES):
-            return self.sparsifier.select(vectors)
-        if isinstance(self.sparsifier, DARE):
-            return self.sparsifier.drop_chunk(name, chunk, vectors)
-        return vectors
+    def _sparse(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
+        return self.sparsifier.sparsify_chunk(block, vectors) if self.sparsifier is not None else vectors
 
     def begin(self, names: Sequence[str]) -> None:
         if self.sparsifier is not None:
-            self.sparsifier.begin(names)
-        self._sq: dict[str, list[float]] = {}  # tensor name (or "" for the whole model) -> ||tau_t||^2
+            self.sparsifier.begin(names)  # type: ignore[attr-defined]
+        # tensor name (or "" for the whole model) -> per task, the float64 squared sums of each row seen
+        self._sq: dict[str, list[list[Tensor]]] = {}
         self._lambdas: dict[str, list[float]] = {}
 
-    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
-        """One chunk's contribution to pass ``pass_idx`` (thread-safe): its squared norms in the norm pass."""
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        """One block's contribution to pass ``pass_idx`` (thread-safe): its squared norms in the norm pass."""
         if pass_idx < self._norm_pass:
-            assert self.sparsifier is not None
-            return self.sparsifier.chunk_statistics(pass_idx, name, chunk, vectors)
-        used = vectors if self.lambda_from == "original" else self._sparse(name, chunk, vectors)
-        return [float(torch.dot(v.reshape(-1), v.reshape(-1))) for v in used]  # chunk sums in float32
+            return self.sparsifier.chunk_statistics(pass_idx, block, vectors)  # type: ignore[union-attr]
+        used = vectors if self.lambda_from == "original" else self._sparse(block, vectors)
+        return [tv.row_squared_sums(v) for v in used]
 
-    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
-        """Accumulate one chunk's :meth:`chunk_statistics` (called in chunk order, so sums are reproducible)."""
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        """Accumulate one block's :meth:`chunk_statistics` (called in block order, so sums are reproducible)."""
         if pass_idx < self._norm_pass:
-            assert self.sparsifier is not None
-            self.sparsifier.add_statistics(pass_idx, name, chunk, stats)
+            self.sparsifier.add_statistics(pass_idx, block, stats)  # type: ignore[union-attr]
             return
-        key = "" if self.granularity == "model" else name
-        acc = self._sq.setdefault(key, [0.0] * len(stats))
-        for i, sq in enumerate(stats):
-            acc[i] += sq  # the total in float64
-
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
+        key = "" if self.granularity == "model" else block.name
+        acc = self._sq.setdefault(key, [[] for _ in stats])
+        for i, rows in enumerate(stats):
+            acc[i].append(rows)
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx < self._norm_pass:
-            assert self.sparsifier is not None
-            self.sparsifier.end_pass(pass_idx)
+            self.sparsifier.end_pass(pass_idx)  # type: ignore[union-attr]
             return
-        self._lambdas = {key: self.coefficients(sq) for key, sq in self._sq.items()}
+        # Rows are whole in every chunking and their float64 sums exact up to one rounding each; math.fsum then adds
+        # them exactly rounded, so the norms (and lambdas) are the same bytes whatever the chunk size or threads.
+        self._lambdas = {key: self.coefficients([tv.exact_sum(rows) for rows in sq]) for key, sq in self._sq.items()}
+        self._sq = {}
 
     def coefficients(self, squared_norms: Sequence[float]) -> list[float]:
         """lambda_t from the tasks' squared norms (and curvature constants, when given)."""
@@ -118,10 +108,10 @@ class MetaGPT(TaskVectorMethod):
         """The coefficients used for tensor ``name`` (any name at model granularity)."""
         return self._lambdas["" if self.granularity == "model" else name]
 
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
-        used = self._sparse(name, chunk, vectors)
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        used = self._sparse(block, vectors)
         out = used[0] if is_scratch(used) else None  # accumulate in the engine's buffer
-        return tv.weighted_sum(used, self.lambdas(name), out=out)
+        return tv.weighted_sum(used, self.lambdas(block.name), out=out)
 
     def report(self) -> dict[str, Any]:
         if not self._lambdas:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import is_scratch
+from mergelab.engine.chunks import Block, is_scratch
 from mergelab.methods.base import TaskVectorMethod, check_range
 
 
@@ -20,6 +20,6 @@ class TaskArithmetic(TaskVectorMethod):
         check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
         self.scaling = float(scaling)
 
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         out = vectors[0] if is_scratch(vectors) else None  # accumulate in the engine's buffer
         return tv.weighted_sum(vectors, [self.scaling] * len(vectors), out=out)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import is_scratch
+from mergelab.engine.chunks import Block, is_scratch
+from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 
 PRUNE_MODES = ("global", "per_tensor")
@@ -21,7 +22,7 @@ def _stacked(vectors: Sequence[Tensor]) -> Tensor:
     return vectors.stacked if is_scratch(vectors) else torch.stack(list(vectors))  # type: ignore[attr-defined]
 
 
-class TIES(TaskVectorMethod):
+class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     """theta_0 + scaling * disjoint_merge(trim_k(tau_1..tau_T)).
 
     Args:
@@ -62,8 +63,8 @@ class TIES(TaskVectorMethod):
         self._sign_total = 0.0
         self._majority = 1.0
 
-    def chunk_statistics(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> Any:
-        """What pass ``pass_idx`` needs from one chunk (may overwrite scratch ``vectors``; thread-safe)."""
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
         stacked = _stacked(vectors)
         if pass_idx == 0:
             return tv.high_histograms(stacked, inplace=True), vectors[0].numel()
@@ -71,8 +72,8 @@ class TIES(TaskVectorMethod):
             return tv.low_histograms(stacked, [high for high, _ in self._high], inplace=True)
         return tv.sign_total_(stacked, self._thresholds)
 
-    def add_statistics(self, pass_idx: int, name: str, chunk: int, stats: Any) -> None:
-        """Accumulate one chunk's :meth:`chunk_statistics` (called in chunk order)."""
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        """Accumulate one block's :meth:`chunk_statistics` (called in block order)."""
         if pass_idx == 0:
             hist, numel = stats
             self._hist = hist if self._hist is None else self._hist.add_(hist)
@@ -81,9 +82,6 @@ class TIES(TaskVectorMethod):
             self._hist = stats if self._hist is None else self._hist.add_(stats)
         else:
             self._sign_total += stats
-
-    def observe(self, pass_idx: int, name: str, chunk: int, vectors: Sequence[Tensor]) -> None:
-        self.add_statistics(pass_idx, name, chunk, self.chunk_statistics(pass_idx, name, chunk, vectors))
 
     def end_pass(self, pass_idx: int) -> None:
         hist = [] if self._hist is None else list(self._hist)  # None: nothing to merge
@@ -110,7 +108,7 @@ class TIES(TaskVectorMethod):
             majority = tv.majority_sign(tv.sign_total(trimmed))
         return trimmed, tv.elect_sign(trimmed, majority)
 
-    def select(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+    def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task's surviving entries: trimmed, and agreeing with the elected sign (for combinations)."""
         trimmed, sign = self.trim_and_elect(vectors)
         return list(tv.agreeing(trimmed, sign)[0])
@@ -125,7 +123,7 @@ class TIES(TaskVectorMethod):
         return self.prune == "global" and n_tasks <= tv.SEQUENTIAL_SUM_ROWS
 
     def merge_chunk_folded(
-        self, name: str, chunk: int, vectors: Sequence[Tensor]
+        self, block: Block, vectors: Sequence[Tensor]
     ) -> tuple[Tensor, float, tuple[Tensor, Tensor] | None]:
         """The merge with the provisional majority, this chunk's sign total (the skipped pass's statistic, for
         :meth:`add_statistics`) and the exact ties with their values under the other majority."""
@@ -141,7 +139,7 @@ class TIES(TaskVectorMethod):
         """After the sign pass's :meth:`end_pass`: whether the provisional majority was the right one."""
         return self._majority == self.PROVISIONAL_MAJORITY
 
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         stacked = _stacked(vectors)
         if self.prune == "global":
             thresholds, majority = self._thresholds, self._majority

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import is_scratch
+from mergelab.engine.chunks import Block, is_scratch
 from mergelab.methods.base import TaskVectorMethod
 
 
@@ -16,6 +16,6 @@ class WeightAveraging(TaskVectorMethod):
 
     parallel_chunks = True  # merge_chunk is a pure function of the chunk
 
-    def merge_chunk(self, name: str, chunk: int, vectors: Sequence[Tensor]) -> Tensor:
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         out = vectors[0] if is_scratch(vectors) else None  # accumulate in the engine's buffer
         return tv.weighted_sum(vectors, [1.0 / len(vectors)] * len(vectors), out=out)

@@ -1,24 +1,35 @@
-"""What :func:`mergelab.run.run` needs from a model pool and an evaluation suite, whatever the model family.
+"""The one interface every model pool implements, and what :func:`mergelab.run.run` may ask of it.
 
-A pool (sequence classifiers in :mod:`mergelab.text.pool`, causal LMs in :mod:`mergelab.causal_lm.pool`) holds the
-pretrained model and one expert per task of a suite; merge methods read its state dicts, and it builds the
-LightningModules that the suite's tasks are scored with (each exposing the merged weights as ``backbone``, which
-:class:`mergelab.callbacks.MergeCallback` loads into)."""
+A pool holds the pretrained model and one expert per task: sequence classifiers (:mod:`mergelab.text.pool`),
+causal LMs (:mod:`mergelab.causal_lm.pool`) and CLIP vision towers (:mod:`mergelab.vision.pool`) in memory, or
+safetensors checkpoints larger than memory streamed from disk (:mod:`mergelab.pools.checkpoint`). Merge methods
+read its weights (:meth:`ModelPool.tensor_sources`, or the state dicts of an in-memory pool), and the run flow
+scores what they merge.
+
+What differs between pools is declared, never guessed from a pool's type: the class attributes
+:attr:`~ModelPool.in_memory`, :attr:`~ModelPool.scorable`, :attr:`~ModelPool.needs_suite` and
+:attr:`~ModelPool.multi_process` say what a pool can do. The methods only some pools can honour (the in-memory
+state dicts, building and scoring in-memory modules) raise a :class:`PoolCapabilityError` naming the pool and the
+capability on a pool that lacks it; a pool that declares the capability overrides them.
+"""
 
 from __future__ import annotations
 
 import copy
 import re
+import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from torch import nn
 
 from mergelab import task_vectors as tv
+from mergelab.engine.chunks import DictSource, TensorSource
 
 Scores = dict[str, dict[str, float]]  # task -> {metric: value}; every task has the main metric "acc"
 
@@ -34,8 +45,35 @@ def copy_with_state(module: nn.Module, state: Mapping[str, torch.Tensor] | None)
     return out.eval()
 
 
+class PoolSources(NamedTuple):
+    """A pool's weights as tensor sources: pretrained, experts in task order, the merged tensors' names."""
+
+    base: TensorSource
+    experts: list[TensorSource]
+    names: list[str]
+    label: str  # how errors name the pool's pretrained model
+
+
+class PoolCapabilityError(ValueError):
+    """A run (or a method) asked a pool for something it cannot do; the message names the pool and the capability."""
+
+
+#: What each capability flag means, as errors say it.
+CAPABILITIES = {
+    "in_memory": "hold its weights in memory (state dicts)",
+    "scorable": "build and score in-memory models (pretrained, experts, merges) with the suite",
+    "needs_suite": "be set up without an evaluation suite",
+    "multi_process": "run under a multi-process trainer",
+}
+
+
 class ModelPool(ABC):
     """The pretrained model and one expert per task, with the parameters that merge methods operate on.
+
+    Every pool, after :meth:`setup`, has :attr:`tasks` (expert names, in the order methods see the experts),
+    :attr:`resolved` (task -> its checkpoint), :attr:`expert_of` (suite task -> its reference expert), honours
+    :meth:`tensor_sources` (the merged tensors' weights), :meth:`check_method` (which methods it can merge) and
+    :meth:`write_merged` (merge with a method and write the model). The rest depends on the capability flags below.
 
     Args:
         experts: task -> hub id or local dir of its expert (None entries, or None for all: the pool builds them).
@@ -43,6 +81,37 @@ class ModelPool(ABC):
         cache_dir: where built experts (and converted checkpoints) and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
     """
+
+    #: How messages name this kind of pool.
+    kind: str = "model pool"
+
+    #: Whether the pool holds its weights in memory (a checkpoint pool streams them from disk instead): methods
+    #: that learn something per tensor (AWD) then keep it in memory rather than writing it to disk. In memory:
+    #: :meth:`pretrained_state`, :meth:`expert_states` and :meth:`save_merged` work, and ``MergeMethod.run(pool)``.
+    in_memory: bool = True
+
+    #: Whether the pool builds in-memory LightningModules of any weights and scores them on the suite
+    #: (:meth:`model`, :meth:`expert_model`, :meth:`evaluate`, :meth:`reference_key`): the run then scores the
+    #: pretrained model, the experts and single-task rows too. Otherwise a merge is written to disk
+    #: (:meth:`write_merged`) and scored from there by the suite's ``evaluate_checkpoint``.
+    scorable: bool = True
+
+    #: Whether :meth:`setup` needs an evaluation suite (its tasks pick, build and check the experts). A pool that
+    #: does not can be set up with ``suite=None`` (``eval=none``: merge only).
+    needs_suite: bool = True
+
+    #: Whether the pool may run under a multi-process trainer (DDP/FSDP, every rank re-running the command).
+    multi_process: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A concrete pool declaring a capability must define the methods behind it (the base only raises)."""
+        super().__init_subclass__(**kwargs)
+        if getattr(cls.setup, "__isabstractmethod__", False):
+            return  # still abstract: checked on its concrete subclasses
+        for capability, names in CAPABILITY_METHODS.items():
+            missing = [n for n in names if getattr(cls, capability) and getattr(cls, n) is getattr(ModelPool, n)]
+            if missing:
+                raise TypeError(f"{cls.__name__} declares {capability}=True but does not define {missing}")
 
     def __init__(
         self,
@@ -67,9 +136,48 @@ class ModelPool(ABC):
         self.expert_of: dict[str, str] = {}
         self._expert_states: dict[str, tv.StateDict] = {}
 
+    # ------------------------------------------------------------------------------------------- every pool
+
     @abstractmethod
     def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
-        """Resolve (building if needed) and load every model; check they fit together and fit ``suite``."""
+        """Resolve (building if needed) and load every model; check they fit together and fit ``suite``.
+
+        ``suite`` is None for a merge-only run (``eval=none``), which only pools with ``needs_suite = False``
+        accept (see :meth:`check_suite`).
+        """
+
+    def check_suite(self, suite: Any) -> None:
+        """Refuse ``suite=None`` (``eval=none``) unless the pool merges without one; a one-line ValueError."""
+        if suite is None and self.needs_suite:
+            raise ValueError(
+                f"eval=none only applies to checkpoint pools (merge only): {self.describe()} needs an evaluation "
+                "suite (e.g. eval=embedded)"
+            )
+
+    def check_method(self, method: Any, where: str) -> None:
+        """Raise a ValueError naming ``where`` (e.g. "method 'ties'") if the pool cannot merge with ``method``."""
+        return None
+
+    def write_merged(self, method: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Merge with ``method`` and write the merged model to ``out_dir`` (atomically); returns the dir.
+
+        In memory: :meth:`save_merged` of ``method.run(self)``; a streaming pool merges straight to disk.
+        """
+        out = Path(out_dir)
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        return self.save_merged(method.run(self), out)
+
+    def describe(self) -> str:
+        """How messages name the pool: its class and kind."""
+        return f"model pool {type(self).__name__} ({self.kind})"
+
+    def require(self, capability: str, what: str) -> None:
+        """Raise a :class:`PoolCapabilityError` naming the pool and ``capability`` when the pool lacks it."""
+        if not getattr(self, capability):
+            raise PoolCapabilityError(
+                f"{self.describe()} cannot {what}: it cannot {CAPABILITIES[capability]} ({capability}=False)"
+            )
 
     def task_paths(self, task_names: Sequence[str]) -> dict[str, str | None]:
         """Task -> configured expert (None: build it); sets :attr:`tasks`. Every suite task needs an entry."""
@@ -100,13 +208,13 @@ class ModelPool(ABC):
         self.resolved[task] = path
         self._expert_states[task] = {k: state[k].detach() for k in base}
 
-    @abstractmethod
-    def pretrained_state(self) -> tv.StateDict:
-        """The pretrained weights of the merged part of the model."""
-
-    def expert_states(self) -> list[tv.StateDict]:
-        """The experts' weights (same keys as :meth:`pretrained_state`), in task order."""
-        return [self._expert_states[t] for t in self.tasks]
+    @contextmanager
+    def tensor_sources(self) -> Iterator[PoolSources]:
+        """The pretrained and expert weights of the merged tensors as :class:`TensorSource` s (task order)."""
+        base = self.mergeable(self.pretrained_state())
+        yield PoolSources(
+            DictSource(base), [DictSource(self.mergeable(s)) for s in self.expert_states()], list(base), "the pool"
+        )
 
     def is_mergeable(self, name: str, tensor: torch.Tensor) -> bool:
         """Floating-point parameters not matched by ``exclude``."""
@@ -116,20 +224,42 @@ class ModelPool(ABC):
         """The subset of a state dict that merge methods operate on."""
         return {k: v for k, v in state.items() if self.is_mergeable(k, v)}
 
-    @abstractmethod
+    # ------------------------------------------------------------------------------ in_memory pools only
+
+    def pretrained_state(self) -> tv.StateDict:
+        """The pretrained weights of the merged part of the model (``in_memory``)."""
+        self.require("in_memory", "give its pretrained weights as a state dict")
+        raise NotImplementedError(f"{type(self).__name__} declares in_memory but does not define pretrained_state")
+
+    def expert_states(self) -> list[tv.StateDict]:
+        """The experts' weights (same keys as :meth:`pretrained_state`), in task order (``in_memory``)."""
+        self.require("in_memory", "give its experts' weights as state dicts")
+        return [self._expert_states[t] for t in self.tasks]
+
+    def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """Write the model with the merged weights ``state`` to ``out_dir`` (atomically); returns the dir
+        (``in_memory``)."""
+        self.require("in_memory", "write a merged state dict")
+        raise NotImplementedError(f"{type(self).__name__} declares in_memory but does not define save_merged")
+
+    # ------------------------------------------------------------------------------- scorable pools only
+
     def model(
         self, state: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None
     ) -> L.LightningModule:
         """A module scoring ``tasks`` (default: all) with the pretrained weights and ``state`` (possibly partial).
 
         Its ``backbone`` attribute holds the merged part of the model (what :meth:`pretrained_state` covers).
+        (``scorable``)
         """
+        self.require("scorable", "build an in-memory model to score")
+        raise NotImplementedError(f"{type(self).__name__} declares scorable but does not define model")
 
     def expert_model(self, task: str) -> L.LightningModule:
-        """The expert of ``task`` alone, scoring the suite tasks it is the reference of."""
+        """The expert of ``task`` alone, scoring the suite tasks it is the reference of (``scorable``)."""
+        self.require("scorable", "build an expert's model to score")
         return self.model(self._expert_states[task], self.columns_of(task))
 
-    @abstractmethod
     def evaluate(
         self,
         model: L.LightningModule,
@@ -138,12 +268,20 @@ class ModelPool(ABC):
         tasks: Sequence[str] | None = None,
         callbacks: Sequence[L.Callback] = (),
     ) -> Scores:
-        """Scores of ``model`` on ``split`` of the suite's ``tasks``, under ``trainer.test`` with ``callbacks``."""
+        """Scores of ``model`` on ``split`` of the suite's ``tasks``, under ``trainer.test`` with ``callbacks``
+        (``scorable``)."""
+        self.require("scorable", "score an in-memory model")
+        raise NotImplementedError(f"{type(self).__name__} declares scorable but does not define evaluate")
 
-    @abstractmethod
     def reference_key(self, task: str | None = None) -> dict[str, Any]:
-        """What identifies the pretrained model (``task=None``) or ``task``'s expert, for caching their scores."""
+        """What identifies the pretrained model (``task=None``) or ``task``'s expert, for caching their scores
+        (``scorable``)."""
+        self.require("scorable", "identify its reference models for cached scores")
+        raise NotImplementedError(f"{type(self).__name__} declares scorable but does not define reference_key")
 
-    @abstractmethod
-    def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
-        """Write the model with the merged weights to ``out_dir`` (atomically); returns the dir."""
+
+#: The methods a pool declaring each capability must define itself (the base only raises).
+CAPABILITY_METHODS = {
+    "in_memory": ("pretrained_state", "save_merged"),
+    "scorable": ("model", "evaluate", "reference_key"),
+}

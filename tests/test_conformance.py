@@ -1,0 +1,187 @@
+"""The conformance matrix: every ``conf/method/*.yaml`` is run through every behaviour test, as configured.
+
+A method is covered by adding its YAML (the PEFT test-table pattern): it must merge the same bytes in memory and
+streamed from disk, whatever the chunk size, on the threaded and the sequential executor, compose inside DARE and
+AWD exactly as DARE / AWD are defined, and refuse bad option values before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from mergelab import task_vectors as tv
+from mergelab.engine import streaming
+from mergelab.engine.streaming import stream_merge
+from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.writer import write_checkpoint
+from mergelab.methods import AWD, DARE
+from mergelab.methods.base import NOT_METHOD_OPTIONS
+from mergelab.run import method_candidates
+from tests.conftest import CONFIG_DIR, ListPool, make_cfg
+
+METHOD_YAMLS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
+
+# Odd sizes, so row blocks of every chunk size cut tensors unevenly; names that AWD's default include matches.
+SHAPES = {
+    "model.embed.weight": (41, 13),
+    "model.layers.0.mlp.weight": (37, 23),
+    "model.layers.0.mlp.bias": (37,),
+    "model.layers.1.attn.weight": (29, 19),
+    "model.norm.weight": (19,),
+}
+
+
+def method_config(name: str) -> dict[str, Any]:
+    """``conf/method/<name>.yaml`` composed as the app composes it (nested defaults, ``${seed}`` resolved)."""
+    cfg = make_cfg(Path("/unused"), [f"method={name}"], tiny=False)
+    return OmegaConf.to_container(cfg.method, resolve=True)  # type: ignore[return-value]
+
+
+def build(name: str) -> Any:
+    """The method as configured, built by the app's own path (its candidates without tuning)."""
+    ((_, method),) = method_candidates(OmegaConf.create(method_config(name)), False)
+    return method
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A bf16 pretrained checkpoint and three experts on disk (several shards), their state dicts, and a delta."""
+    root = tmp_path_factory.mktemp("conformance")
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in SHAPES.items()}
+    experts = []
+    for i in range(3):
+        # Task vectors with shared and task-specific parts, some sign conflicts and exact zeros.
+        state = {}
+        for k, v in base.items():
+            tau = 0.05 * torch.randn(v.shape, generator=g) + 0.02 * (i - 1)
+            tau[torch.rand(v.shape, generator=g) < 0.1] = 0.0
+            state[k] = (v.float() + tau).to(torch.bfloat16)
+        experts.append(state)
+    base_dir = write_checkpoint(base, root / "base", max_shard_bytes=1500)
+    expert_dirs = [write_checkpoint(e, root / f"e{i}", max_shard_bytes=1500) for i, e in enumerate(experts)]
+    delta = {k: 0.01 * torch.randn(s, generator=g) for k, s in SHAPES.items() if len(s) == 2 and ".layers." in k}
+    save_file(delta, str(root / "delta.safetensors"))
+    return {
+        "base": base,
+        "experts": experts,
+        "base_dir": base_dir,
+        "expert_dirs": expert_dirs,
+        "delta": delta,
+        "delta_path": str(root / "delta.safetensors"),
+        "list_pool": ListPool(base, experts),
+    }
+
+
+def prepared(name: str, pool: dict[str, Any]) -> Any:
+    """The method of ``name``, with whatever it learns (AWD's delta) fitted on the pool, in memory."""
+    method = build(name)
+    method.prepare(pool["list_pool"], CPU)
+    return method
+
+
+def stream(method: Any, pool: dict[str, Any], out: Path, chunk_elems: int = 100) -> dict[str, torch.Tensor]:
+    path = stream_merge(method, pool["base_dir"], pool["expert_dirs"], out, chunk_elems=chunk_elems, progress=False)
+    ck = LazyCheckpoint(path)
+    try:
+        return {k: ck.get(k) for k in ck}
+    finally:
+        ck.close()
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_streamed_equals_in_memory(name: str, pool: dict[str, Any], tmp_path: Path) -> None:
+    method = prepared(name, pool)
+    in_memory = method.merge(pool["base"], pool["experts"])
+    assert_same(stream(method, pool, tmp_path / "out"), in_memory)
+    moved = [k for k in in_memory if not torch.equal(in_memory[k], pool["base"][k])]
+    assert moved, "the merge left every tensor at the pretrained weights"
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_chunk_size_does_not_change_the_bytes(name: str, pool: dict[str, Any], tmp_path: Path) -> None:
+    method = prepared(name, pool)
+    reference = stream(method, pool, tmp_path / "big", chunk_elems=1 << 20)  # every tensor whole
+    for chunk in (7, 64):  # a few rows per block; one row per block for the widest tensors
+        assert_same(stream(method, pool, tmp_path / f"c{chunk}", chunk_elems=chunk), reference)
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_threaded_equals_sequential(
+    name: str, pool: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method = prepared(name, pool)
+    threaded = stream(method, pool, tmp_path / "threaded", chunk_elems=64)
+    monkeypatch.setattr(streaming, "PIPELINE", False)
+    sequential = stream(method, pool, tmp_path / "sequential", chunk_elems=64)
+    assert_same(threaded, sequential)
+    for shard in (tmp_path / "threaded").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "sequential" / shard.name).read_bytes(), shard.name
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_composes_inside_dare_and_awd(name: str, pool: dict[str, Any]) -> None:
+    vectors = tv.task_vectors(pool["base"], pool["experts"])
+
+    # DARE(merge=M) is M on the dropped-and-rescaled task vectors (DARE's own masks).
+    dare = DARE(p=0.3, seed=1, merge=prepared(name, pool))
+    expected = prepared(name, pool).combine(dare.drop(vectors))
+    assert_same(dare.combine(vectors), expected)
+
+    # AWD(merge=M) is M on tau_t - delta (delta given, so nothing is fitted).
+    awd = AWD(merge=prepared(name, pool), delta_path=pool["delta_path"])
+    hats = [{k: v - pool["delta"][k] if k in pool["delta"] else v for k, v in t.items()} for t in vectors]
+    assert_same(awd.combine(vectors), prepared(name, pool).combine(hats))
+
+
+def bad_values(node: dict[str, Any]) -> list[tuple[str, Any]]:
+    """For each scalar option of a method config: a value no option of that type accepts."""
+    out = []
+    for key, value in node.items():
+        if key in NOT_METHOD_OPTIONS or key.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            out.append((key, math.nan))
+        elif isinstance(value, str) and not value.startswith("/"):
+            out.append((key, "no-such-choice"))
+    return out
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_bad_options_are_refused_naming_the_option(name: str) -> None:
+    node = method_config(name)
+    cases = bad_values(node)
+    for key, value in node.items():  # and inside the method it wraps, if any
+        if isinstance(value, dict) and "_target_" in value:
+            cases += [(f"{key}.{k}", v) for k, v in bad_values(value)]
+    for key, value in cases:
+        bad = copy.deepcopy(node)
+        *path, leaf = key.split(".")
+        target = bad
+        for part in path:
+            target = target[part]
+        target[leaf] = value
+        with pytest.raises(ValueError, match=leaf):
+            method_candidates(OmegaConf.create(bad), False)
+
+
+def test_the_matrix_covers_every_method_yaml() -> None:
+    assert {"task_arithmetic", "ties", "dare", "metagpt", "awd", "consensus", "magnitude_pruned_ta"} <= set(
+        METHOD_YAMLS
+    )
