@@ -250,7 +250,7 @@ def test_bad_options_are_named(kwargs: dict, match: str) -> None:
 
 def test_nothing_to_disentangle_is_an_error() -> None:
     base, experts = make_models()
-    with pytest.raises(ValueError, match="no parameter is disentangled"):
+    with pytest.raises(ValueError, match=r"include=\[.\^nothing\$.\] / exclude / matrices_only select no tensor"):
         fit(base, experts, include=["^nothing$"])
 
 
