@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from mergelab import task_vectors as tv
 from mergelab.engine.passes import combine_in_memory
 from mergelab.methods import AWD, TIES, TaskArithmetic
 from mergelab.methods.awd_fit import Objective, OptimizerConfig, fit_delta, objective_terms, tau_gram
-from mergelab.run import run
-from tests.conftest import ListPool
-from tests.conftest import make_cfg
+from mergelab.run import method_candidates, run
+from tests.conftest import ListPool, make_cfg
 
 CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False}
 # Parameter names as a transformer backbone has them: block matrices are disentangled, the rest is not.
@@ -261,8 +259,9 @@ def test_fit_delta_rejects_a_single_task_vector() -> None:
 
 def test_yaml_defaults_match_the_class() -> None:
     cfg = make_cfg(Path("/unused"), ["method=awd"])
-    method = instantiate({k: v for k, v in cfg.method.items() if k not in ("name", "grid")})
+    ((_, method),) = method_candidates(cfg.method, tune=False)
     assert isinstance(method, AWD)
+    assert isinstance(method.inner, TaskArithmetic) and method.inner.scaling == 0.3
     assert method.objective.granularity == AWD().objective.granularity
     assert method.optim == AWD().optim
     assert [p.pattern for p in method.include] == [p.pattern for p in AWD().include]
