@@ -18,9 +18,10 @@ from hydra import compose, initialize_config_dir
 
 from mergelab.callbacks import MergeCallback
 from mergelab.cli import CONFIG_DIR
-from mergelab.methods import AWD
+from mergelab.methods import AWD, TaskArithmetic
 from mergelab.run import build, quiet_libraries
-from mergelab.text import model as ev
+from mergelab.suites.scoring import average
+from mergelab.text.model import evaluate
 
 SETTINGS = [
     {"granularity": "row", "lr": 0.01},
@@ -57,10 +58,10 @@ def main() -> None:
         fit_s = time.perf_counter() - t0
         val = {}
         for scaling in SCALINGS:
-            m = AWD(**setting, scaling=scaling)
+            m = AWD(**setting, merge=TaskArithmetic(scaling=scaling))
             m.fit = method.fit
-            val[scaling] = ev.average(
-                ev.evaluate(
+            val[scaling] = average(
+                evaluate(
                     pool.classifier(), suite, "validation", pool.tokenizer, trainer, callbacks=[MergeCallback(m, pool)]
                 )
             )
