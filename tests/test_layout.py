@@ -1,4 +1,4 @@
-"""The package's layering: no import cycles, methods below pools and the run flow, the chunk vocabulary below methods."""
+"""The package's layering: no import cycles, methods below pools and the run flow, chunks below methods."""
 
 from __future__ import annotations
 
