@@ -158,18 +158,6 @@ def magnitude_bits(t: Tensor) -> Tensor:
     return t.detach().abs().float().contiguous().view(torch.int32)
 
 
-def high_histogram(t: Tensor) -> Tensor:
-    """Counts of |t| per top-16-bit bucket."""
-    return torch.bincount((magnitude_bits(t) >> 16).flatten(), minlength=HIGH_BUCKETS)
-
-
-def low_histogram(t: Tensor, high: int) -> Tensor:
-    """Counts of the low 16 bits of the |t| whose top 16 bits are ``high``."""
-    bits = magnitude_bits(t).flatten()
-    inside = bits[(bits >> 16) == high]
-    return torch.bincount(inside & 0xFFFF, minlength=LOW_BUCKETS)
-
-
 def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
     """The bucket holding the ``rank``-th largest counted value (1 = largest), and its rank inside the bucket."""
     from_top = hist.flip(0).cumsum(0)
