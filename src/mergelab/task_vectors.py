@@ -153,11 +153,6 @@ HIGH_BUCKETS = 1 << 15  # sign bit cleared by abs(): bits >> 16 < 2**15
 LOW_BUCKETS = 1 << 16
 
 
-def magnitude_bits(t: Tensor) -> Tensor:
-    """The int32 bit patterns of |t| in float32 (ordered like the magnitudes)."""
-    return t.detach().abs().float().contiguous().view(torch.int32)
-
-
 def locate_rank(hist: Tensor, rank: int) -> tuple[int, int]:
     """The bucket holding the ``rank``-th largest counted value (1 = largest), and its rank inside the bucket."""
     from_top = hist.flip(0).cumsum(0)
