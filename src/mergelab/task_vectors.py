@@ -72,15 +72,16 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], out: Tenso
 def row_squared_sums(t: Tensor) -> Tensor:
     """Sum of squares of each row, as float64 (each element's square, exact, for a 1-D tensor; 0-D: the value's).
 
-    A row's sum is one dot product in the tensor's dtype, a function of the row alone; a row is never split
-    across blocks, so these values do not depend on how a tensor is cut into blocks, and :func:`exact_sum` of
-    them is the same float whatever the chunking. (One float32 dot per row: float64 throughout is 30x slower.)
+    A row's value is its L2 norm from one reduction in the tensor's dtype, squared in float64: a function of the
+    row alone (relative error ~1e-7), and a row is never split across blocks, so these values do not depend on how
+    a tensor is cut into blocks, and :func:`exact_sum` of them is the same float whatever the chunking. (The norm
+    kernel needs no temporary the size of the block: a dot or a float64 copy per block cost 0.2-2 GB of peak RSS
+    when streaming a 1.1B model on worker threads.)
     """
     d = t.detach()
     if d.dim() <= 1:
         return d.reshape(-1).to(torch.float64).square()
-    rows = d.reshape(d.shape[0], -1)
-    return torch.linalg.vecdot(rows, rows, dim=1).to(torch.float64)
+    return torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1).to(torch.float64).square()
 
 
 def exact_sum(parts: Sequence[Tensor]) -> float:

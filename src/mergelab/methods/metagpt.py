@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
@@ -61,8 +62,9 @@ class MetaGPT(TaskVectorMethod):
     def begin(self, names: Sequence[str]) -> None:
         if self.sparsifier is not None:
             self.sparsifier.begin(names)  # type: ignore[attr-defined]
-        # tensor name (or "" for the whole model) -> per task, the float64 squared sums of each row seen
-        self._sq: dict[str, list[list[Tensor]]] = {}
+        # tensor name -> [T, rows] float64 squared sums of each row (each element of a 1-D tensor), filled block
+        # by block on the consumer's thread: one buffer per tensor, not one small tensor per block and task
+        self._sq: dict[str, Tensor] = {}
         self._lambdas: dict[str, list[float]] = {}
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
@@ -77,18 +79,26 @@ class MetaGPT(TaskVectorMethod):
         if pass_idx < self._norm_pass:
             self.sparsifier.add_statistics(pass_idx, block, stats)  # type: ignore[union-attr]
             return
-        key = "" if self.granularity == "model" else block.name
-        acc = self._sq.setdefault(key, [[] for _ in stats])
-        for i, rows in enumerate(stats):
-            acc[i].append(rows)
+        acc = self._sq.get(block.name)
+        if acc is None:  # rows of the tensor: its first dimension (elements of a 1-D tensor; one for a scalar)
+            acc = self._sq[block.name] = torch.empty(
+                len(stats), block.shape[0] if block.shape else 1, dtype=torch.float64
+            )
+        start = block.start or 0
+        acc[:, start : start + stats[0].numel()] = torch.stack(stats)
 
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx < self._norm_pass:
             self.sparsifier.end_pass(pass_idx)  # type: ignore[union-attr]
             return
-        # Rows are whole in every chunking and their float64 sums exact up to one rounding each; math.fsum then adds
-        # them exactly rounded, so the norms (and lambdas) are the same bytes whatever the chunk size or threads.
-        self._lambdas = {key: self.coefficients([tv.exact_sum(rows) for rows in sq]) for key, sq in self._sq.items()}
+        # Exact sums of the row values: the same norms (and lambdas) whatever the chunking or thread count.
+        buffers = list(self._sq.values())
+        if self.granularity == "model" and buffers:
+            self._lambdas = {
+                "": self.coefficients([tv.exact_sum([b[i] for b in buffers]) for i in range(len(buffers[0]))])
+            }
+        elif self.granularity == "tensor":
+            self._lambdas = {n: self.coefficients([tv.exact_sum([r]) for r in sq]) for n, sq in self._sq.items()}
         self._sq = {}
 
     def coefficients(self, squared_norms: Sequence[float]) -> list[float]:
