@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mergelab.reports.paper import matching as pr
+from mergelab.reports import paper as pr
+from mergelab.reports.paper.cli import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPERS = ROOT / "data" / "papers"
@@ -189,8 +190,18 @@ def test_paper_table_maps_to_existing_methods_and_rows(path: Path) -> None:
         assert m.method is None or m.method in methods | set(pr.REFERENCE_ROWS), f"{m.name}: {m.method}"
         assert set(m.rows) <= rows, f"{m.name}: {m.rows} not in {sorted(rows)}"
         if m.options:
-            options = yaml.safe_load((ROOT / "conf" / "method" / f"{m.method}.yaml").read_text())
-            assert set(m.options) <= set(options), f"{m.name}: options {m.options}"
+            assert set(m.options) <= method_keys(m.method), f"{m.name}: options {m.options}"
+
+
+def method_keys(method: str) -> set[str]:
+    """The keys of ``conf/method/<method>.yaml``, with those its defaults list fills (``/method@merge: ...``)."""
+    doc = yaml.safe_load((ROOT / "conf" / "method" / f"{method}.yaml").read_text())
+    keys = set(doc) - {"defaults"}
+    for entry in doc.get("defaults") or []:
+        group = next(iter(entry)) if isinstance(entry, dict) else entry
+        if "@" in group:
+            keys.add(group.split("@", 1)[1])
+    return keys
 
 
 def test_unknown_table_lists_the_available_ones() -> None:
@@ -319,6 +330,18 @@ def test_table_experiment_rows_take_their_options_from_config(toy: Path, tmp_pat
     assert next(r for r in report.rows if r.method.name == "AWD-TA").source is None
 
 
+def test_an_inner_method_node_matches_by_its_name(toy: Path, tmp_path: Path) -> None:
+    # AWD's merge composed as a method node (``/method@merge: ties``) in the run's config.yaml.
+    node = {"_target_": "mergelab.methods.TIES", "name": "ties", "k": 20, "scaling": 0.3}
+    run = write_run(
+        tmp_path / "run",
+        {"experts": row(EXPERTS), "awd": row(EXPERTS, val=0.9)},
+        config={"method": {"name": "awd", "merge": node}},
+    )
+    rows = {r.method.name: r for r in pr.build_report(pr.load_table(toy), pr.find_runs([run])).rows}
+    assert rows["AWD-TIES"].source is not None and rows["AWD-TA"].source is None
+
+
 def test_paper_normalized_under_another_definition_is_derived_from_its_numbers(tmp_path: Path) -> None:
     tasks = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
     accs = {t: 0.5 + 0.05 * i for i, t in enumerate(tasks)}
@@ -350,13 +373,13 @@ def test_metagpt_table_with_sparsified_variants(tmp_path: Path) -> None:
     a = write_run(
         tmp_path / "plain",
         {"experts": row(experts), "metagpt": row(plain, val=0.4)},
-        config={"method": {"name": "metagpt", "sparsify": "none"}},
+        config={"method": {"name": "metagpt", "sparsify": None}},
         tasks=tasks,
     )
     b = write_run(
         tmp_path / "ties",
         {"experts": row(experts), "metagpt": row(experts, val=0.3)},
-        config={"method": {"name": "metagpt", "sparsify": "ties"}},
+        config={"method": {"name": "metagpt", "sparsify": {"_target_": "mergelab.methods.TIES", "name": "ties"}}},
         tasks=tasks,
     )
     published = {m["name"]: m for m in yaml.safe_load((PAPERS / "metagpt_llama2_7b.yaml").read_text())["methods"]}
@@ -439,7 +462,7 @@ def test_main_writes_md_csv_png_and_refuses_to_overwrite(
 ) -> None:
     out = tmp_path / "report"
     argv = [str(p) for p in two_runs] + ["--table", str(toy), "--out", str(out)]
-    assert pr.main(argv) == 0
+    assert report_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Task Arithmetic | 70.0 / 70.0 | 60.0 / 60.0 | 80.0 / 50.0 |" in printed
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -450,20 +473,20 @@ def test_main_writes_md_csv_png_and_refuses_to_overwrite(
     ]
     before = (out / "report.md").read_text()
 
-    assert pr.main([*argv, "--normalized", "ratio_of_means"]) == 2
+    assert report_main([*argv, "--normalized", "ratio_of_means"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "report.md").read_text() == before
-    assert pr.main([*argv, "--normalized", "ratio_of_means", "--overwrite"]) == 0
+    assert report_main([*argv, "--normalized", "ratio_of_means", "--overwrite"]) == 0
     assert "ratio_of_means" in (out / "report.md").read_text()
 
 
 def test_main_reports_bad_input_on_stderr(
     toy: Path, two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert pr.main([str(two_runs[0]), "--table", "nope"]) == 2
+    assert report_main([str(two_runs[0]), "--table", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown table 'nope'" in err and "awd_vit_b32" in err
-    assert pr.main([str(two_runs[0]), "--table", str(toy), "--map", "Nope=ties"]) == 2
+    assert report_main([str(two_runs[0]), "--table", str(toy), "--map", "Nope=ties"]) == 2
     assert "no method 'Nope'" in capsys.readouterr().err
 
 

@@ -40,9 +40,9 @@ from mergelab.methods import TaskArithmetic
 from mergelab.reports.paper.cli import main as report_main
 from mergelab.reports.paper.schema import load_table
 from mergelab.run import build, run
+from mergelab.vision import pool as vision
 from mergelab.vision.pool import CLIPVisionPool
 from mergelab.vision.suite import ZeroShotImageSuite
-from mergelab.vision import pool as vision
 from tests.conftest import make_cfg
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
@@ -541,7 +541,7 @@ def test_shipped_presets_name_the_papers_models_datasets_and_columns(
     assert [next(t for t in CLIP8 if t in names) for names in columns] == list(CLIP8)  # every column, paper order
     methods = cfg.table.methods
     assert list(methods) == ["weight_averaging", "task_arithmetic", "ties", "awd_ta", "awd_ties"]
-    assert methods.awd_ta.merge == "task_arithmetic" and methods.awd_ties.merge == "ties"
+    assert methods.awd_ta.merge.name == "task_arithmetic" and methods.awd_ties.merge.name == "ties"
     assert methods.task_arithmetic.grid.scaling == pytest.approx([0.05 * i for i in range(1, 21)])
     assert methods.ties.grid.scaling == pytest.approx([0.1 * i for i in range(1, 11)]) and methods.ties.k == 20
 

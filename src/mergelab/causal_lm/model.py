@@ -1,4 +1,6 @@
-"""PART OF causal_lm: causal_lm.model"""
+"""Scoring a causal LM on a :class:`~mergelab.causal_lm.suite.GenerativeSuite` under Lightning: the
+:class:`GenerativeEvaluator` module greedily generates and exact-matches answers, or picks the most likely of a task's
+choices, one test dataloader per task, with torchmetrics states that add up across ranks."""
 
 from __future__ import annotations
 

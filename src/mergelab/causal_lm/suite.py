@@ -27,10 +27,20 @@ from typing import Any
 
 import datasets
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
-from mergelab.suites.base import SPLITS, SuiteOptions, file_digest, load_split, subsample
+from mergelab.suites.base import (
+    COMMON_DOC_KEYS,
+    SPLITS,
+    TASKS_FILE,
+    SuiteOptions,
+    check_task_keys,
+    file_digest,
+    load_split,
+    read_tasks_yaml,
+    split_files,
+    subsample,
+)
 
 METRICS = ("exact_match", "choice")
 
@@ -42,10 +52,8 @@ SCORING_KEYS = ("chat", "answer_prefix", "choices", "stop", "max_new_tokens")
 
 
 DOC_KEYS = (
-    "description",
-    "source",
+    *COMMON_DOC_KEYS,
     "upstream",
-    "license",
     "how",
     "seed",
     "sizes",
@@ -107,17 +115,10 @@ class GenerativeTask:
         return {k: v for k, v in asdict(self).items() if k in kept}
 
 
-def parse_task(name: str, entry: Any, data_dir: Path, where: Path) -> GenerativeTask:
+def parse_task(name: str, entry: Mapping[str, Any], data_dir: Path, where: Path) -> GenerativeTask:
     """Check one ``tasks.yaml`` entry and build its :class:`GenerativeTask`; errors name the file, task and key."""
+    check_task_keys(entry, where, name, REQUIRED_KEYS, (*SCORING_KEYS, *DOC_KEYS))
     at = f"{where}: task '{name}'"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{at} must be a mapping of keys, got {type(entry).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in entry]
-    if missing:
-        raise ValueError(f"{at} has no {missing} (required: {list(REQUIRED_KEYS)})")
-    unknown = sorted(set(entry) - {*REQUIRED_KEYS, *SCORING_KEYS, *DOC_KEYS})
-    if unknown:
-        raise ValueError(f"{at}: unknown key(s) {unknown}; known: {[*REQUIRED_KEYS, *SCORING_KEYS, *DOC_KEYS]}")
     metric = entry["metric"]
     if metric not in METRICS:
         raise ValueError(f"{at}: metric must be one of {METRICS}, got {metric!r}")
@@ -146,10 +147,7 @@ def parse_task(name: str, entry: Any, data_dir: Path, where: Path) -> Generative
         raise ValueError(f"{at}: prompt is not a valid template ({e}): {entry['prompt']!r}") from e
     if not fields or any(not f.isidentifier() for f in fields):
         raise ValueError(f"{at}: prompt must use column names in braces, e.g. '{{text}}', got {entry['prompt']!r}")
-    files = {s: data_dir / name / f"{s}.parquet" for s in SPLITS}
-    for s, f in files.items():
-        if not f.is_file():
-            raise FileNotFoundError(f"{at} has no {s} split at {f}")
+    files = split_files(data_dir, name, where)
     return GenerativeTask(
         name=name,
         prompt=entry["prompt"],
@@ -194,25 +192,12 @@ class GenerativeSuite(SuiteOptions):
         super().__init__(
             name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed, 8
         )
-        self.index = self.data_dir / "tasks.yaml"
+        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
 
     def _read_tasks(self) -> dict[str, GenerativeTask]:
-        if not self.index.is_file():
-            raise FileNotFoundError(f"suite '{self.name}': no tasks.yaml in data_dir {self.data_dir}")
-        try:
-            doc = yaml.safe_load(self.index.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"suite '{self.name}': {self.index} is not valid YAML: {e}") from e
-        meta = doc.get("tasks") if isinstance(doc, Mapping) else None
-        if not isinstance(meta, Mapping):
-            raise ValueError(f"suite '{self.name}': {self.index} has no 'tasks:' mapping")
-        if not self.task_names:
-            raise ValueError(f"suite '{self.name}': eval.tasks is empty")
-        unknown = [t for t in self.task_names if t not in meta]
-        if unknown:
-            raise ValueError(f"suite '{self.name}': unknown task(s) {unknown}; {self.index} defines {sorted(meta)}")
-        return {t: parse_task(t, meta[t], self.data_dir, self.index) for t in self.task_names}
+        entries = read_tasks_yaml(self.data_dir, self.name, self.task_names)
+        return {t: parse_task(t, entry, self.data_dir, self.index) for t, entry in entries.items()}
 
     # ------------------------------------------------------------------------------------------- data
 

@@ -1,4 +1,6 @@
-"""PART OF checkpoints: io.reader"""
+"""Lazy safetensors reading: :class:`LazyCheckpoint` gives name -> tensor access to a (possibly sharded) checkpoint,
+hub id or dir, reading only the tensors or row blocks asked for, with positioned reads that several threads may
+issue at once (from the page cache where it holds the data, else with ``O_DIRECT`` into page-aligned buffers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""PART OF checkpoints: io.writer"""
+"""Sharded safetensors writing: :class:`ShardedWriter` writes a checkpoint of known layout as
+``model-0000i-of-0000N.safetensors`` shards plus the index, converting blocks into page-aligned staging buffers that
+a background thread writes out (``O_DIRECT`` where allowed), into a temporary dir renamed into place at the end;
+:func:`write_checkpoint` does the same for in-memory tensors."""
 
 from __future__ import annotations
 

@@ -1,15 +1,30 @@
-"""PART OF suite: suites.base"""
+"""What every evaluation suite shares: the ``eval.`` options, the ``tasks.yaml`` reader and split helpers.
+
+:class:`SuiteOptions` checks the options every suite takes; :func:`read_tasks_yaml` finds, loads and checks the
+structure of a suite dir's ``tasks.yaml`` and picks the requested tasks' entries, and :func:`check_task_keys`
+checks one entry's required and allowed keys, so that each suite family (text classification, generative, image)
+only parses its own fields, with errors that name the file, the task and the key. :func:`load_split`,
+:func:`subsample` and :func:`split_files` read the parquet splits; :class:`EvalSuite` is the protocol the engine
+scores against."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import datasets
+import yaml
 
 SPLITS = ("train", "validation", "test")
+
+
+TASKS_FILE = "tasks.yaml"
+
+
+# Documentation keys every suite family accepts in a ``tasks.yaml`` entry (families add their own).
+COMMON_DOC_KEYS = ("description", "source", "license")
 
 
 def file_digest(path: Path) -> str:
@@ -51,6 +66,65 @@ class SuiteOptions:
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.max_eval_examples = max_eval_examples
         self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+
+
+def read_tasks_yaml(
+    data_dir: str | Path, suite_name: str, task_names: Sequence[str] | None = None
+) -> dict[str, Mapping[str, Any]]:
+    """The task entries of ``<data_dir>/tasks.yaml``, checked for structure; errors name the file and task.
+
+    The file must exist, parse as YAML and hold a ``tasks:`` mapping whose entries are mappings of keys. With
+    ``task_names`` (``eval.tasks``) it must be non-empty and every name defined in the file; the entries of those
+    tasks are returned in that order. Without it, every entry is returned in file order. The entries' keys are
+    not checked here: each family does that with :func:`check_task_keys` and its own field parsing.
+    """
+    path = Path(data_dir) / TASKS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"suite '{suite_name}': no tasks.yaml in data_dir {data_dir} ({path} is not a file)")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"suite '{suite_name}': {path} is not valid YAML: {e}") from e
+    meta = doc.get("tasks") if isinstance(doc, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"suite '{suite_name}': {path} has no 'tasks:' mapping")
+    for name, entry in meta.items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{path}: task '{name}' must be a mapping of keys, got {type(entry).__name__}")
+    if task_names is None:
+        return {str(t): e for t, e in meta.items()}
+    if not task_names:
+        raise ValueError(f"suite '{suite_name}': eval.tasks is empty")
+    unknown = [t for t in task_names if t not in meta]
+    if unknown:
+        raise ValueError(f"suite '{suite_name}': unknown task(s) {unknown}; {path} defines {sorted(map(str, meta))}")
+    return {t: meta[t] for t in task_names}
+
+
+def check_task_keys(
+    entry: Mapping[str, Any], where: Path, task: str, required: Sequence[str], optional: Iterable[str]
+) -> None:
+    """Refuse a ``tasks.yaml`` entry that lacks a ``required`` key or has one that is neither required nor optional.
+
+    ``where`` is the ``tasks.yaml`` file; errors name it, the task and the key(s).
+    """
+    at = f"{where}: task '{task}'"
+    missing = [k for k in required if k not in entry]
+    if missing:
+        raise ValueError(f"{at} has no {missing} (required: {list(required)})")
+    known = [*required, *(k for k in optional if k not in required)]
+    unknown = sorted(str(k) for k in set(entry) - set(known))
+    if unknown:
+        raise ValueError(f"{at}: unknown key(s) {unknown}; known: {known}")
+
+
+def split_files(data_dir: Path, task: str, where: Path) -> dict[str, Path]:
+    """``<data_dir>/<task>/<split>.parquet`` for every split, each checked to exist (errors name ``where``)."""
+    files = {s: Path(data_dir) / task / f"{s}.parquet" for s in SPLITS}
+    for s, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"{where}: task '{task}' has no {s} split at {f}")
+    return files
 
 
 def load_split(path: Path, split: str) -> datasets.Dataset:

@@ -1,4 +1,6 @@
-"""PART OF evaluation: suites.scoring"""
+"""Scoring under Lightning, for every suite family: :func:`run_test` runs ``trainer.test`` over one loader per task
+(sharded across ranks under a multi-process strategy) and returns the per-task scores; :func:`average` and
+:func:`normalized` turn them into the unweighted mean and the per-task merged / expert ratios that reports show."""
 
 from __future__ import annotations
 

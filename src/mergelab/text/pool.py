@@ -90,7 +90,8 @@ class ClassifierPool(ModelPool):
         """Resolve (building if needed) and load every model, and check they fit together and the suite."""
         if not isinstance(suite, TextClassificationSuite):
             raise ValueError(
-                f"model pool ClassifierPool (sequence classifiers) scores text-classification suites (e.g. eval=embedded); "
+                "model pool ClassifierPool (sequence classifiers) scores text-classification suites "
+                "(e.g. eval=embedded); "
                 f"eval '{suite.name}' is a {type(suite).__name__}"
             )
         paths = self.task_paths(suite.task_names)
@@ -128,15 +129,12 @@ class ClassifierPool(ModelPool):
         if model.config.num_labels != len(labels):
             raise ValueError(
                 f"{where}: head has {model.config.num_labels} outputs but task '{task}' has {len(labels)} labels "
-                f"{labels} ({suite.data_dir / 'tasks.yaml'})"
+                f"{labels} ({suite.index})"
             )
         names = [str(model.config.id2label[i]) for i in range(len(labels))]
         default = [f"LABEL_{i}" for i in range(len(labels))]
         if names != default and names != [str(x) for x in labels]:
-            raise ValueError(
-                f"{where}: head labels {names} do not match task '{task}' labels {labels} "
-                f"({suite.data_dir / 'tasks.yaml'})"
-            )
+            raise ValueError(f"{where}: head labels {names} do not match task '{task}' labels {labels} ({suite.index})")
 
     # ----------------------------------------------------------------------------------------- state
 

@@ -1,13 +1,14 @@
 """Text-classification task suites: data + YAML, loaded through ``datasets``.
 
-A suite directory holds ``tasks.yaml`` (per task: label names, source, licence) and
-``<task>/{train,validation,test}.parquet`` with columns ``text`` and ``label``. Adding a task means adding its
-files and a ``tasks.yaml`` entry; no code."""
+A suite directory holds ``tasks.yaml`` and ``<task>/{train,validation,test}.parquet`` with columns ``text`` and
+``label``. Under ``tasks:``, each task gives its ``labels`` (class names in label-id order; required) and may
+document itself with the keys :data:`DOC_KEYS` lists (``description``, ``source``, ``license``, counts, ...); other
+keys are refused. Adding a task means adding its files and a ``tasks.yaml`` entry; no code."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,10 +16,37 @@ from typing import Any
 
 import datasets
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
-from mergelab.suites.base import SPLITS, SuiteOptions, file_digest, load_split, subsample
+from mergelab.suites.base import (
+    COMMON_DOC_KEYS,
+    SPLITS,
+    TASKS_FILE,
+    SuiteOptions,
+    check_task_keys,
+    file_digest,
+    load_split,
+    read_tasks_yaml,
+    split_files,
+    subsample,
+)
+
+REQUIRED_KEYS = ("labels",)
+
+
+# Written by scripts/build_embedded_suite.py to document a task; the suite does not read them.
+DOC_KEYS = (
+    *COMMON_DOC_KEYS,
+    "num_labels",
+    "upstream",
+    "how",
+    "seed",
+    "dedup",
+    "available_per_class",
+    "sizes",
+    "per_class",
+    "test_majority_baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +61,24 @@ class TaskInfo:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+
+def parse_text_task(name: str, entry: Mapping[str, Any], data_dir: Path, where: Path) -> TaskInfo:
+    """Check one ``tasks.yaml`` entry and build its :class:`TaskInfo`; errors name the file, task and key."""
+    check_task_keys(entry, where, name, REQUIRED_KEYS, DOC_KEYS)
+    at = f"{where}: task '{name}'"
+    labels = entry["labels"]
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) and x for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ValueError(
+            f"{at}: labels must be a non-empty list of distinct, non-empty strings (quote names YAML reads as "
+            f"booleans or numbers), got {labels!r}"
+        )
+    return TaskInfo(name, list(labels), str(entry.get("description", "")), split_files(data_dir, name, where))
 
 
 class TextClassificationSuite(SuiteOptions):
@@ -65,27 +111,12 @@ class TextClassificationSuite(SuiteOptions):
         super().__init__(
             name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed
         )
+        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
 
     def _read_tasks(self) -> dict[str, TaskInfo]:
-        index = self.data_dir / "tasks.yaml"
-        if not index.is_file():
-            raise FileNotFoundError(f"suite '{self.name}': no tasks.yaml in data_dir {self.data_dir}")
-        doc = yaml.safe_load(index.read_text()) or {}
-        meta = doc.get("tasks", {})
-        unknown = [t for t in self.task_names if t not in meta]
-        if unknown:
-            raise ValueError(f"suite '{self.name}': unknown task(s) {unknown}; {index} defines {sorted(meta)}")
-        if not self.task_names:
-            raise ValueError(f"suite '{self.name}': eval.tasks is empty")
-        out = {}
-        for t in self.task_names:
-            files = {s: self.data_dir / t / f"{s}.parquet" for s in SPLITS}
-            for s, f in files.items():
-                if not f.is_file():
-                    raise FileNotFoundError(f"suite '{self.name}': task '{t}' has no {s} split at {f}")
-            out[t] = TaskInfo(t, list(meta[t]["labels"]), str(meta[t].get("description", "")), files)
-        return out
+        entries = read_tasks_yaml(self.data_dir, self.name, self.task_names)
+        return {t: parse_text_task(t, entry, self.data_dir, self.index) for t, entry in entries.items()}
 
     # ------------------------------------------------------------------------------------------- data
 

@@ -1,4 +1,7 @@
-"""PART OF vision: vision.model"""
+"""Zero-shot CLIP heads and scoring: :func:`zero_shot_head` builds a task's frozen head from the pretrained text
+encoder (each class's prompt templates embedded, L2-normalised, averaged and normalised again, times
+``exp(logit_scale)``, so logits are CLIP's own), :func:`tensors_digest` keys the head cache, and
+:class:`ZeroShotClassifier` scores a (merged) vision tower with those heads under Lightning."""
 
 from __future__ import annotations
 

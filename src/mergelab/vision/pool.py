@@ -1,4 +1,7 @@
-"""PART OF vision: vision.pool"""
+"""The CLIP vision pool: :class:`CLIPVisionPool` holds a pretrained ``CLIPModel`` and one expert vision tower per
+task (a ``CLIPModel`` or ``CLIPVisionModel`` checkpoint, as tanganke's fine-tuned CLIP experts are). Only the vision
+tower is merged; the text tower, projections and logit scale always come from the pretrained model, whose text
+encoder builds each task's zero-shot head once, cached as safetensors under ``<cache_dir>/heads/``."""
 
 from __future__ import annotations
 

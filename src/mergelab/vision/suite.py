@@ -1,20 +1,11 @@
-"""CLIP vision merging: a pool of CLIP vision towers scored with frozen zero-shot heads, and the image suites.
+"""Zero-shot image-classification suites: data + YAML, read through ``datasets``, no code per task.
 
-:class:`CLIPVisionPool` holds a pretrained ``CLIPModel`` and one expert vision tower per task (a ``CLIPModel`` or a
-``CLIPVisionModel`` checkpoint, as tanganke's fine-tuned CLIP experts are). Only the vision tower is merged; the text
-tower, the projections and the logit scale always come from the pretrained model.
-
-Each task is classified by a frozen zero-shot head built from the pretrained text encoder (:func:`zero_shot_head`):
-for every class, the prompt templates are filled with the class name, each prompt's text embedding is L2-normalised,
-the embeddings are averaged over templates and normalised again; the head is these class embeddings times CLIP's
-logit scale (``exp(logit_scale)``), so logits are ``exp(logit_scale) * cos(image embedding, class embedding)`` as in
-CLIP itself (the scale does not change the argmax, only the logits' temperature). Heads are computed once per
-(text tower weights, prompt token ids, class names, templates) and cached as safetensors under
-``<cache_dir>/heads/``.
-
-:class:`ZeroShotImageSuite` is data + YAML: a ``tasks.yaml`` whose entries name a dataset that ``datasets.load_dataset``
-reads (a hub name or a local dir), the split expression behind each suite split, the image and label columns, the
-prompt templates and optionally the class names (default: the label column's ``ClassLabel`` names)."""
+:class:`ZeroShotImageSuite` reads a ``tasks.yaml`` whose entries name a dataset that ``datasets.load_dataset``
+reads (a hub name, or a local dir resolved against the suite dir), the split expression behind each suite split,
+the image and label columns, the prompt templates (each with ``{classname}``) and optionally the class names
+(default: the label column's ``ClassLabel`` names); ``description``, ``source`` and ``license`` document a task and
+other keys are refused. The module also holds the file names and format version of the zero-shot head caches
+that :mod:`mergelab.vision.pool` writes."""
 
 from __future__ import annotations
 
@@ -28,12 +19,19 @@ from typing import Any
 
 import datasets
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from mergelab.causal_lm.suite import template_fields
 from mergelab.io.files import looks_local
-from mergelab.suites.base import SPLITS, SuiteOptions, subsample
+from mergelab.suites.base import (
+    COMMON_DOC_KEYS,
+    SPLITS,
+    TASKS_FILE,
+    SuiteOptions,
+    check_task_keys,
+    read_tasks_yaml,
+    subsample,
+)
 
 # Bump when the way heads are computed changes, so stale cache entries are not reused.
 HEADS_FORMAT = 1
@@ -51,10 +49,13 @@ MERGED_HEADS_META = "zero_shot_heads.json"
 CLIP_TYPES = ("clip", "clip_vision_model")  # what an expert's config.json may declare
 
 
+REQUIRED_KEYS = ("dataset", "templates")
+
+
 TASK_KEYS = ("dataset", "config", "revision", "splits", "image_column", "label_column", "templates", "classnames")
 
 
-DOC_KEYS = ("description", "source", "license")
+DOC_KEYS = COMMON_DOC_KEYS
 
 
 DEFAULT_SPLITS = {"validation": "validation", "test": "test"}
@@ -81,17 +82,10 @@ class ImageTask:
         return {k: v for k, v in asdict(self).items() if k != "description"}
 
 
-def parse_image_task(name: str, entry: Any, suite_dir: Path, where: Path) -> ImageTask:
+def parse_image_task(name: str, entry: Mapping[str, Any], suite_dir: Path, where: Path) -> ImageTask:
     """Check one ``tasks.yaml`` entry and build its :class:`ImageTask`; errors name the file, task and key."""
+    check_task_keys(entry, where, name, REQUIRED_KEYS, (*TASK_KEYS, *DOC_KEYS))
     at = f"{where}: task '{name}'"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{at} must be a mapping of keys, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - {*TASK_KEYS, *DOC_KEYS})
-    if unknown:
-        raise ValueError(f"{at}: unknown key(s) {unknown}; known: {[*TASK_KEYS, *DOC_KEYS]}")
-    for key in ("dataset", "templates"):
-        if key not in entry:
-            raise ValueError(f"{at} has no '{key}' (required: dataset, templates)")
     dataset = entry["dataset"]
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(f"{at}: dataset must be a hub name or a dir, got {dataset!r}")
@@ -208,7 +202,7 @@ class ZeroShotImageSuite(SuiteOptions):
         if num_workers < 0:
             raise ValueError(f"eval.num_workers must be >= 0, got {num_workers}")
         self.num_workers = int(num_workers)
-        self.index = self.data_dir / "tasks.yaml"
+        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
         for t, info in self.tasks.items():
             for key, split in (("tune_split", tune_split), ("report_split", report_split)):
@@ -220,21 +214,8 @@ class ZeroShotImageSuite(SuiteOptions):
         self._loaded: dict[tuple[str, str], datasets.Dataset] = {}
 
     def _read_tasks(self) -> dict[str, ImageTask]:
-        if not self.index.is_file():
-            raise FileNotFoundError(f"suite '{self.name}': no tasks.yaml in data_dir {self.data_dir}")
-        try:
-            doc = yaml.safe_load(self.index.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"suite '{self.name}': {self.index} is not valid YAML: {e}") from e
-        meta = doc.get("tasks") if isinstance(doc, Mapping) else None
-        if not isinstance(meta, Mapping):
-            raise ValueError(f"suite '{self.name}': {self.index} has no 'tasks:' mapping")
-        if not self.task_names:
-            raise ValueError(f"suite '{self.name}': eval.tasks is empty")
-        unknown = [t for t in self.task_names if t not in meta]
-        if unknown:
-            raise ValueError(f"suite '{self.name}': unknown task(s) {unknown}; {self.index} defines {sorted(meta)}")
-        return {t: parse_image_task(t, meta[t], self.data_dir, self.index) for t in self.task_names}
+        entries = read_tasks_yaml(self.data_dir, self.name, self.task_names)
+        return {t: parse_image_task(t, entry, self.data_dir, self.index) for t, entry in entries.items()}
 
     # ------------------------------------------------------------------------------------------- data
 

@@ -1,4 +1,6 @@
-"""PART OF paper_report: reports.paper.cli"""
+"""The ``mergelab-report`` command line: parse the options, load the table and runs, build, print and write the report.
+
+Bad input (a table, run dir or option at fault) ends with exit status 2 and the reason on stderr, not a traceback."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergelab.reports.paper.matching import _parse_pairs, build_report
+from mergelab.reports.paper.matching import build_report, parse_pairs
 from mergelab.reports.paper.render import REPORT_FILES, markdown_report, write_report
-from mergelab.reports.paper.runs import _display, find_runs
+from mergelab.reports.paper.runs import display, find_runs
 from mergelab.reports.paper.schema import DEFINITIONS, ReportError, list_tables, load_table
 
 
@@ -50,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             table,
             runs,
             definition=args.normalized,
-            method_map=_parse_pairs(args.map, "--map"),
-            task_map=_parse_pairs(args.map_task, "--map-task"),
+            method_map=parse_pairs(args.map, "--map"),
+            task_map=parse_pairs(args.map_task, "--map-task"),
         )
         out = args.out or args.runs[0] / "paper_report" / table.name
         write_report(report, out, overwrite=args.overwrite)
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mergelab-report: error: {e}", file=sys.stderr)
         return 2
     print(markdown_report(report))
-    print(f"written: {', '.join(REPORT_FILES)} in {_display(out)}")
+    print(f"written: {', '.join(REPORT_FILES)} in {display(out)}")
     return 0
 
 

@@ -1,16 +1,9 @@
-"""``mergelab-report``: a run's (or a sweep's) rows in a paper's table layout, next to the paper's published numbers.
+"""Matching runs to a paper table: which run row stands for each published method, which run task for each column.
 
-A paper table is a YAML file in ``data/papers/`` (one per published table): the paper, the model, the tasks in the
-paper's order (with the names a mergelab suite may give them), the metric, how the paper defines its normalized
-average, and per method the published per-task scores and averages plus the mergelab rows that hold that method.
-
-The report puts, for every method of the table, our score and the paper's ("ours / paper") per task, on average
-and as the paper's normalized average (computed from the run's own experts row), with the differences of the
-averages; it prints the markdown and writes ``report.md``, ``report.csv`` and ``report.png``::
-
-    mergelab-report outputs/multirun/2025-01-01/12-00-00 --table awd_vit_b32
-    mergelab-report outputs/runs/a outputs/runs/b --table metagpt_llama2_7b --out reports/llama --overwrite
-    mergelab-report --list"""
+:func:`resolve_tasks` maps the paper's tasks to the runs' (by name, alias or ``--map-task``); :func:`build_report`
+picks each method's row (by name and recorded options, ``--map``, or the best validation score among several)
+and fills a :class:`Report` of :class:`ReportRow` s with our numbers, the paper's, and both normalized averages
+(:func:`normalized_average`)."""
 
 from __future__ import annotations
 
@@ -28,7 +21,7 @@ from mergelab.reports.paper.schema import (
     PaperMethod,
     PaperTable,
     ReportError,
-    _choice,
+    choice,
 )
 
 
@@ -41,7 +34,7 @@ def normalized_average(
     reference; ``none``: None. None as well when a task lacks a score or a reference score (a normalized average
     over fewer tasks than the paper's is not comparable), or when a denominator is zero.
     """
-    _choice(definition, DEFINITIONS, "normalized definition")
+    choice(definition, DEFINITIONS, "normalized definition")
     tasks = list(scores)
     if definition == "none" or not tasks:
         return None
@@ -99,12 +92,13 @@ def _diff(ours: float | None, paper: float | None) -> float | None:
     return None if ours is None or paper is None else ours - paper
 
 
-def _key(name: str) -> str:
+def task_key(name: str) -> str:
     """Task names compared without case or punctuation (stanford-cars = Stanford_Cars)."""
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def _parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
+def parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` command-line pairs (of ``option``, named in errors) as a dict."""
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -134,8 +128,8 @@ def resolve_tasks(
                 )
             out[task.name] = mapped
             continue
-        keys = {_key(task.name), *map(_key, task.aliases)}
-        found = [t for t in run_tasks if _key(t) in keys]
+        keys = {task_key(task.name), *map(task_key, task.aliases)}
+        found = [t for t in run_tasks if task_key(t) in keys]
         if len(found) > 1:
             raise ReportError(f"paper task {task.name} matches several run tasks {found}: pick one with --map-task")
         out[task.name] = found[0] if found else None
@@ -148,7 +142,13 @@ def _matches(method: PaperMethod, run: Run, row: str) -> bool:
     if row not in method.rows:
         return False
     options = run.row_options(row)
-    return all(k not in options or options[k] == v for k, v in method.options.items())
+    return all(k not in options or _recorded_name(options[k]) == v for k, v in method.options.items())
+
+
+def _recorded_name(value: Any) -> Any:
+    """A recorded option as paper tables name it: an inner method node (``merge: {name: ties, ...}``, as AWD's
+    ``merge`` and MetaGPT's ``sparsify`` are composed) by its ``name``; any other value as it is."""
+    return value["name"] if isinstance(value, Mapping) and "name" in value else value
 
 
 def _same_scores(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -225,7 +225,7 @@ def build_report(
     come from the row, the averages are over the paper's tasks (missing when the run lacks one), and the normalized
     average uses ``definition`` (default: the paper's) against the experts row of the same run.
     """
-    definition = _choice(definition or table.normalized, DEFINITIONS, "--normalized")
+    definition = choice(definition or table.normalized, DEFINITIONS, "--normalized")
     if not runs:
         raise ReportError("no runs to report")
     method_map = dict(method_map or {})

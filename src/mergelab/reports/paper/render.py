@@ -1,4 +1,8 @@
-"""PART OF paper_report: reports.paper.render"""
+"""Rendering a :class:`~mergelab.reports.paper.matching.Report`: markdown, CSV and a bar chart, written atomically.
+
+Cells read ``ours / paper`` when the table has published numbers (``*`` marks a paper value derived from its own
+numbers rather than published), ``—`` where a number is missing; :func:`write_report` writes ``report.md``,
+``report.csv`` and ``report.png`` and refuses to replace an earlier report unless asked."""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.io.atomic import atomic_save_figure, atomic_write_text, guard_output_dir
-from mergelab.reports.paper.matching import Report, _key
-from mergelab.reports.paper.runs import Run, _display
+from mergelab.reports.paper.matching import Report, task_key
+from mergelab.reports.paper.runs import Run, display
 from mergelab.reports.paper.schema import MISSING, PaperTable
 
 REPORT_FILES = ("report.md", "report.csv", "report.png")
@@ -42,9 +46,9 @@ def _paper_line(table: PaperTable) -> str:
 
 def _runs_line(runs: Sequence[Run]) -> str:
     if len(runs) <= 4:
-        return ", ".join(_display(r.path) for r in runs)
+        return ", ".join(display(r.path) for r in runs)
     # A sweep's many jobs: their count and common parent (each row's own run is listed under "Rows used").
-    return f"{len(runs)} runs under {_display(Path(os.path.commonpath([r.path.resolve() for r in runs])))}"
+    return f"{len(runs)} runs under {display(Path(os.path.commonpath([r.path.resolve() for r in runs])))}"
 
 
 def markdown_report(report: Report) -> str:
@@ -92,7 +96,7 @@ def markdown_report(report: Report) -> str:
         lines.append(
             "*: derived from the paper's published numbers under this definition; the paper does not print it."
         )
-    renamed = [f"{p} = {c}" for p, c in report.task_columns.items() if c is not None and _key(c) != _key(p)]
+    renamed = [f"{p} = {c}" for p, c in report.task_columns.items() if c is not None and task_key(c) != task_key(p)]
     missing = [p for p, c in report.task_columns.items() if c is None]
     if renamed:
         lines.append(f"Tasks: {', '.join(renamed)}.")

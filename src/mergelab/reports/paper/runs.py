@@ -1,4 +1,7 @@
-"""PART OF paper_report: reports.paper.runs"""
+"""Reading the runs a paper report is built from: run dirs and sweep dirs, their ``metrics.json`` and ``config.yaml``.
+
+:func:`load_run` reads and checks one run dir into a :class:`Run` (errors name the file and key at fault);
+:func:`find_runs` expands sweep dirs into their jobs and refuses runs scored on different suites or splits."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from mergelab.reports.paper.schema import ReportError, _mapping, _number, _strings
+from mergelab.reports.paper.schema import ReportError, mapping, number, strings
 
 
-def _display(path: Path) -> str:
+def display(path: Path) -> str:
     """``path`` relative to the working dir when it is under it (shorter in tables and messages)."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
@@ -47,7 +50,7 @@ class Run:
 
     def label(self, row: str) -> str:
         """``<run dir>:<row>``, as messages and the report name a row."""
-        return f"{_display(self.path)}:{row}"
+        return f"{display(self.path)}:{row}"
 
     def row_options(self, row: str) -> dict[str, Any]:
         """The method options a row was made with, as far as the run records them.
@@ -69,23 +72,23 @@ class Run:
 
 def _check_results(results: Any, where: str) -> Mapping[str, Any]:
     """Raise a ReportError naming the key at fault when ``results`` is not an evaluated run's metrics."""
-    results = _mapping(results, where)
+    results = mapping(results, where)
+    if "merged_model" in results and ("rows" not in results or results.get("suite", "") is None):
+        raise ReportError(f"{where}: a merge-only run (checkpoint pool, eval=none) has no scores to report")
     if "rows" not in results:
-        if "merged_model" in results:
-            raise ReportError(f"{where}: a merge-only run (checkpoint pool, eval=none) has no scores to report")
         raise ReportError(f"{where}: missing key 'rows'")
-    rows = _mapping(results["rows"], f"{where}: rows")
+    rows = mapping(results["rows"], f"{where}: rows")
     for name, row in rows.items():
-        row = _mapping(row, f"{where}: rows.{name}")
+        row = mapping(row, f"{where}: rows.{name}")
         if "scores" not in row:
             raise ReportError(f"{where}: rows.{name}: missing key 'scores'")
-        for task, metrics in _mapping(row["scores"], f"{where}: rows.{name}.scores").items():
-            for metric, value in _mapping(metrics, f"{where}: rows.{name}.scores.{task}").items():
-                _number(value, f"{where}: rows.{name}.scores.{task}.{metric}")
+        for task, metrics in mapping(row["scores"], f"{where}: rows.{name}.scores").items():
+            for metric, value in mapping(metrics, f"{where}: rows.{name}.scores.{task}").items():
+                number(value, f"{where}: rows.{name}.scores.{task}.{metric}")
         if row.get("params") is not None:
-            _mapping(row["params"], f"{where}: rows.{name}.params")
+            mapping(row["params"], f"{where}: rows.{name}.params")
     if "tasks" in results:
-        _strings(results["tasks"], f"{where}: tasks")
+        strings(results["tasks"], f"{where}: tasks")
     return results
 
 
@@ -106,7 +109,7 @@ def load_run(run_dir: str | Path) -> Run:
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
         except yaml.YAMLError as e:
             raise ReportError(f"{run_dir / 'config.yaml'}: not valid YAML: {e}") from None
-        config = _mapping(config, str(run_dir / "config.yaml"))
+        config = mapping(config, str(run_dir / "config.yaml"))
     return Run(run_dir, results, config)
 
 
@@ -138,7 +141,7 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
     for key in ("suite", "report_split"):
         values: dict[Any, list[str]] = {}
         for r in runs:
-            values.setdefault(r.results.get(key), []).append(_display(r.path))
+            values.setdefault(r.results.get(key), []).append(display(r.path))
         if len(values) > 1:
             listing = "; ".join(f"{v!r}: {', '.join(ds)}" for v, ds in values.items())
             raise ReportError(f"the runs differ in '{key}' ({listing}): report runs of one suite and split together")

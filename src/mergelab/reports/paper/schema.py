@@ -1,4 +1,8 @@
-"""PART OF paper_report: reports.paper.schema"""
+"""The paper tables of ``data/papers/*.yaml``: their schema, loading and checking, and the checked-value helpers.
+
+:func:`load_table` reads one table into a :class:`PaperTable` (tasks, methods with published numbers, units,
+normalized-average definition), raising :class:`ReportError` naming the file and key at fault; :func:`number`,
+:func:`mapping`, :func:`strings` and :func:`choice` are the checks the run reader shares."""
 
 from __future__ import annotations
 
@@ -105,29 +109,33 @@ def available_tables(tables_dir: str | Path = PAPERS_DIR) -> list[str]:
     return sorted(p.stem for p in Path(tables_dir).glob("*.yaml"))
 
 
-def _number(value: Any, where: str) -> float:
+def number(value: Any, where: str) -> float:
+    """``value`` as a float when it is a finite number (not a bool), else a ReportError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ReportError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 
 def _optional_number(value: Any, where: str) -> float | None:
-    return None if value is None else _number(value, where)
+    return None if value is None else number(value, where)
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+def mapping(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else a ReportError naming ``where``."""
     if not isinstance(value, Mapping):
         raise ReportError(f"{where}: expected a mapping, got {type(value).__name__}")
     return value
 
 
-def _strings(value: Any, where: str) -> tuple[str, ...]:
+def strings(value: Any, where: str) -> tuple[str, ...]:
+    """``value`` as a tuple when it is a list of strings, else a ReportError naming ``where``."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ReportError(f"{where}: expected a list of names, got {value!r}")
     return tuple(value)
 
 
-def _choice(value: Any, choices: Sequence[str], where: str) -> str:
+def choice(value: Any, choices: Sequence[str], where: str) -> str:
+    """``value`` when it is one of ``choices``, else a ReportError naming ``where`` and the choices."""
     if value not in choices:
         raise ReportError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     return str(value)
@@ -153,7 +161,7 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ReportError(f"{path}: not valid YAML: {e}") from None
-    doc = _mapping(raw, str(path))
+    doc = mapping(raw, str(path))
     for key in ("name", "title", "metric", "tasks", "methods"):
         if key not in doc:
             raise ReportError(f"{path}: missing key '{key}'")
@@ -165,11 +173,11 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
         raise ReportError(f"{path}: tasks: expected a non-empty list")
     for i, t in enumerate(doc["tasks"]):
         where = f"{path}: tasks[{i}]"
-        t = _mapping(t, where)
+        t = mapping(t, where)
         if not isinstance(t.get("name"), str):
             raise ReportError(f"{where}: missing the task's name")
         info = {k: v for k, v in t.items() if k not in ("name", "aliases")}
-        tasks.append(PaperTask(t["name"], _strings(t.get("aliases", []), f"{where}.aliases"), info))
+        tasks.append(PaperTask(t["name"], strings(t.get("aliases", []), f"{where}.aliases"), info))
     task_names = [t.name for t in tasks]
     if len(set(task_names)) != len(task_names):
         raise ReportError(f"{path}: tasks: duplicate task names in {task_names}")
@@ -178,7 +186,7 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
     if not isinstance(doc["methods"], list) or not doc["methods"]:
         raise ReportError(f"{path}: methods: expected a non-empty list")
     for i, m in enumerate(doc["methods"]):
-        m = _mapping(m, f"{path}: methods[{i}]")
+        m = mapping(m, f"{path}: methods[{i}]")
         if not isinstance(m.get("name"), str):
             raise ReportError(f"{path}: methods[{i}]: missing the method's name")
         where = f"{path}: methods[{i}] ({m['name']})"
@@ -188,18 +196,18 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
         method = m.get("method")
         if method is not None and not isinstance(method, str):
             raise ReportError(f"{where}.method: expected a method name or null, got {method!r}")
-        rows = _strings(m["rows"], f"{where}.rows") if "rows" in m else ((method,) if method else ())
-        scores = dict(_mapping(m.get("scores") or {}, f"{where}.scores"))
+        rows = strings(m["rows"], f"{where}.rows") if "rows" in m else ((method,) if method else ())
+        scores = dict(mapping(m.get("scores") or {}, f"{where}.scores"))
         for task, value in scores.items():
             if task not in task_names:
                 raise ReportError(f"{where}.scores: unknown task {task!r} (tasks: {', '.join(task_names)})")
-            scores[task] = _number(value, f"{where}.scores.{task}")
+            scores[task] = number(value, f"{where}.scores.{task}")
         methods.append(
             PaperMethod(
                 name=m["name"],
                 method=method,
                 rows=rows,
-                options=dict(_mapping(m.get("options") or {}, f"{where}.options")),
+                options=dict(mapping(m.get("options") or {}, f"{where}.options")),
                 scores=scores,
                 average=_optional_number(m.get("average"), f"{where}.average"),
                 normalized=_optional_number(m.get("normalized"), f"{where}.normalized"),
@@ -210,20 +218,20 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
     if len(set(method_names)) != len(method_names):
         raise ReportError(f"{path}: methods: duplicate method names in {method_names}")
 
-    unit = _choice(doc.get("unit", "percent"), list(UNITS), f"{path}: unit")
+    unit = choice(doc.get("unit", "percent"), list(UNITS), f"{path}: unit")
     decimals = _decimals(doc.get("decimals", 2), f"{path}: decimals")
-    norm = _mapping(doc.get("normalized") or {"definition": "none"}, f"{path}: normalized")
+    norm = mapping(doc.get("normalized") or {"definition": "none"}, f"{path}: normalized")
     return PaperTable(
         name=doc["name"],
         title=str(doc["title"]),
-        paper=_mapping(doc["paper"], f"{path}: paper") if doc.get("paper") else None,
+        paper=mapping(doc["paper"], f"{path}: paper") if doc.get("paper") else None,
         model=str(doc.get("model", "")),
         metric=str(doc["metric"]),
         metric_key=str(doc.get("metric_key", "acc")),
         unit=unit,
         decimals=decimals,
-        normalized=_choice(norm.get("definition", "none"), DEFINITIONS, f"{path}: normalized.definition"),
-        normalized_unit=_choice(norm.get("unit", unit), list(UNITS), f"{path}: normalized.unit"),
+        normalized=choice(norm.get("definition", "none"), DEFINITIONS, f"{path}: normalized.definition"),
+        normalized_unit=choice(norm.get("unit", unit), list(UNITS), f"{path}: normalized.unit"),
         normalized_decimals=_decimals(norm.get("decimals", decimals), f"{path}: normalized.decimals"),
         tasks=tuple(tasks),
         methods=tuple(methods),
