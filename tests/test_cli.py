@@ -18,6 +18,7 @@ from mergelab.run import run
 from mergelab.text.model import evaluate
 from mergelab.text.pool import load_merged
 from tests.conftest import TINY, make_cfg
+from tests.test_run_flow import SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,11 @@ def test_run_writes_results(ta_run: Path) -> None:
     metrics = json.loads((ta_run / "metrics.json").read_text())
     assert list(metrics["rows"]) == ["pretrained", "experts", "task_arithmetic"]
     assert metrics["tasks"] == ["tweet_sentiment", "food_review"]
+    assert set(metrics) == SCHEMA  # the keys of every run's metrics.json (tests/test_run_flow.py)
     ta = metrics["rows"]["task_arithmetic"]
+    assert metrics["method"] == "task_arithmetic" and metrics["scores"] == ta["scores"]
+    assert metrics["params"] == ta["params"] and metrics["avg_acc"] == ta["avg_acc"]
+    assert metrics["merged_model"] == str(ta_run / "merged_model")
     experts = metrics["rows"]["experts"]["scores"]
     for task, scores in ta["scores"].items():
         assert 0.0 <= scores["acc"] <= 1.0
@@ -103,7 +108,7 @@ def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> Non
         "plot=true",
         "table.methods.task_arithmetic.grid.scaling=[0.2,0.6]",
         "table.methods.ties.grid.scaling=[0.5]",
-        "table.methods.dare.grid.scaling=[0.3]",
+        "table.methods.dare.grid={merge.scaling:[0.3]}",  # DARE's inner task arithmetic
         # AWD rows are covered by tests/test_awd.py (here they would add a 300-step fit).
         "~table.methods.awd_ta",
         "~table.methods.awd_ties",

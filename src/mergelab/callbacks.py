@@ -19,13 +19,18 @@ log = logging.getLogger(__name__)
 class MergeCallback(L.Callback):
     """Merge the pool with ``method`` and load the result into the module's ``backbone`` before it is evaluated.
 
-    Works for every pool: a classifier's backbone (heads stay per task) and a causal LM (the whole model) alike.
+    Works for every ``in_memory`` pool: a classifier's backbone (heads stay per task), a causal LM (the whole model)
+    and a CLIP vision tower alike; a pool streamed from disk is refused (it writes its merge, see
+    :meth:`mergelab.pools.base.ModelPool.write_merged`).
 
     MetaGPT and the other closed-form methods need neither data nor gradient steps, so they run here rather
     than as a LightningModule. The merge is computed once; later evaluations reuse it.
     """
 
     def __init__(self, method: MergeMethod, pool: ModelPool) -> None:
+        require = getattr(pool, "require", None)  # a ModelPool declares its capabilities; bare test pools do not
+        if require is not None:
+            require("in_memory", "merge into a module's backbone (MergeCallback)")
         self.method, self.pool = method, pool
         self.state: tv.StateDict | None = None
         self._loaded: set[int] = set()

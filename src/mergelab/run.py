@@ -1,11 +1,14 @@
-"""The one entry point: instantiate pool, suite and method(s) from the config, merge, evaluate, report."""
+"""The one entry point: instantiate pool, suite and method(s) from the config, merge, evaluate, report.
+
+One flow serves every pool (:func:`run`); what differs is read from the pool's capability flags
+(:class:`mergelab.pools.base.ModelPool`), never from its type."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,20 +23,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab.callbacks import MergeCallback
-from mergelab.causal_lm.lm_harness import LMHarnessSuite
-from mergelab.io.atomic import atomic_write_json, atomic_write_text, guard_output_dir
-from mergelab.methods.base import MergeMethod, TaskVectorMethod
-from mergelab.pools.base import ModelPool
-from mergelab.pools.checkpoint import CheckpointPool
-from mergelab.reports.loggers import log_run, send
+from mergelab.io.atomic import atomic_write_json, atomic_write_text, guard_output_dir, move_dir_into_place
+from mergelab.methods.base import MergeMethod, grid_candidates
+from mergelab.pools.base import ModelPool, check_pool
+from mergelab.reports.loggers import log_run
 from mergelab.reports.tables import write_reports
+from mergelab.suites import scoring as ev
 from mergelab.suites.base import EvalSuite
-from mergelab.text import model as ev
 from mergelab.training import distributed as distributed
 
 log = logging.getLogger(__name__)
 
-NOT_METHOD_OPTIONS = ("name", "grid")
+#: Where a pool that is not scorable in memory writes its candidate merges (under the run dir) until one is kept.
+CANDIDATES_DIR = ".candidates"
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -51,21 +53,8 @@ def method_candidates(mcfg: DictConfig, tune: bool) -> list[tuple[dict[str, Any]
 
     Every candidate is built up front so an out-of-range value fails before any work is done.
     """
-    full = OmegaConf.to_container(mcfg, resolve=True)
-    base = {k: v for k, v in full.items() if k not in NOT_METHOD_OPTIONS}
-    grid = (full.get("grid") or {}) if tune else {}
-    keys = list(grid)
-    points = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
-    out = []
-    for point in points:
-        # What the table shows as chosen: the grid point when tuning, else every option.
-        params = point if grid else {k: v for k, v in base.items() if not k.startswith("_")}
-        try:
-            method = build({**base, **point})
-        except ValueError as e:
-            raise ValueError(f"method '{mcfg.get('name')}': {e}") from e
-        out.append((params, method))
-    return out
+    node = OmegaConf.to_container(mcfg, resolve=True)
+    return grid_candidates(node, tune, build)
 
 
 def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[], ev.Scores]) -> ev.Scores:
@@ -102,8 +91,77 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class InMemoryMerge:
+    """A candidate merge of a ``scorable`` pool: merged into the scoring module's backbone when first scored."""
+
+    def __init__(self, pool: ModelPool, method: MergeMethod, trainer_kwargs: Mapping[str, Any]) -> None:
+        self.pool, self.trainer_kwargs = pool, trainer_kwargs
+        # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
+        self.callback, self.model = MergeCallback(method, pool), pool.model()
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.callback.method
+
+    def score(self, split: str, tasks: list[str] | None = None) -> ev.Scores:
+        return self.pool.evaluate(self.model, split, self.trainer_kwargs, tasks, callbacks=[self.callback])
+
+    def realize(self) -> None:
+        """Compute the merge (scoring does it too)."""
+        self.callback.merged_state()
+
+    def write(self, out_dir: Path, overwrite: bool) -> Path:
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        return self.pool.save_merged(self.callback.merged_state(), out_dir)
+
+    def discard(self) -> None:
+        return None
+
+
+class OnDiskMerge:
+    """A candidate merge of a pool not scorable in memory: written to ``work_dir`` (under the run dir) when first
+    needed, and scored from there by the suite's ``evaluate_checkpoint`` (on the suite's own split)."""
+
+    def __init__(
+        self, pool: ModelPool, method: MergeMethod, suite: Any, trainer_kwargs: Mapping[str, Any], work_dir: Path
+    ) -> None:
+        self.pool, self.method, self.suite, self.trainer_kwargs = pool, method, suite, trainer_kwargs
+        self.work_dir, self.path = work_dir, None
+
+    def realize(self) -> Path:
+        if self.path is None:
+            self.path = self.pool.write_merged(self.method, self.work_dir, overwrite=True)
+        return self.path
+
+    def score(self, split: str, tasks: list[str] | None = None) -> ev.Scores:
+        scores = self.suite.evaluate_checkpoint(self.realize(), self.trainer_kwargs, self.pool.trust_remote_code)
+        return {t: s for t, s in scores.items() if tasks is None or t in tasks}
+
+    def write(self, out_dir: Path, overwrite: bool) -> Path:
+        src = self.realize()
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        move_dir_into_place(src, out_dir)
+        self.path = None
+        return out_dir
+
+    def discard(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.path = None
+
+
 def run(cfg: DictConfig) -> float:
-    """Run the configured job; returns the objective (mean accuracy of the last method on the tune split)."""
+    """Run the configured job; returns the objective (mean accuracy of the last method on the tune split; NaN for a
+    merge-only run).
+
+    One flow for every pool: candidates are built and checked up front, the pool is set up (with the suite, or
+    None for ``eval=none``), the reference rows are scored where the pool can score them, each method row is
+    prepared, tuned over its grid on the tune split and scored on the report split (an in-memory pool merges inside
+    the evaluation trainer; any other pool writes each candidate to a dir under the run dir, scored from there), and
+    the results go to ``metrics.json`` (one schema for every run), the tables, the loggers and, for the last row,
+    ``merged_model`` (always written by a pool not held in memory, else with ``save_merged=true``).
+    """
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
     guard_output_dir(out_dir, bool(cfg.overwrite))
@@ -116,188 +174,175 @@ def run(cfg: DictConfig) -> float:
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
-    pool = build(cfg.model)
-    if isinstance(pool, CheckpointPool):
-        return run_streaming(cfg, pool, candidates, out_dir, trainer_kwargs)
-    if not cfg.get("eval"):
-        raise ValueError("eval=none only applies to checkpoint pools; this model pool needs an evaluation suite")
-    suite: EvalSuite = build(cfg.eval)
+    pool = check_pool(build(cfg.model))
+    for name, cands in candidates.items():
+        for _, method in cands:
+            pool.check_method(method, f"method '{name}'")
+    if not pool.multi_process and distributed.multi_process(cfg.trainer):
+        raise ValueError(
+            f"trainer: devices={cfg.trainer.get('devices')} num_nodes={cfg.trainer.get('num_nodes', 1)}: a "
+            f"{pool.kind} merges in one process ({type(pool).__name__}: multi_process=False); use trainer=gpu or "
+            "trainer=cpu"
+        )
+    suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
+    pool.check_suite(suite)
+    if suite is None:
+        if len(candidates) > 1:
+            raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
+        if any(len(c) > 1 for c in candidates.values()):
+            raise ValueError("tune=true picks a grid point on the suite's tune split: it needs a suite, not eval=none")
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
-    if not isinstance(pool, ModelPool):
-        raise TypeError(f"model: {type(pool).__name__} is not a model pool (mergelab.pools.base.ModelPool)")
     pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
-    report, tune_split = suite.report_split, suite.tune_split
+    report, tune_split = (suite.report_split, suite.tune_split) if suite is not None else (None, None)
+    columns = list(suite.task_names) if suite is not None else list(pool.tasks)  # the table's columns
 
-    def score(
-        model: L.LightningModule, split: str, tasks: list[str] | None = None, merge: MergeCallback | None = None
-    ) -> ev.Scores:
-        return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[merge] if merge else [])
+    def score(model: L.LightningModule, split: str, tasks: list[str] | None = None) -> ev.Scores:
+        """Scores of an in-memory model of a ``scorable`` pool (pretrained, an expert, a single-task state)."""
+        return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[])
 
-    base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
-    pre_scores = cached_scores(
-        pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score(pool.model(), report)
-    )
-    # Each expert is scored on the suite tasks it is the reference of (its own task, unless the suite's tasks are
-    # benchmarks matched with experts, as lm-eval's are).
-    columns = list(pool.expert_of)
-    expert_scores: ev.Scores = {}
-    for t in pool.tasks:
-        own = pool.columns_of(t)
-        if own:
-            expert_scores.update(
-                cached_scores(
-                    pool.cache_dir,
-                    {**base_key, **pool.reference_key(t), **({} if own == [t] else {"columns": own})},
-                    lambda t=t, own=own: score(pool.expert_model(t), report, own),
+    rows: dict[str, dict[str, Any]] = {}
+    expert_scores: ev.Scores | None = None
+    if suite is not None and pool.scorable:
+        # Each expert is scored on the suite tasks it is the reference of (its own task, unless the suite's tasks
+        # are benchmarks matched with experts, as lm-eval's are).
+        base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
+        pre_scores = cached_scores(
+            pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score(pool.model(), report)
+        )
+        expert_scores = {}
+        for t in pool.tasks:
+            own = pool.columns_of(t)
+            if own:
+                expert_scores.update(
+                    cached_scores(
+                        pool.cache_dir,
+                        {**base_key, **pool.reference_key(t), **({} if own == [t] else {"columns": own})},
+                        lambda t=t, own=own: score(pool.expert_model(t), report, own),
+                    )
                 )
-            )
-    expert_scores = {c: expert_scores[c] for c in columns}
-    rows: dict[str, dict[str, Any]] = {
-        "pretrained": row(pre_scores, expert_scores),
-        "experts": row(expert_scores, expert_scores),
-    }
+        expert_scores = {c: expert_scores[c] for c in columns}
+        rows["pretrained"] = row(pre_scores, expert_scores)
+        rows["experts"] = row(expert_scores, expert_scores)
+
+    def candidate(method: MergeMethod, name: str, i: int) -> InMemoryMerge | OnDiskMerge:
+        if pool.scorable:
+            return InMemoryMerge(pool, method, trainer_kwargs)
+        return OnDiskMerge(pool, method, suite, trainer_kwargs, out_dir / CANDIDATES_DIR / f"{name}-{i}")
 
     objective = float("nan")
-    merged_state = None
+    kept: InMemoryMerge | OnDiskMerge | None = None  # the last row's merge: the run's merged model
+    last = ""
     chosen: dict[str, MergeMethod] = {}
     timings: dict[str, float] = {"setup_s": round(t_setup, 1)}
-    for name, cands in candidates.items():
-        t1 = time.perf_counter()
-        tried = []
-        best: tuple[float, dict[str, Any], MergeCallback, L.LightningModule] | None = None
-        for params, method in cands:
-            method.prepare(pool, trainer_kwargs, loggers)  # trained methods (AWD) fit here, under trainer.fit
-            # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
-            merge, model = MergeCallback(method, pool), pool.model()
-            if len(cands) > 1:
-                val = ev.average(score(model, tune_split, merge=merge))
-                tried.append({"params": params, f"{tune_split}_avg_acc": val})
-                log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
+    try:
+        for name, cands in candidates.items():
+            t1 = time.perf_counter()
+            if kept is not None:  # an earlier row's merge: only the last row's is the run's merged model
+                kept.discard()
+            tried = []
+            best: tuple[float, dict[str, Any], InMemoryMerge | OnDiskMerge, ev.Scores | None] | None = None
+            for i, (params, method) in enumerate(cands):
+                # Trained methods (AWD) fit here, under trainer.fit; a pool not in memory has them write to work_dir.
+                method.prepare(pool, trainer_kwargs, loggers, work_dir=out_dir / "artifacts" / name)
+                merge = candidate(method, name, i)
+                tune_scores = None
+                if len(cands) > 1:
+                    assert tune_split is not None
+                    tune_scores = merge.score(tune_split)
+                    val = ev.average(tune_scores)
+                    tried.append({"params": params, f"{tune_split}_avg_acc": val})
+                    log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
+                else:
+                    val = float("nan")
+                if best is None or val > best[0]:
+                    if best is not None:
+                        best[2].discard()
+                    best = (val, params, merge, tune_scores)
+                else:
+                    merge.discard()
+            assert best is not None
+            val, params, merge, tune_scores = best
+            kept, last = merge, name
+            if suite is None:  # merge only
+                merge.realize()
+                rows[name] = {"params": dict(params), "method_report": merge.method.report()}
             else:
-                val = float("nan")
-            if best is None or val > best[0]:
-                best = (val, params, merge, model)
-        assert best is not None
-        val, params, merge, model = best
-        test_scores = score(model, report, merge=merge)
-        if len(cands) > 1:
-            objective = val
-        elif tune_split == report:  # one split only (lm-eval's): no second evaluation
-            objective = ev.average(test_scores)
-        else:
-            objective = ev.average(score(model, tune_split, merge=merge))
-        method, state = merge.method, merge.merged_state()
-        rows[name] = row(test_scores, expert_scores, params)
-        rows[name][f"{tune_split}_avg_acc"] = objective
-        if tried:
-            rows[name]["tuning"] = tried
-        if method.report():
-            rows[name]["method_report"] = method.report()
-        single = method.single_task_states(pool)
-        if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
-            own = {t: pool.columns_of(t) for t in single}
-            rows[f"{name} (single-task)"] = row(
-                {
-                    c: v
-                    for t, s in single.items()
-                    if own[t]
-                    for c, v in score(pool.model(s, own[t]), report, own[t]).items()
-                },
-                expert_scores,
-            )
-        chosen[name] = method
-        timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
-        merged_state = state
+                assert report is not None and tune_split is not None
+                # One split only (lm-eval's): the tuned candidate's scores are the report's.
+                test_scores = tune_scores if tune_scores is not None and tune_split == report else merge.score(report)
+                if len(cands) > 1:
+                    objective = val
+                elif tune_split == report:
+                    objective = ev.average(test_scores)
+                else:
+                    objective = ev.average(merge.score(tune_split))
+                rows[name] = row(test_scores, expert_scores, params)
+                rows[name][f"{tune_split}_avg_acc"] = objective
+                if tried:
+                    rows[name]["tuning"] = tried
+                if merge.method.report():
+                    rows[name]["method_report"] = merge.method.report()
+                single = merge.method.single_task_states(pool) if pool.scorable else {}
+                if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
+                    own = {t: pool.columns_of(t) for t in single}
+                    rows[f"{name} (single-task)"] = row(
+                        {
+                            c: v
+                            for t, s in single.items()
+                            if own[t]
+                            for c, v in score(pool.model(s, own[t]), report, own[t]).items()
+                        },
+                        expert_scores,
+                    )
+            chosen[name] = merge.method
+            timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
 
+        if not distributed.is_global_zero():
+            return objective  # rank 0 writes the results and sends them to the loggers
+        out_dir.mkdir(parents=True, exist_ok=True)
+        merged_path = None
+        if kept is not None and (cfg.save_merged or not pool.in_memory):  # a streamed merge is the run's product
+            merged_path = kept.write(out_dir / "merged_model", overwrite=bool(cfg.overwrite))
+    finally:
+        if kept is not None:
+            kept.discard()
+        shutil.rmtree(out_dir / CANDIDATES_DIR, ignore_errors=True)
+
+    merged_row = rows[last]
     results = {
-        "suite": suite.name,
+        "suite": suite.name if suite is not None else None,
         "report_split": report,
         "tune_split": tune_split,
         "tasks": columns,
         "experts": pool.resolved,
         **({} if columns == pool.tasks else {"expert_of": pool.expert_of}),
         "rows": rows,
-        "objective": {"name": f"{tune_split}/avg_acc", "value": objective},
+        "objective": {
+            "name": f"{tune_split}/avg_acc" if suite is not None else None,
+            "value": objective if suite is not None else None,
+        },
         "timings": timings,
         "overrides": list(cfg.get("overrides") or []),
+        # The run's merged model (the last row's), also where the objective comes from.
+        "method": last,
+        "params": merged_row.get("params") or {},
+        "method_report": chosen[last].report(),
+        "scores": merged_row.get("scores"),
+        "avg_acc": merged_row.get("avg_acc"),
+        "merged_model": str(merged_path) if merged_path is not None else None,
     }
-    if not distributed.is_global_zero():
-        return objective  # rank 0 writes the results and sends them to the loggers
-    title = f"{suite.name}: {report} accuracy (%)"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.save_merged and merged_state is not None:
-        pool.save_merged(merged_state, out_dir / "merged_model")
     for name, method in chosen.items():
         method.save_artifacts(out_dir / "artifacts" / name)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_reports(rows, columns, out_dir, title, chart=bool(cfg.plot))
+    if suite is not None:
+        write_reports(rows, columns, out_dir, f"{suite.name}: {report} accuracy (%)", chart=bool(cfg.plot))
     atomic_write_json(out_dir / "metrics.json", results)
     log_run(loggers, cfg, results, out_dir)
-    log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
+    if suite is not None:
+        log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
+    else:
+        log.info("merged with %s into %s (%s)", last, merged_path, chosen[last].report())
     return objective
-
-
-def run_streaming(
-    cfg: DictConfig,
-    pool: CheckpointPool,
-    candidates: Mapping[str, list[tuple[dict[str, Any], MergeMethod]]],
-    out_dir: Path,
-    trainer_kwargs: Mapping[str, Any],
-) -> float:
-    """Merge a checkpoint pool tensor by tensor into ``<output_dir>/merged_model``; score it with an lm-eval suite."""
-    if distributed.multi_process(cfg.trainer):
-        raise ValueError(
-            f"trainer: devices={cfg.trainer.get('devices')} num_nodes={cfg.trainer.get('num_nodes', 1)}: a checkpoint "
-            "pool merges in one process (disk-bound streaming; AWD fits one tensor at a time); use trainer=gpu or "
-            "trainer=cpu"
-        )
-    suite = build(cfg.eval) if cfg.get("eval") else None
-    if suite is not None and not isinstance(suite, LMHarnessSuite):
-        raise ValueError(
-            "model: a checkpoint (streaming) pool is merged, then scored only by an lm-eval suite (eval=lm_harness); "
-            "set eval=none or eval=lm_harness"
-        )
-    if len(candidates) != 1 or any(len(c) != 1 for c in candidates.values()):
-        raise ValueError("a checkpoint pool merges one method with fixed options: no table and no tune=true")
-    ((name, [(params, method)]),) = candidates.items()
-    if not isinstance(method, TaskVectorMethod):
-        raise ValueError(f"method '{name}' cannot stream: it is not a task-vector method")
-    loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
-    artifacts = out_dir / "artifacts" / name
-    start = time.perf_counter()
-    method.prepare(pool, trainer_kwargs, loggers, work_dir=artifacts)  # AWD fits tensor by tensor from the files
-    prepare_seconds = time.perf_counter() - start
-    merged = pool.merge(method, out_dir / "merged_model", overwrite=bool(cfg.overwrite))
-    method.save_artifacts(artifacts)
-    seconds = time.perf_counter() - start
-    scores = None
-    if suite is not None:  # the merged model exists only on disk here: load it once and hand it to lm-eval
-        start = time.perf_counter()
-        scores = suite.evaluate_checkpoint(merged, trainer_kwargs, bool(cfg.model.get("trust_remote_code", False)))
-        log.info("%s: %s", suite.name, {t: round(s["acc"], 4) for t, s in scores.items()})
-    results = {
-        "pretrained": pool.pretrained,
-        "experts": pool.experts,
-        "method": name,
-        "params": params,
-        "method_report": method.report(),
-        "merged_model": str(merged),
-        "timings": {"prepare_s": round(prepare_seconds, 1), "merge_s": round(seconds - prepare_seconds, 1)},
-        "overrides": list(cfg.get("overrides") or []),
-    }
-    if scores is not None:
-        results.update(suite=suite.name, scores=scores, avg_acc=ev.average(scores))
-        results["timings"]["eval_s"] = round(time.perf_counter() - start, 1)
-        # The evaluated runs' layout too, so mergelab-report reads a sweep of streaming runs like any other.
-        merged_row = {**row(scores, None, params), "method_report": method.report()}
-        results.update(tasks=list(scores), report_split=suite.report_split, rows={name: merged_row})
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(out_dir / "metrics.json", results)
-    logged = {f"method/{name}/{k}": float(v) for k, v in method.report().items()}
-    logged.update({f"{suite.name}/{t}/acc": s["acc"] for t, s in (scores or {}).items()} if suite else {})
-    send(loggers, cfg, logged)
-    log.info("merged %s with %s in %.1f s: %s %s", pool.pretrained, name, seconds, merged, method.report())
-    return float(results.get("avg_acc", float("nan")))

@@ -58,11 +58,10 @@ class PoolCapabilityError(ValueError):
     """A run (or a method) asked a pool for something it cannot do; the message names the pool and the capability."""
 
 
-#: What each capability flag means, as errors say it.
+#: What each capability flag means, as errors say it (``needs_suite`` is a requirement, see ``check_suite``).
 CAPABILITIES = {
     "in_memory": "hold its weights in memory (state dicts)",
     "scorable": "build and score in-memory models (pretrained, experts, merges) with the suite",
-    "needs_suite": "be set up without an evaluation suite",
     "multi_process": "run under a multi-process trainer",
 }
 
@@ -108,6 +107,8 @@ class ModelPool(ABC):
         super().__init_subclass__(**kwargs)
         if getattr(cls.setup, "__isabstractmethod__", False):
             return  # still abstract: checked on its concrete subclasses
+        if cls.scorable and not cls.in_memory:
+            raise TypeError(f"{cls.__name__}: scorable=True needs in_memory=True (it scores in-memory state dicts)")
         for capability, names in CAPABILITY_METHODS.items():
             missing = [n for n in names if getattr(cls, capability) and getattr(cls, n) is getattr(ModelPool, n)]
             if missing:
@@ -169,8 +170,9 @@ class ModelPool(ABC):
         return self.save_merged(method.run(self), out)
 
     def describe(self) -> str:
-        """How messages name the pool: its class and kind."""
-        return f"model pool {type(self).__name__} ({self.kind})"
+        """How messages name the pool: its class (and its kind, when more specific than "model pool")."""
+        name = f"model pool {type(self).__name__}"
+        return name if self.kind == ModelPool.kind else f"{name} ({self.kind})"
 
     def require(self, capability: str, what: str) -> None:
         """Raise a :class:`PoolCapabilityError` naming the pool and ``capability`` when the pool lacks it."""
@@ -285,3 +287,13 @@ CAPABILITY_METHODS = {
     "in_memory": ("pretrained_state", "save_merged"),
     "scorable": ("model", "evaluate", "reference_key"),
 }
+
+
+def check_pool(obj: Any, where: str = "model") -> ModelPool:
+    """``obj`` when it implements the pool interface, else a TypeError naming the config key ``where``.
+
+    This validates what a config built; what a pool can do is read from its capability flags, never its type.
+    """
+    if not isinstance(obj, ModelPool):
+        raise TypeError(f"{where}: {type(obj).__name__} is not a model pool (mergelab.pools.base.ModelPool)")
+    return obj

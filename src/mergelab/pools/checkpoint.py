@@ -73,8 +73,9 @@ class CheckpointPool(ModelPool):
     def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
         """Check the checkpoints fit together (headers only) and, with a suite, that it can score a checkpoint dir.
 
-        ``suite=None``: merge only. A suite's tasks become the table's columns; each is matched with the expert
-        the suite names for it (``eval.experts``), for the record only: the experts are not scored here.
+        ``suite=None``: merge only. With a suite, :attr:`expert_of` matches each suite task with the expert the
+        suite names for it (``eval.experts``, default: the expert of its own name) where the pool has that expert,
+        for the record only: the experts are not scored here.
         """
         if suite is not None:
             if not callable(getattr(suite, "evaluate_checkpoint", None)):
@@ -83,7 +84,7 @@ class CheckpointPool(ModelPool):
                     f"checkpoints (eval=lm_harness); eval '{suite.name}' cannot: set eval=none or eval=lm_harness"
                 )
             matched = dict(getattr(suite, "experts", None) or {})
-            self.expert_of = {t: matched.get(t, t) for t in suite.task_names}
+            self.expert_of = {t: matched.get(t, t) for t in suite.task_names if matched.get(t, t) in self.experts}
         self.suite = suite
         base, experts, _ = self.open_checkpoints()  # unreadable or mismatched checkpoints fail before any work
         for ck in (base, *experts):

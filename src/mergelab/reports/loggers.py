@@ -29,7 +29,7 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     split = results["report_split"]
     for name, row in results["rows"].items():
-        for task, scores in row["scores"].items():
+        for task, scores in (row.get("scores") or {}).items():  # a merge-only run's rows have none
             for metric, value in scores.items():
                 out[f"{split}/{name}/{task}/{metric}"] = value
         for key in ("avg_acc", "avg_f1", "avg_norm_acc"):
@@ -41,7 +41,8 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         for key, value in (row.get("method_report") or {}).items():
             if isinstance(value, int | float):
                 out[f"method/{name}/{key}"] = float(value)
-    out[results["objective"]["name"]] = results["objective"]["value"]
+    if results["objective"]["name"] is not None:  # None: a merge-only run (eval=none)
+        out[results["objective"]["name"]] = results["objective"]["value"]
     return out
 
 
@@ -73,5 +74,6 @@ def send(
 
 def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
     """Log everything an evaluated run produced to each logger and close it."""
-    table = table_records(results["rows"], results["tasks"])
+    scored = all("scores" in row for row in results["rows"].values())
+    table = table_records(results["rows"], results["tasks"]) if scored else None
     send(loggers, cfg, flat_metrics(results), table, out_dir / "results.png")
