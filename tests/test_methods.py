@@ -153,7 +153,8 @@ def test_dare_statistics_and_seeding() -> None:
 def test_dare_p_zero_is_task_arithmetic() -> None:
     base, experts = make_models()
     assert_state_close(
-        DARE(p=0.0, merge=TaskArithmetic(scaling=0.4)).merge(base, experts), TaskArithmetic(scaling=0.4).merge(base, experts)
+        DARE(p=0.0, merge=TaskArithmetic(scaling=0.4)).merge(base, experts),
+        TaskArithmetic(scaling=0.4).merge(base, experts),
     )
 
 

@@ -27,10 +27,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from mergelab.training import distributed, experts
 from mergelab.cli import CONFIG_DIR
 from mergelab.run import run
 from mergelab.text.model import MultiTaskClassifier
+from mergelab.training import distributed, experts
 from tests.conftest import TINY, make_cfg
 
 # AWD with a few steps and a batch size that splits each task's 48 examples into 3 batches (20, 20, 8): rank 0

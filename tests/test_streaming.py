@@ -19,7 +19,7 @@ from mergelab.engine.passes import combine_in_memory
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import DARE, TIES, MetaGPT, TaskArithmetic, WeightAveraging
+from mergelab.methods import TIES, MetaGPT, TaskArithmetic, WeightAveraging
 
 VOCAB = 64
 
