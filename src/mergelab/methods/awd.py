@@ -8,6 +8,7 @@ through the same engine as every other method, so AWD-TA = TA - scaling * T * de
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -160,31 +161,22 @@ class AWD(WrappedMethod):
                     list(load_chunk(Block(name, 0, None, None, shapes[name]), src.base, src.experts).vectors)
                 )
 
+            fit = functools.partial(fit_delta, names, shapes, task_vectors, self.objective, self.optim, trainer_kwargs)
             if pool.in_memory:
-                self.fit = fit_delta(
-                    names,
-                    shapes,
-                    task_vectors,
-                    self.objective,
-                    self.optim,
-                    trainer_kwargs,
-                    per_tensor=self.mode == "per_tensor",
-                    loggers=loggers,
-                )
+                self.fit = fit(per_tensor=self.mode == "per_tensor", loggers=loggers)
             else:
-                self.fit = self._fit_to_disk(names, shapes, task_vectors, trainer_kwargs, loggers, work_dir)
+                self.fit = self._fit_to_disk(fit, names, shapes, loggers, work_dir)
         _FITS[key] = (pool, self.fit)
 
     def _fit_to_disk(
         self,
+        fit: Any,
         names: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]],
-        task_vectors: Any,
-        trainer_kwargs: Mapping[str, Any],
         loggers: Sequence[Any],
         work_dir: str | Path | None,
     ) -> FitResult:
-        """Fit tensor by tensor (a pool larger than memory); delta goes to ``work_dir/delta`` (sharded safetensors)."""
+        """``fit`` tensor by tensor (a pool larger than memory), writing delta to ``work_dir/delta`` as it goes."""
         if self.objective.granularity == "model":
             raise ValueError(
                 "method option 'granularity=model' couples every tensor, so it needs all task vectors in memory; "
@@ -196,23 +188,13 @@ class AWD(WrappedMethod):
         # The run's output dir is already guarded against overwriting; this is a fresh subdir of it.
         writer = ShardedWriter(delta_dir, [(n, shapes[n], torch.float32) for n in names], overwrite=True)
         try:
-            fit = fit_delta(
-                names,
-                shapes,
-                task_vectors,
-                self.objective,
-                self.optim,
-                trainer_kwargs,
-                per_tensor=True,
-                loggers=loggers,
-                sink=writer.add,
-            )
+            result = fit(per_tensor=True, loggers=loggers, sink=writer.add)
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        fit.delta = LazyCheckpoint(delta_dir, name="AWD delta")
-        return fit
+        result.delta = LazyCheckpoint(delta_dir, name="AWD delta")
+        return result
 
     @property
     def delta(self) -> Mapping[str, Tensor]:
