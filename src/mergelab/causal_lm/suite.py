@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from mergelab.suites.base import (
     COMMON_DOC_KEYS,
     SPLITS,
-    TASKS_FILE,
     SuiteOptions,
     check_task_keys,
     file_digest,
@@ -192,7 +191,6 @@ class GenerativeSuite(SuiteOptions):
         super().__init__(
             name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed, 8
         )
-        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
 
     def _read_tasks(self) -> dict[str, GenerativeTask]:

@@ -62,6 +62,7 @@ class SuiteOptions:
                 raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
         self.name = name
         self.data_dir = Path(data_dir)
+        self.index = self.data_dir / TASKS_FILE  # the suite's tasks.yaml, as errors name it
         self.task_names = list(tasks)
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.max_eval_examples = max_eval_examples

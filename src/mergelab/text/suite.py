@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from mergelab.suites.base import (
     COMMON_DOC_KEYS,
     SPLITS,
-    TASKS_FILE,
     SuiteOptions,
     check_task_keys,
     file_digest,
@@ -111,7 +110,6 @@ class TextClassificationSuite(SuiteOptions):
         super().__init__(
             name, data_dir, tasks, batch_size, max_length, max_eval_examples, tune_split, report_split, seed
         )
-        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
 
     def _read_tasks(self) -> dict[str, TaskInfo]:

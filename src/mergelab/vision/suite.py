@@ -26,7 +26,6 @@ from mergelab.io.files import looks_local
 from mergelab.suites.base import (
     COMMON_DOC_KEYS,
     SPLITS,
-    TASKS_FILE,
     SuiteOptions,
     check_task_keys,
     read_tasks_yaml,
@@ -202,7 +201,6 @@ class ZeroShotImageSuite(SuiteOptions):
         if num_workers < 0:
             raise ValueError(f"eval.num_workers must be >= 0, got {num_workers}")
         self.num_workers = int(num_workers)
-        self.index = self.data_dir / TASKS_FILE
         self.tasks = self._read_tasks()
         for t, info in self.tasks.items():
             for key, split in (("tune_split", tune_split), ("report_split", report_split)):
