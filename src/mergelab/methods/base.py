@@ -110,12 +110,8 @@ class WrappedMethod(TaskVectorMethod):
     def transform(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         """The task vectors ``inner`` sees for ``block`` (thread-safe; may overwrite scratch ``vectors``)."""
 
-    def run(self, pool: ModelPool) -> tv.StateDict:
-        self.inner.task_names = list(pool.tasks)
-        return super().run(pool)
-
     def begin(self, names: Sequence[str]) -> None:
-        self.inner.task_names = self.task_names
+        self.inner.task_names = self.task_names  # set by run(pool) or stream_merge before the passes begin
         self.inner.begin(names)
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:

@@ -86,9 +86,8 @@ class CheckpointPool(ModelPool):
             matched = dict(getattr(suite, "experts", None) or {})
             self.expert_of = {t: matched.get(t, t) for t in suite.task_names if matched.get(t, t) in self.experts}
         self.suite = suite
-        base, experts, _ = self.open_checkpoints()  # unreadable or mismatched checkpoints fail before any work
-        for ck in (base, *experts):
-            ck.close()
+        with self.tensor_sources():  # unreadable or mismatched checkpoints fail before any work
+            pass
 
     def check_method(self, method: Any, where: str) -> None:
         """Only task-vector methods stream (their merge is computed row block by row block)."""
