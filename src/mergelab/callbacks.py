@@ -38,7 +38,10 @@ class MergeCallback(L.Callback):
     def merged_state(self) -> tv.StateDict:
         """The merged backbone weights (computed on first use)."""
         if self.state is None:
-            self.state = self.method.run(self.pool)
+            state = self.method.run(self.pool)
+            for name, t in state.items():  # every in-memory merge passes here before it is scored or saved
+                tv.require_finite_merge(t, name, self.method)
+            self.state = state
             if self.method.report():
                 log.info("%s: %s", type(self.method).__name__, self.method.report())
         return self.state

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mergelab import task_vectors as tv
 from mergelab.callbacks import MergeCallback
 from mergelab.io.atomic import atomic_write_json, atomic_write_text, guard_output_dir, move_dir_into_place
 from mergelab.methods.base import MergeMethod, grid_candidates
@@ -286,6 +287,9 @@ def run(cfg: DictConfig) -> float:
                 if merge.method.report():
                     rows[name]["method_report"] = merge.method.report()
                 single = merge.method.single_task_states(pool) if pool.scorable else {}
+                for t, state in single.items():
+                    for tensor, value in state.items():
+                        tv.require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
                 if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
                     own = {t: pool.columns_of(t) for t in single}
                     rows[f"{name} (single-task)"] = row(

@@ -381,6 +381,23 @@ def check_finite(state: Mapping[str, Tensor], where: str) -> None:
             raise ValueError(f"{where}: parameter '{k}' contains {bad} NaN/inf value(s)")
 
 
+class NonFiniteMergeError(ValueError):
+    """A merge produced NaN or inf: never scored or written (an all-NaN model would still 'score' by argmax)."""
+
+
+def require_finite_merge(t: Tensor, tensor: str, method: object) -> None:
+    """Raise :class:`NonFiniteMergeError` naming ``tensor`` and ``method`` if the merged ``t`` holds NaN or inf."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    who = method if isinstance(method, str) else type(method).__name__
+    raise NonFiniteMergeError(
+        f"{who} merged tensor '{tensor}' into {nan} NaN and {inf} inf value(s) of {t.numel()}: check the method's "
+        "options and the experts' weights"
+    )
+
+
 def check_compatible(base: Mapping[str, Tensor], other: Mapping[str, Tensor], where: str) -> None:
     """Raise if ``other`` lacks a parameter of ``base`` or has it with another shape."""
     missing = [k for k in base if k not in other]

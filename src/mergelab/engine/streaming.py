@@ -24,7 +24,7 @@ from mergelab.engine.protocol import ChunkMethod
 from mergelab.io.files import TOKENIZER_FILES
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.task_vectors import add_base, release_workspace
+from mergelab.task_vectors import add_base, release_workspace, require_finite_merge
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +95,32 @@ def extra_rows(
     blocks = []
     for r in range(base_rows, out_rows):
         have = [e for e in experts if e.shape(name)[0] > r]
-        blocks.append(method.extra_rows(name, [e.get_rows(name, r, r + 1)[0] for e in have]))
-    return torch.stack(blocks)
+        rows = [e.get_rows(name, r, r + 1)[0] for e in have]
+        for e, x in zip(have, rows, strict=True):
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise ValueError(f"checkpoint '{e.name}': tensor '{name}' row {r} contains NaN/inf")
+        blocks.append(method.extra_rows(name, rows))
+    out = torch.stack(blocks)
+    require_finite_merge(out, f"{name}[{base_rows}:{out_rows}]", method)
+    return out
 
 
 def check_block(
-    name: str, block: Tensor, base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], s: int | None, e: int | None
+    method: ChunkMethod,
+    name: str,
+    block: Tensor,
+    base: LazyCheckpoint,
+    experts: Sequence[LazyCheckpoint],
+    s: int | None,
+    e: int | None,
 ) -> None:
-    """Name the checkpoint that brought NaN/inf into a merged block."""
+    """Refuse a merged block holding NaN/inf, naming the checkpoint that brought it in, else the method."""
     if torch.isfinite(block).all():
         return
     for ck in (base, *experts):
         if not torch.isfinite(ck.get_rows(name, s, e).float()).all():
             raise ValueError(f"checkpoint '{ck.name}': tensor '{name}' contains NaN/inf")
-    raise ValueError(f"merging tensor '{name}' produced NaN/inf")
+    require_finite_merge(block, name, method)
 
 
 def stream_merge(
@@ -208,8 +220,7 @@ def _write_merge(
                 log.info("too many exact sign ties to correct after the merge: merging again without folding")
                 return None
             for name, start, index, values in deferred.items:
-                if not torch.isfinite(values).all():
-                    raise ValueError(f"merging tensor '{name}' produced NaN/inf")
+                require_finite_merge(values, name, method)
                 row = math.prod(base.shape(name)[1:])
                 writer.patch(name, index.to(torch.int64) + (start or 0) * row, values)
         writer.copy_side_files(base.dir)
@@ -253,8 +264,16 @@ def _merged_stream(
         if index is not None:  # a folded pass's corrections: theta at those coordinates, as written
             return add_base(chunk.base.reshape(-1)[index], delta).to(base.dtype(name))
         theta = add_base(chunk.base, delta, out=chunk.out)
-        if not torch.isfinite(theta.sum()):  # one reduction; NaN/inf anywhere makes the sum non-finite
-            check_block(name, theta, base, experts, chunk.block.start, chunk.block.stop)
+        target = base.dtype(name)
+        # One reduction: NaN/inf anywhere makes the sum non-finite. float16 (not bf16) also overflows when the
+        # writer casts, so there the largest magnitude is checked too and the check runs on the cast values.
+        narrow = target == torch.float16 and theta.dtype != target
+        if not torch.isfinite(theta.sum()) or (
+            narrow and theta.numel() > 0 and float(theta.abs().amax()) > torch.finfo(target).max
+        ):
+            check_block(
+                method, name, theta.to(target) if narrow else theta, base, experts, chunk.block.start, chunk.block.stop
+            )
         return theta
 
     stream = run_passes(method, blocks, executor, finish, deferred, progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,25 +25,31 @@ def wandb_offline() -> bool:
     return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """``row/task/metric`` scalars, plus averages and the objective."""
+    """``row/task/metric`` scalars, plus averages and the objective; a missing or non-finite value is left out."""
     out: dict[str, float] = {}
     split = results["report_split"]
     for name, row in results["rows"].items():
         for task, scores in (row.get("scores") or {}).items():  # a merge-only run's rows have none
             for metric, value in scores.items():
-                out[f"{split}/{name}/{task}/{metric}"] = value
+                if _finite(value):
+                    out[f"{split}/{name}/{task}/{metric}"] = value
         for key in ("avg_acc", "avg_f1", "avg_norm_acc"):
-            if row.get(key) is not None:
+            if _finite(row.get(key)):
                 out[f"{split}/{name}/{key}"] = row[key]
         for pname, value in (row.get("params") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if _finite(value):
                 out[f"chosen/{name}/{pname}"] = float(value)
         for key, value in (row.get("method_report") or {}).items():
-            if isinstance(value, int | float):
+            if _finite(value):
                 out[f"method/{name}/{key}"] = float(value)
-    if results["objective"]["name"] is not None:  # None: a merge-only run (eval=none)
-        out[results["objective"]["name"]] = results["objective"]["value"]
+    objective = results["objective"]
+    if objective["name"] is not None and _finite(objective["value"]):  # no name: a merge-only run (eval=none)
+        out[objective["name"]] = objective["value"]
     return out
 
 

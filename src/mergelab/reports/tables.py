@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ def average_columns(rows: Rows) -> list[str]:
     return list(dict.fromkeys(k for r in rows.values() for k in r if k.startswith("avg_") and k != "avg_norm_acc"))
 
 
+def percent(value: Any) -> float | None:
+    """A score in % rounded to 2 decimals; None (printed '-') for a missing or non-finite score, never NaN."""
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return round(100 * float(value), 2)
+
+
 def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """Columns and values (accuracies in %) of the comparison table."""
     averages = average_columns(rows)
@@ -37,9 +45,9 @@ def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[lis
         data.append(
             [
                 name,
-                *[round(100 * scores[t]["acc"], 2) for t in tasks],
-                *[None if row.get(a) is None else round(100 * row[a], 2) for a in averages],
-                None if norm is None else round(100 * norm, 2),
+                *[percent(scores[t]["acc"]) for t in tasks],
+                *[percent(row.get(a)) for a in averages],
+                percent(norm),
                 params,
             ]
         )
@@ -82,7 +90,7 @@ def bar_chart(rows: Rows, tasks: Sequence[str], path: str | Path, title: str = "
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups) + 0.25 * n), 4.5))
     cmap = plt.get_cmap("tab10")
     for i, (name, row) in enumerate(rows.items()):
-        vals = [100 * row["scores"][t]["acc"] for t in tasks] + [100 * row["avg_acc"]]
+        vals = [percent(row["scores"][t]["acc"]) or 0.0 for t in tasks] + [percent(row.get("avg_acc")) or 0.0]
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, vals, width=width, label=name, color=cmap(i % 10))
     ax.set_xticks(range(len(groups)))
