@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mergelab.locations import CONFIG_DIR, ROOT_DIR
 from mergelab.reports.loggers import wandb_offline
+from mergelab.reports.sweep import FAILED_FILE
+
+log = logging.getLogger("mergelab")
 
 
 def minilm_path() -> str:
@@ -49,16 +55,115 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Compose the config, run the job, return the objective for sweepers."""
-    from mergelab.run import run  # heavy imports after Hydra has parsed the command line
+#: Set to see a failed job's whole traceback instead of its one-line error (Hydra's own switch).
+FULL_ERROR = "HYDRA_FULL_ERROR"
 
+#: Jobs of this process that failed (a sweep goes on to its other jobs, then the process exits with status 1).
+FAILED_JOBS: list[str] = []
+
+
+def repeated_keys(override: str) -> list[str]:
+    """Keys written twice in one mapping of a command-line override: ``k={a: x, a: y}`` would keep only the last.
+
+    Parsed with Hydra's own override grammar; an override it cannot parse yields nothing (Hydra reports it)."""
+    from antlr4 import CommonTokenStream, InputStream
+    from hydra.grammar.gen.OverrideLexer import OverrideLexer
+    from hydra.grammar.gen.OverrideParser import OverrideParser
+
+    lexer = OverrideLexer(InputStream(override))
+    lexer.removeErrorListeners()
+    parser = OverrideParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    found: list[str] = []
+    nodes = [parser.override()]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, OverrideParser.DictContainerContext):
+            keys = [pair.dictKey().getText().strip() for pair in node.dictKeyValuePair()]
+            found += [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
+        nodes += [c for c in getattr(node, "children", None) or [] if hasattr(c, "getChildCount")]
+    return found
+
+
+def check_command_line(args: list[str]) -> None:
+    """Refuse command-line mappings with a key given twice (YAML files refuse them when loaded)."""
+    for arg in args:
+        if "=" in arg and not arg.startswith("-"):
+            repeated = repeated_keys(arg)
+            if repeated:
+                raise ValueError(f"override {arg!r} gives {repeated} more than once; each key of a mapping once")
+
+
+def one_line(e: BaseException) -> str:
+    """A failure as one line: mergelab's own errors say what is wrong; others are prefixed with their type."""
+    text = " ".join(str(e).split()) or repr(e)
+    return text if isinstance(e, ValueError | OSError | KeyError | TypeError) else f"{type(e).__name__}: {text}"
+
+
+def fail(e: BaseException, cfg: DictConfig, multirun: bool) -> float:
+    """Report a failed job in one line (the traceback with HYDRA_FULL_ERROR=1) and record it in its output dir.
+
+    A sweep goes on to its next job (the summary lists this one as failed); a single run exits with status 1.
+    """
+    out_dir = Path(str(cfg.paths.output_dir))
+    message = one_line(e)
+    line = f"{message} (set {FULL_ERROR}=1 for the traceback)"
+    print(f"mergelab: error: {line}", file=sys.stderr)  # the terminal: stderr, once
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:  # the job's log file keeps it too
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    FAILED_JOBS.append(str(out_dir))
+    if not multirun:
+        sys.exit(1)
+    record_failure(out_dir, e, message, list(cfg.get("overrides") or []))
+    return float("nan")
+
+
+def record_failure(out_dir: Path, e: BaseException, message: str, overrides: list[str]) -> None:
+    """``failed.json`` in a sweep job's dir, for the sweep summary (never beside a finished run's result)."""
+    from mergelab.io.atomic import atomic_write_json
+
+    if (out_dir / "metrics.json").exists():  # e.g. refused to overwrite it: that job's result stands
+        return
+    try:
+        record = {"status": "failed", "error": type(e).__name__, "message": message, "overrides": overrides}
+        atomic_write_json(out_dir / FAILED_FILE, record)
+    except OSError as write_error:  # e.g. the disk that made the job fail is still full
+        log.error("could not record the failure in %s: %s", out_dir, write_error)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def app(cfg: DictConfig) -> float:
+    """Compose the config, run the job, return the objective for sweepers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if HydraConfig.initialized():
         with open_dict(cfg):
             cfg.overrides = list(HydraConfig.get().overrides.task)
-    return run(cfg)
+    try:
+        from mergelab.run import run  # heavy imports after Hydra has parsed the command line
+
+        return run(cfg)
+    except Exception as e:
+        if os.environ.get(FULL_ERROR) == "1":
+            FAILED_JOBS.append(str(cfg.paths.output_dir))
+            if multirun:
+                record_failure(Path(str(cfg.paths.output_dir)), e, one_line(e), list(cfg.get("overrides") or []))
+            raise
+        return fail(e, cfg, multirun)
+
+
+def main() -> None:
+    """The ``mergelab`` console script; exits with status 1 when a job (of a sweep) failed."""
+    try:
+        check_command_line(sys.argv[1:])
+    except ValueError as e:
+        print(f"mergelab: {e}", file=sys.stderr)
+        sys.exit(2)
+    app()
+    if FAILED_JOBS:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

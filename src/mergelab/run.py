@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mergelab import task_vectors as tv
 from mergelab.callbacks import MergeCallback
-from mergelab.io.atomic import atomic_write_json, atomic_write_text, guard_output_dir, move_dir_into_place
+from mergelab.io.atomic import RESULT_FILES, atomic_write_json, atomic_write_text, move_dir_into_place
 from mergelab.methods.base import MergeMethod, grid_candidates
 from mergelab.pools.base import ModelPool, check_pool
 from mergelab.reports.loggers import log_run
+from mergelab.reports.sweep import FAILED_FILE
 from mergelab.reports.tables import write_reports
 from mergelab.suites import scoring as ev
 from mergelab.suites.base import EvalSuite
@@ -83,6 +84,51 @@ def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any
     if params:
         out["params"] = dict(params)
     return out
+
+
+#: Overrides that say how to run, not what: a job resumed with them is the same job.
+RUN_CONTROL_KEYS = ("resume", "overwrite")
+
+
+def job_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that define a job's result (without :data:`RUN_CONTROL_KEYS`)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_CONTROL_KEYS]
+
+
+def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: list[str], multirun: bool) -> Any:
+    """Make ``out_dir`` ready for this run; returns the finished run's ``metrics.json`` when ``resume`` finds one
+    (the job is then skipped), else None.
+
+    ``metrics.json`` is written last, so it marks a finished run: one is never overwritten unless ``overwrite``.
+    Result files without it are an unfinished run's leftovers (e.g. a merged model whose evaluation failed): they
+    are removed, with a warning, so that a failed run never blocks its own rerun.
+    """
+    where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    metrics = out_dir / "metrics.json"
+    if metrics.exists() and not overwrite:
+        if not resume:
+            raise FileExistsError(
+                f"output dir {out_dir} already holds a finished run ({metrics.name}); choose another {where}, set "
+                "resume=true to skip finished jobs, or overwrite=true to redo it"
+            )
+        try:
+            done = json.loads(metrics.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"resume=true: cannot read {metrics} ({e}); remove it to rerun that job") from None
+        if job_overrides(done.get("overrides") or []) != job_overrides(overrides):
+            raise ValueError(
+                f"resume=true: {out_dir} holds a run with overrides {done.get('overrides')}, not {overrides}: "
+                f"resume with the same command and {where}"
+            )
+        return done
+    if not metrics.exists():
+        leftovers = [n for n in (*RESULT_FILES, FAILED_FILE) if (out_dir / n).exists()]
+        if leftovers:
+            log.warning("%s holds an unfinished run's %s (no metrics.json): replacing them", out_dir, leftovers)
+            for n in leftovers:
+                path = out_dir / n
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
 
 
 def quiet_libraries() -> None:
@@ -165,10 +211,15 @@ def run(cfg: DictConfig) -> float:
     """
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
-    guard_output_dir(out_dir, bool(cfg.overwrite))
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    overrides = list(cfg.get("overrides") or [])
+    done = claim_output_dir(out_dir, bool(cfg.overwrite), bool(cfg.get("resume", False)), overrides, multirun)
+    if done is not None:
+        value = (done.get("objective") or {}).get("value")
+        log.info("resume: %s already holds this job's result; skipped", out_dir)
+        return float(value) if value is not None else float("nan")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     distributed.check_launch(trainer_kwargs, multirun)
 
     # Everything that can be wrong with the config fails here, before models load or outputs are written.

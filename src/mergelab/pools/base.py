@@ -16,6 +16,8 @@ capability on a pool that lacks it; a pool that declares the capability override
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
 import shutil
 from abc import ABC, abstractmethod
@@ -31,6 +33,8 @@ from torch import nn
 from mergelab import task_vectors as tv
 from mergelab.engine.chunks import DictSource, TensorSource
 
+log = logging.getLogger(__name__)
+
 Scores = dict[str, dict[str, float]]  # task -> {metric: value}; every task has the main metric "acc"
 
 
@@ -43,6 +47,21 @@ def copy_with_state(module: nn.Module, state: Mapping[str, torch.Tensor] | None)
     if state is not None:
         out.load_state_dict(dict(state), strict=False)
     return out.eval()
+
+
+def warn_repeated_experts(experts: Mapping[str, str | None]) -> None:
+    """Warn when one checkpoint is listed under several expert names: it would count twice in every merge."""
+    seen: dict[str, str] = {}
+    for name, path in experts.items():
+        if path is None:
+            continue
+        key = os.path.realpath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else str(path)
+        if key in seen:
+            log.warning(
+                "model.experts: '%s' and '%s' are the same checkpoint (%s); it is merged twice", seen[key], name, path
+            )
+        else:
+            seen[key] = name
 
 
 class PoolSources(NamedTuple):
@@ -122,6 +141,7 @@ class ModelPool(ABC):
         trust_remote_code: bool = False,
     ) -> None:
         self.expert_paths: dict[str, str | None] | None = dict(experts) if experts is not None else None
+        warn_repeated_experts(self.expert_paths or {})
         try:
             self.exclude = [re.compile(p) for p in exclude]
         except re.error as e:

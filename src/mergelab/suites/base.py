@@ -60,6 +60,9 @@ class SuiteOptions:
         for key, split in (("tune_split", tune_split), ("report_split", report_split)):
             if split not in SPLITS:
                 raise ValueError(f"eval.{key} must be one of {SPLITS}, got {split!r}")
+        repeated = sorted({t for t in tasks if list(tasks).count(t) > 1})
+        if repeated:  # a task listed twice would have one expert and one column, the other silently dropped
+            raise ValueError(f"eval.tasks lists {repeated} more than once: {list(tasks)}")
         self.name = name
         self.data_dir = Path(data_dir)
         self.index = self.data_dir / TASKS_FILE  # the suite's tasks.yaml, as errors name it
