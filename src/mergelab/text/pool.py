@@ -120,7 +120,10 @@ class ClassifierPool(ModelPool):
             self._check_labels(task, model, suite, where)
             state = {k: v.detach() for k, v in model.state_dict().items()}
             tv.check_finite(state, where)
-            backbone, self._shells[task] = split_backbone(model)
+            backbone, shell = split_backbone(model)
+            # An expert saved in another precision (fp16/bf16 over an fp32 base) keeps its weights for merging;
+            # its head runs on the pool's backbones, so it takes their dtype (upcasting is exact).
+            self._shells[task] = shell.to(self.dtype)
             self.add_expert(task, path, where, base, backbone.state_dict())
 
     @staticmethod
@@ -137,6 +140,11 @@ class ClassifierPool(ModelPool):
             raise ValueError(f"{where}: head labels {names} do not match task '{task}' labels {labels} ({suite.index})")
 
     # ----------------------------------------------------------------------------------------- state
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the pretrained backbone: every model the pool builds computes in it."""
+        return next(p.dtype for p in self._pretrained_backbone.parameters() if p.is_floating_point())
 
     def pretrained_state(self) -> tv.StateDict:
         """The pretrained backbone's state dict."""
