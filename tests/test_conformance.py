@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mergelab import task_vectors as tv
-from mergelab.engine import streaming
+from mergelab.engine import pipeline, streaming
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
@@ -127,9 +127,20 @@ def test_threaded_equals_sequential(
     name: str, pool: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     method = prepared(name, pool)
+    monkeypatch.setattr(pipeline, "default_workers", lambda: 4)
     threaded = stream(method, pool, tmp_path / "threaded", chunk_elems=64)
+    monkeypatch.setattr(pipeline, "default_workers", lambda: 1)
+    assert_same(stream(method, pool, tmp_path / "one_worker", chunk_elems=64), threaded)
     monkeypatch.setattr(streaming, "PIPELINE", False)
-    sequential = stream(method, pool, tmp_path / "sequential", chunk_elems=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # and torch's own intra-op threads: one, then two
+    try:
+        one_thread = stream(method, pool, tmp_path / "one_thread", chunk_elems=64)
+        torch.set_num_threads(2)
+        sequential = stream(method, pool, tmp_path / "sequential", chunk_elems=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(one_thread, sequential)
     assert_same(threaded, sequential)
     for shard in (tmp_path / "threaded").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "sequential" / shard.name).read_bytes(), shard.name
