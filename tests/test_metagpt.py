@@ -132,3 +132,17 @@ def test_with_dare_uses_the_dare_masks() -> None:
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MetaGPT(**kwargs)
+
+
+def test_norms_are_accumulated_in_float64() -> None:
+    # Millions of float32 squares summed in float32 drift by ~1e-6 relative; the lambdas must not.
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(1024, 2048, generator=g), "v": torch.randn(4096, generator=g)}
+    experts = [{k: v + 0.01 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(3)]
+    method = MetaGPT()
+    method.task_names = ["a", "b", "c"]
+    method.merge(base, experts)
+    # the oracle: task vectors formed in float32 (as every method forms them), squared and summed in float64
+    sq = np.array([sum(np.sum((e[k] - base[k]).double().numpy() ** 2) for k in base) for e in experts])
+    lam = sq / sq.sum()
+    assert [method.report()[f"lambda/{t}"] for t in "abc"] == pytest.approx(lam.tolist(), rel=1e-12, abs=0)
