@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import mmap
 import os
 import struct
@@ -86,17 +87,137 @@ def resolve_model_dir(path_or_id: str) -> Path:
         raise OSError(f"cannot fetch '{path_or_id}' from the hub: {type(e).__name__}: {e}") from e
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
+# The safetensors library's own limit on the header length (its HeaderTooLarge).
+MAX_HEADER_BYTES = 100_000_000
+
+
+# Every dtype the safetensors format defines (mergelab reads those of DTYPES): an unknown name is a corrupt file,
+# a known one mergelab does not read is a file it cannot merge.
+SAFETENSORS_DTYPES = (
+    *("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"),
+    *("F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"),
+)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a name given twice (plain ``json`` keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"'{k}' appears twice")
+        out[k] = v
+    return out
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else "a number"
+    )
+
+
+def _is_index(value: Any) -> bool:
+    """A JSON integer a safetensors reader accepts as a size or offset (u64; not a bool, not 2.0)."""
+    return type(value) is int and 0 <= value < 2**64
+
+
+def read_header(path: Path, name: str | None = None) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (without ``__metadata__``) and the offset where its data starts.
+
+    The header is checked as the safetensors library checks it, so a file it would refuse is never read from the
+    wrong bytes: a sane header length within the file; UTF-8 JSON holding an object; ``__metadata__``, if any,
+    mapping strings to strings; per tensor a dtype mergelab reads, a shape of non-negative integers and
+    ``data_offsets`` ``[begin, end]`` spanning exactly shape x itemsize bytes; all tensors' data contiguous from 0,
+    without gaps or overlaps, ending exactly at the end of the file. Done once per file, when it is opened.
+    Raises a one-line ValueError naming ``name`` (the model, when given), the file and the tensor at fault.
+    """
+    who = f"{name}: " if name else ""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (truncated)")
+            raise ValueError(f"{who}{path} is not a safetensors file: {size} bytes, too short for the header length")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{who}{path} is not a safetensors file: header length {n} (the limit is 100 MB)")
+        if 8 + n > size:
+            raise ValueError(
+                f"{who}{path} is not a safetensors file or is truncated: header length {n} runs past its {size} bytes"
+            )
+        blob = f.read(n)
+    try:
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{who}{path}: the safetensors header is not valid UTF-8 (byte {8 + e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{who}{path}: the safetensors header is not valid JSON ({e.msg} at character {e.pos})"
+        ) from None
+    except ValueError as e:  # a duplicate name
+        raise ValueError(f"{who}{path}: the safetensors header is ambiguous: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{who}{path}: the safetensors header is JSON nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{who}{path}: the safetensors header is {_json_kind(header)}, not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise ValueError(f"{who}{path}: __metadata__ is {_json_kind(meta)}, not an object of strings")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise ValueError(f"{who}{path}: __metadata__ '{k}' is {_json_kind(v)}, not a string")
+    spans = []
+    for key, info in header.items():
+        where = f"{who}tensor '{key}' in {path}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: {_json_kind(info)}, not an object with dtype, shape and data_offsets")
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            if "dtype" not in info:
+                raise ValueError(f"{where}: no dtype")
+            if dtype in SAFETENSORS_DTYPES:
+                raise ValueError(f"{where}: unsupported dtype {dtype} (mergelab reads {', '.join(DTYPES)})")
+            raise ValueError(f"{where}: unknown dtype {dtype!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        offsets = info.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+            raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] of non-negative integers")
+        begin, end = offsets
+        if begin > end:
+            raise ValueError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+        nbytes = math.prod(shape) * dtype_size(DTYPES[dtype])
+        if end - begin != nbytes:
+            raise ValueError(
+                f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, shape {shape} of {dtype} "
+                f"needs {nbytes}"
+            )
+        spans.append((begin, end, key))
+    # The data is the tensors back to back: anything else means some tensor would be read from another's bytes.
+    pos, prev = 0, ""
+    for begin, end, key in sorted(spans):
+        after = f"tensor '{prev}'" if prev else "the start of the data"
+        if begin < pos:
+            raise ValueError(
+                f"{who}tensor '{key}' in {path}: data_offsets [{begin}, {end}] overlap {after} (ending at {pos})"
+            )
+        if begin > pos:
+            raise ValueError(
+                f"{who}tensor '{key}' in {path}: data_offsets [{begin}, {end}] leave a gap of {begin - pos} "
+                f"bytes after {after} (ending at {pos}); tensors must be contiguous"
+            )
+        pos, prev = end, key
+    data_bytes = size - 8 - n
+    if pos > data_bytes:
+        raise ValueError(
+            f"{who}tensor '{prev}' is truncated in {path}: its data ends at byte {pos} of the data, the file "
+            f"holds {data_bytes}"
+        )
+    if pos < data_bytes:
+        raise ValueError(
+            f"{who}{path}: {data_bytes - pos} bytes after the last tensor's data are not described by the header "
+            "(not a valid safetensors file)"
+        )
     return header, 8 + n
 
 

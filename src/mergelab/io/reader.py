@@ -100,25 +100,66 @@ class LazyCheckpoint:
         self.dir = resolve_model_dir(str(path_or_id))
         self.direct = direct
         index = self.dir / INDEX_FILE
+        self.entries: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            self._read_sharded(index)
         elif (self.dir / SINGLE_FILE).is_file():
-            files = [SINGLE_FILE]
+            self._read_shard(self.dir / SINGLE_FILE)
         else:
             raise FileNotFoundError(f"{self.name}: no {INDEX_FILE} or {SINGLE_FILE} in {self.dir}")
-        self.entries: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}
-        for fname in files:
-            path = self.dir / fname
-            if not path.is_file():
-                raise FileNotFoundError(f"{self.name}: shard {path} listed in {INDEX_FILE} is missing")
-            header, data_start = read_header(path)
-            for key, info in header.items():
-                if info["dtype"] not in DTYPES:
-                    raise ValueError(f"{self.name}: tensor '{key}' has unsupported dtype {info['dtype']}")
-                begin, _ = info["data_offsets"]
-                self.entries[key] = (path, data_start + begin, DTYPES[info["dtype"]], tuple(info["shape"]))
         self._files: dict[Path, _InputFile] = {}
         self._lock = threading.Lock()
+
+    def _read_shard(self, path: Path, weight_map: dict[str, str] | None = None, index: Path | None = None) -> None:
+        """Add the tensors of one safetensors file, its header checked whole (once, here).
+
+        Within a sharded checkpoint (``index`` and its ``weight_map`` given), each of its tensors must be mapped to
+        it (``path`` is the dir joined with the name the map gives) and be in no other shard.
+        """
+        header, data_start = read_header(path, self.name)
+        for key, info in header.items():
+            if weight_map is not None:
+                if key in self.entries:
+                    raise ValueError(f"{self.name}: tensor '{key}' is in two shards, {self.entries[key][0]} and {path}")
+                if key not in weight_map or self.dir / weight_map[key] != path:
+                    mapped = f"maps it to {weight_map[key]}" if key in weight_map else "does not list it"
+                    raise ValueError(f"{self.name}: tensor '{key}' is in shard {path}, but {index} {mapped}")
+            begin, _ = info["data_offsets"]
+            self.entries[key] = (path, data_start + begin, DTYPES[info["dtype"]], tuple(info["shape"]))
+
+    def _read_sharded(self, index: Path) -> None:
+        """Add the tensors of every shard an index names, checking the index and the shards agree.
+
+        Each tensor of ``weight_map`` must be in the shard it names, and each tensor of a shard must be mapped to
+        that shard: otherwise the index and the shards are of different checkpoints (or one was cut short).
+        """
+        try:
+            data = json.loads(index.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.name}: {index} is not valid UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{self.name}: {index} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+            ) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{self.name}: {index} has no 'weight_map' object (tensor name -> shard file)")
+        for key, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).is_absolute() or ".." in Path(fname).parts:
+                raise ValueError(f"{self.name}: {index} maps tensor '{key}' to {fname!r}, not a file in {self.dir}")
+        for fname in sorted(set(weight_map.values())):
+            path = self.dir / fname
+            if not path.is_file():
+                missing = next(k for k, f in weight_map.items() if f == fname)
+                raise FileNotFoundError(
+                    f"{self.name}: shard {path} listed in {index} (for tensor '{missing}') is missing"
+                )
+            self._read_shard(path, weight_map, index)
+        for key, fname in weight_map.items():
+            if key not in self.entries:
+                raise ValueError(
+                    f"{self.name}: {index} maps tensor '{key}' to {self.dir / fname}, which does not hold it"
+                )
 
     def keys(self) -> list[str]:
         """Tensor names."""

@@ -5,6 +5,7 @@ a background thread writes out (``O_DIRECT`` where allowed), into a temporary di
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergelab.io.atomic import make_temp_dir, named_os_error, unmark_temp_dir
 from mergelab.io.files import (
     ALIGN,
     DTYPE_NAMES,
@@ -40,7 +42,8 @@ Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 class _BackgroundWriter:
     """Writes filled staging buffers in submission order on one thread, and hands the buffers back.
 
-    An error stops all further writing and is raised by the next :meth:`check` (every call here checks).
+    An error stops all further writing and is raised by the next :meth:`check` (every call here checks); an
+    ``OSError`` (a full disk, say) is re-made to name the file being written.
     """
 
     def __init__(self, n_buffers: int, buffer_bytes: int) -> None:
@@ -58,7 +61,7 @@ class _BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            kind, *args = job
+            kind, name, *args = job
             try:
                 if kind == "write":
                     fd, dfd, buf, nbytes, offset = args
@@ -68,7 +71,11 @@ class _BackgroundWriter:
                     for fd in args:
                         if fd is not None:
                             os.close(fd)
-            except BaseException as e:  # handed to the producing thread by check()
+            except OSError as e:  # handed to the producing thread by check(), naming the file
+                if self.error is None:
+                    self.error = named_os_error(e, name)
+                    self.error.__cause__ = e
+            except BaseException as e:
                 if self.error is None:
                     self.error = e
             finally:
@@ -108,12 +115,14 @@ class _BackgroundWriter:
         """Return a staging buffer that was not submitted."""
         self._free.put(buf)
 
-    def write(self, fd: int, dfd: int | None, buf: Tensor, nbytes: int, offset: int) -> None:
+    def write(self, name: str | Path, fd: int, dfd: int | None, buf: Tensor, nbytes: int, offset: int) -> None:
+        """Queue ``buf[:nbytes]`` for writing at ``offset`` of the file ``name`` (as errors name it)."""
         self.check()
-        self._jobs.put(("write", fd, dfd, buf, nbytes, offset))
+        self._jobs.put(("write", name, fd, dfd, buf, nbytes, offset))
 
-    def close_fds(self, *fds: int | None) -> None:
-        self._jobs.put(("close", *fds))
+    def close_fds(self, name: str | Path, *fds: int | None) -> None:
+        """Queue closing the fds of file ``name`` after the writes queued before."""
+        self._jobs.put(("close", name, *fds))
 
     def finish(self) -> None:
         """Wait for every submitted job; raise the first error."""
@@ -140,7 +149,12 @@ class ShardedWriter:
     into page-aligned staging buffers that a background thread writes (``direct``: with O_DIRECT where the
     filesystem allows; None means yes), and memory holds a few buffers whatever the model's size. Everything
     lands in a temporary dir beside ``out_dir`` that :meth:`close` renames into place; an existing ``out_dir`` is
-    refused unless ``overwrite``. An error while writing is raised by the next :meth:`add_blocks` or :meth:`close`.
+    refused unless ``overwrite``. An error while writing is raised by the next :meth:`add_blocks` or :meth:`close`;
+    an ``OSError`` (full disk, no permission, read-only filesystem) names the output file it was writing.
+
+    The temporary dir is ``.tmp-<name>-<pid>`` with a marker file (see :func:`~mergelab.io.atomic.make_temp_dir`):
+    one that a killed earlier run left for the same ``out_dir`` is removed here once its process is gone.
+    Files get the user's normal mode (``0666 & ~umask``).
     """
 
     STAGING_BYTES = 8 << 20
@@ -160,13 +174,15 @@ class ShardedWriter:
         self.overwrite = overwrite
         self.direct = direct is not False and bool(O_DIRECT)
         self._plan_shards(layout, max_shard_bytes)  # before anything is created: a bad layout leaves nothing
-        self.tmp = self.out_dir.parent / f".tmp-{self.out_dir.name}-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = make_temp_dir(self.out_dir)
         self._next = 0  # index into self._order of the next tensor to write
         self._shard = -1
         self._fds: tuple[int, int | None] | None = None
-        self._io = _BackgroundWriter(self.STAGING_BUFFERS, self.STAGING_BYTES)
+        try:
+            self._io = _BackgroundWriter(self.STAGING_BUFFERS, self.STAGING_BYTES)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self._patches: list[tuple[str, Tensor, Tensor]] = []
         self._buf: Tensor | None = None  # staging buffer being filled
         self._fill = 0  # bytes in it
@@ -213,7 +229,7 @@ class ShardedWriter:
             out = self._fill if final else self._fill - self._fill % ALIGN
             tail = self._buf[out : self._fill].clone()
             if out:
-                self._io.write(fd, dfd, self._buf, out, self._pos)
+                self._io.write(self._final_path(self._shard), fd, dfd, self._buf, out, self._pos)
             else:
                 self._io.give_back(self._buf)  # nothing to write: the buffer is free again
             self._pos += out
@@ -239,14 +255,25 @@ class ShardedWriter:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._headers[i]}, separators=(",", ":")).encode()
         return header + b" " * (-len(header) % 8)  # data aligned to 8 bytes, as the reference writer does
 
+    def _final_path(self, i: int) -> Path:
+        """Where shard ``i`` ends up: how errors name it (its temporary path means nothing to the user)."""
+        return self.out_dir / self._files[i]
+
     def _open_shard(self, i: int) -> None:
         self._close_shard()
         header = self._header_bytes(i)
         path = self.tmp / self._files[i]
         cloexec = getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | cloexec, 0o666)
         data_bytes = max((h["data_offsets"][1] for h in self._headers[i].values()), default=0)
-        os.ftruncate(fd, 8 + len(header) + data_bytes)  # sized up front: each write lands in place
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | cloexec, 0o666)  # the umask applies
+        except OSError as e:
+            raise named_os_error(e, self._final_path(i)) from e
+        try:
+            os.ftruncate(fd, 8 + len(header) + data_bytes)  # sized up front: each write lands in place
+        except OSError as e:
+            os.close(fd)
+            raise named_os_error(e, self._final_path(i)) from e
         dfd = None
         if self.direct:
             try:
@@ -260,7 +287,7 @@ class ShardedWriter:
     def _close_shard(self) -> None:
         if self._fds is not None:
             self._flush(final=True)
-            self._io.close_fds(*self._fds)
+            self._io.close_fds(self._final_path(self._shard), *self._fds)
             self._fds = None
 
     # ---- public API
@@ -322,51 +349,66 @@ class ShardedWriter:
         for patch in self._patches:
             by_shard.setdefault(shard_of[patch[0]], []).append(patch)
         buf = torch.empty(0, dtype=torch.uint8)
-        cloexec = getattr(os, "O_CLOEXEC", 0)
         for i, patches in by_shard.items():
-            path = self.tmp / self._files[i]
-            fd = os.open(path, os.O_RDWR | cloexec)
-            dfd = None
-            if self.direct:
-                try:
-                    dfd = os.open(path, os.O_RDWR | O_DIRECT | cloexec)
-                except OSError:
-                    dfd = None
             try:
-                size = os.fstat(fd).st_size
-                for name, index, values in patches:
-                    if index.numel() == 0:
-                        continue
-                    info = self._headers[i][name]
-                    dtype = DTYPES[info["dtype"]]
-                    itemsize = dtype_size(dtype)
-                    first, last = int(index.min()), int(index.max())
-                    offset = 8 + len(self._header_bytes(i)) + info["data_offsets"][0] + first * itemsize
-                    nbytes = (last - first + 1) * itemsize
-                    start, stop = offset - offset % ALIGN, round_up(offset + nbytes)
-                    use_fd, lead = fd, 0
-                    if dfd is not None and stop <= size and (offset - start) % itemsize == 0:
-                        use_fd, lead = dfd, offset - start
-                    else:
-                        start, stop = offset, offset + nbytes
-                    if buf.numel() < stop - start:
-                        buf = aligned_empty(stop - start)
-                    span = buf[: stop - start]
-                    if _pread_into(use_fd, span, start) != span.numel():
-                        raise ValueError(f"tensor '{name}': patch beyond the end of {self._files[i]}")
-                    span[lead : lead + nbytes].view(dtype)[index - first] = values.to(dtype)
-                    _pwrite_all(use_fd, span, start)
-            finally:
-                for f in (fd, dfd):
-                    if f is not None:
-                        os.close(f)
+                buf = self._patch_shard(i, patches, buf)
+            except OSError as e:
+                raise named_os_error(e, self._final_path(i)) from e
         self._patches = []
 
+    def _patch_shard(self, i: int, patches: list[tuple[str, Tensor, Tensor]], buf: Tensor) -> Tensor:
+        """Apply ``patches`` to shard ``i`` (see :meth:`_apply_patches`); returns the (maybe grown) buffer."""
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        path = self.tmp / self._files[i]
+        fd = os.open(path, os.O_RDWR | cloexec)
+        dfd = None
+        if self.direct:
+            try:
+                dfd = os.open(path, os.O_RDWR | O_DIRECT | cloexec)
+            except OSError:
+                dfd = None
+        try:
+            size = os.fstat(fd).st_size
+            for name, index, values in patches:
+                if index.numel() == 0:
+                    continue
+                info = self._headers[i][name]
+                dtype = DTYPES[info["dtype"]]
+                itemsize = dtype_size(dtype)
+                first, last = int(index.min()), int(index.max())
+                offset = 8 + len(self._header_bytes(i)) + info["data_offsets"][0] + first * itemsize
+                nbytes = (last - first + 1) * itemsize
+                start, stop = offset - offset % ALIGN, round_up(offset + nbytes)
+                use_fd, lead = fd, 0
+                if dfd is not None and stop <= size and (offset - start) % itemsize == 0:
+                    use_fd, lead = dfd, offset - start
+                else:
+                    start, stop = offset, offset + nbytes
+                if buf.numel() < stop - start:
+                    buf = aligned_empty(stop - start)
+                span = buf[: stop - start]
+                if _pread_into(use_fd, span, start) != span.numel():
+                    raise ValueError(f"tensor '{name}': patch beyond the end of {self._files[i]}")
+                span[lead : lead + nbytes].view(dtype)[index - first] = values.to(dtype)
+                _pwrite_all(use_fd, span, start)
+        finally:
+            for f in (fd, dfd):
+                if f is not None:
+                    os.close(f)
+        return buf
+
     def copy_side_files(self, src_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> None:
-        """Copy config and tokenizer files from ``src_dir``."""
+        """Copy config and tokenizer files from ``src_dir``.
+
+        Contents only (``copyfile``, not ``copy2``): the copies get the user's normal mode, not the source's (a
+        read-only source, as in some caches, would make the result read-only and :meth:`update_config` fail).
+        """
         for name in names:
             if (src_dir / name).is_file():
-                shutil.copy2(src_dir / name, self.tmp / name)
+                try:
+                    shutil.copyfile(src_dir / name, self.tmp / name)
+                except OSError as e:
+                    raise named_os_error(e, self.out_dir / name, f"copying {src_dir / name} to") from e
 
     def update_config(self, changes: Mapping[str, Any]) -> None:
         """Edit the copied config.json (e.g. a new vocabulary size)."""
@@ -374,23 +416,43 @@ class ShardedWriter:
         if path.is_file():
             cfg = json.loads(path.read_text())
             cfg.update(changes)
-            path.write_text(json.dumps(cfg, indent=2))
+            self._write_text(path, json.dumps(cfg, indent=2))
+
+    def _write_text(self, path: Path, text: str) -> None:
+        """Write a small file of the temporary dir, an error naming its final path."""
+        try:
+            path.write_text(text)
+        except OSError as e:
+            raise named_os_error(e, self.out_dir / path.name) from e
 
     def close(self) -> Path:
-        """Check every tensor was written, wait for the writes, write the index and move the dir into place."""
+        """Check every tensor was written, wait for the writes, write the index and move the dir into place.
+
+        Any error leaves nothing: the temporary dir is removed (as by :meth:`abort`) and ``out_dir`` untouched.
+        """
         if self._next != len(self._order):
             raise ValueError(f"writer closed before tensor '{self._order[self._next][1]}' was written")
-        self._close_shard()
-        self._io.finish()
-        self._apply_patches()
-        weight_map = {name: self._files[i] for i, name in self._order}
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"output dir {self.out_dir} appeared while merging; result left in {self.tmp}")
-            shutil.rmtree(self.out_dir)
-        self.tmp.rename(self.out_dir)
+        try:
+            self._close_shard()
+            self._io.finish()
+            self._apply_patches()
+            weight_map = {name: self._files[i] for i, name in self._order}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self._write_text(self.tmp / INDEX_FILE, json.dumps(index, indent=2))
+            if self.out_dir.exists():
+                if not self.overwrite:
+                    raise FileExistsError(
+                        f"output dir {self.out_dir} appeared while merging; set overwrite to replace it"
+                    )
+                shutil.rmtree(self.out_dir)
+            unmark_temp_dir(self.tmp)
+            try:
+                self.tmp.rename(self.out_dir)
+            except OSError as e:
+                raise named_os_error(e, self.out_dir, "moving the finished checkpoint into place at") from e
+        except BaseException:
+            self.abort()
+            raise
         return self.out_dir
 
     def abort(self) -> None:
@@ -399,7 +461,8 @@ class ShardedWriter:
         if self._fds is not None:
             for fd in self._fds:
                 if fd is not None:
-                    os.close(fd)
+                    with contextlib.suppress(OSError):  # the error being handled is the one to report
+                        os.close(fd)
             self._fds = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -10,9 +11,42 @@ from typing import Any
 
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS
 from mergelab.engine.streaming import VOCAB_POLICIES, plan_tensors, stream_merge
+from mergelab.io.files import DTYPE_NAMES, resolve_model_dir
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.methods.base import TaskVectorMethod
 from mergelab.pools.base import ModelPool, PoolSources
+
+
+def read_config(model_dir: Path, where: str) -> dict[str, Any] | None:
+    """A model dir's config.json as a dict; None if it has none. Unreadable JSON raises naming ``where``."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model pool: {where}: {path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model pool: {where}: {path} is not a JSON object")
+    return cfg
+
+
+def check_dtypes(base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], paths: Mapping[str, str]) -> None:
+    """Refuse an expert tensor whose dtype is not of the pretrained's kind (floating point or not).
+
+    Float widths may differ (a bf16 base with fp32 experts): blocks are converted to the compute dtype when read
+    and the result has the pretrained's dtype. A float tensor stored as integers (a quantized expert) would be
+    merged as if its codes were weights. ``paths``: expert name -> path, for the message.
+    """
+    for name in base:
+        want = base.dtype(name)
+        for e in experts:
+            got = e.dtype(name)
+            if got.is_floating_point != want.is_floating_point:
+                raise ValueError(
+                    f"model pool: expert '{e.name}' ({paths.get(e.name, e.dir)}): tensor '{name}' has dtype "
+                    f"{DTYPE_NAMES[got]}, the pretrained model's has {DTYPE_NAMES[want]}"
+                )
 
 
 class CheckpointPool(ModelPool):
@@ -105,16 +139,70 @@ class CheckpointPool(ModelPool):
                 ck.close()
 
     def open_checkpoints(self) -> tuple[LazyCheckpoint, list[LazyCheckpoint], list[str]]:
-        """The pretrained checkpoint, the experts (opened lazily; the caller closes them) and the merged tensors."""
-        base = LazyCheckpoint(self.pretrained, name="pretrained")
-        experts = [LazyCheckpoint(p, name=t) for t, p in self.experts.items()]
+        """The pretrained checkpoint, the experts (opened lazily; the caller closes them) and the merged tensors.
+
+        Checks first that the checkpoints are one architecture (:meth:`check_configs`), then, from the headers,
+        that every expert has every pretrained tensor with its shape (or extra rows, per ``vocab``) and a dtype of
+        the same kind (:func:`check_dtypes`).
+        """
+        base_dir, expert_dirs = self.check_configs()
+        base = LazyCheckpoint(base_dir, name="pretrained")
+        experts = [LazyCheckpoint(expert_dirs[t], name=t) for t in self.experts]
         try:
             merged, _ = plan_tensors(base, experts, self.include_patterns, self.exclude_patterns, self.vocab)
+            check_dtypes(base, experts, self.experts)
         except BaseException:
             for ck in (base, *experts):
                 ck.close()
             raise
         return base, experts, merged
+
+    def check_configs(self) -> tuple[Path, dict[str, Path]]:
+        """The pretrained's and the experts' dirs (hub ids downloaded), once their config.json files agree.
+
+        The pretrained model needs a config.json: the merged checkpoint copies it, and without one transformers
+        cannot load the result. Each expert needs one too, with the pretrained's ``model_type`` and (where both
+        list them) ``architectures``: tensor names alone do not tell architectures apart (a Mistral checkpoint has
+        a Llama's names and shapes), and merging two architectures gives a model of neither. So an expert without
+        config.json is refused rather than trusted (copy the pretrained's config.json beside it if it truly is a
+        fine-tune of it). Raises a one-line error naming the expert, its path and both values.
+        """
+        base_dir = self._resolve("pretrained model", self.pretrained)
+        base_cfg = read_config(base_dir, f"pretrained model ({self.pretrained})")
+        if base_cfg is None:
+            raise FileNotFoundError(
+                f"model pool: pretrained model dir '{base_dir}' has no config.json (not a HF model dir); the merged "
+                "checkpoint copies it, so transformers could not load the result"
+            )
+        dirs = {}
+        for task, path in self.experts.items():
+            where = f"expert '{task}' ({path})"
+            dirs[task] = self._resolve(f"expert '{task}'", path)
+            cfg = read_config(dirs[task], where)
+            if cfg is None:
+                raise FileNotFoundError(
+                    f"model pool: {where} has no config.json in {dirs[task]}, so its architecture cannot be checked "
+                    f"against the pretrained model's ('{base_cfg.get('model_type')}'); add the pretrained's "
+                    "config.json if it is a fine-tune of it"
+                )
+            for field in ("model_type", "architectures"):
+                mine, theirs = cfg.get(field), base_cfg.get(field)
+                if field == "architectures" and (mine is None or theirs is None):
+                    continue  # optional in configs: model_type alone decides then
+                if mine != theirs:
+                    raise ValueError(
+                        f"model pool: {where}: architecture ({field}) {mine!r} differs from the pretrained model's "
+                        f"{theirs!r} ({self.pretrained})"
+                    )
+        return base_dir, dirs
+
+    @staticmethod
+    def _resolve(what: str, path: str) -> Path:
+        """:func:`resolve_model_dir`, its errors naming the pool entry."""
+        try:
+            return resolve_model_dir(path)
+        except OSError as e:
+            raise type(e)(f"model pool: {what}: {e}") from None
 
     @property
     def include_patterns(self) -> list[str]:
@@ -125,8 +213,14 @@ class CheckpointPool(ModelPool):
         return [p.pattern for p in self.exclude]
 
     def write_merged(self, method: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Stream-merge the pool with ``method`` (a task-vector method) into ``out_dir``."""
+        """Stream-merge the pool with ``method`` (a task-vector method) into ``out_dir``.
+
+        The checkpoints are checked as by :meth:`setup` first (headers and configs only), so a pool used without
+        :meth:`setup` still refuses another architecture, a missing config.json or a dtype of the wrong kind.
+        """
         self.check_method(method, f"method {type(method).__name__}")
+        with self.tensor_sources():
+            pass
         return stream_merge(
             method,
             self.pretrained,

@@ -9,7 +9,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +19,7 @@ import lightning as L
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from mergelab.io.atomic import atomic_write_text
+from mergelab.io.atomic import atomic_write_text, make_temp_dir, unmark_temp_dir
 from mergelab.suites.base import file_digest
 from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
 from mergelab.text.suite import TextClassificationSuite
@@ -119,9 +118,8 @@ def cached_build(root: Path, name: str, spec: Mapping[str, Any], build: Callable
     if (final / RECORD).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # .tmp-<name>-<pid> with a marker: a build killed earlier (kill -9) is cleaned up here once its process is gone.
+    tmp = make_temp_dir(final)
     try:
         # Every rank builds (a build's Trainer needs all of them), but only rank 0 keeps what it wrote.
         record = build(tmp)
@@ -135,6 +133,7 @@ def cached_build(root: Path, name: str, spec: Mapping[str, Any], build: Callable
         return final
     if final.exists():  # a leftover without a record is not a finished build
         shutil.rmtree(final)
+    unmark_temp_dir(tmp)  # the marker is no part of the build
     try:
         tmp.rename(final)
     except OSError:  # another process finished the same build first: keep theirs
