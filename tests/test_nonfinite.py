@@ -158,3 +158,18 @@ def test_reports_never_print_a_non_finite_score() -> None:
     assert metrics == {"test/fine/t/acc": 0.5, "test/fine/avg_acc": 0.5, "test/fine/avg_norm_acc": 1.0}
     assert all(math.isfinite(v) for v in metrics.values())
     json.dumps(metrics, allow_nan=False)
+
+
+def test_results_files_are_strict_json(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mergelab.io.atomic import atomic_write_json
+
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"avg": float("nan"), "rows": [float("inf"), 0.5, np.float32(float("nan")), np.float64(2)]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "avg": None,
+        "rows": [None, 0.5, None, 2.0],
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -184,9 +185,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and a bare ``NaN`` in a results
+    file is neither valid JSON nor a score."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """JSON version of :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+    """Strict JSON version of :func:`atomic_write_text` (non-finite numbers written as null, see :func:`json_safe`);
+    other numbers (numpy, tensors' ``.item()``) as floats."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=lambda v: json_safe(float(v)), allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_save_figure(fig: Any, path: str | Path) -> None:
