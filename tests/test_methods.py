@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mergelab import task_vectors as tv
+from mergelab.engine.passes import merge_in_memory
 from mergelab.methods import DARE, TIES, TaskArithmetic, WeightAveraging
 
 SHAPES = {"layer.weight": (4, 6), "layer.bias": (6,), "other.weight": (3, 5)}
@@ -38,10 +39,16 @@ def assert_state_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5)
 
 
-def ties_reference(base: dict, experts: list[dict], k: float, reduce: str, lam: float) -> np.ndarray:
-    """TIES on the whole flattened model, written from the paper's three steps."""
-    b = flat(base).astype(np.float64)
-    taus = np.stack([flat(e).astype(np.float64) - b for e in experts])
+def ties_reference(
+    base: dict, experts: list[dict], k: float, reduce: str, lam: float, names: list[str] | None = None
+) -> np.ndarray:
+    """TIES on the whole flattened model (or on the tensors ``names``), written from the paper's three steps."""
+
+    def flat_of(state: dict) -> np.ndarray:
+        return flat(state) if names is None else np.concatenate([state[n].numpy().ravel() for n in names])
+
+    b = flat_of(base).astype(np.float64)
+    taus = np.stack([flat_of(e).astype(np.float64) - b for e in experts])
     keep = int(np.ceil(taus.shape[1] * k / 100))
     trimmed = np.zeros_like(taus)
     for i, t in enumerate(taus):
@@ -77,6 +84,18 @@ def test_ties_global_matches_reference(reduce: str, k: float) -> None:
     base, experts = make_models(n_experts=4, seed=1)
     out = TIES(k=k, prune="global", disjoint=reduce, scaling=0.7).merge(base, experts)
     assert_state_close(out, unflat(ties_reference(base, experts, k, reduce, 0.7)))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_elems", [7, 1 << 20])
+def test_ties_per_tensor_matches_reference(reduce: str, chunk_elems: int) -> None:
+    # the paper's steps on each tensor alone (threshold and majority sign of that tensor), whatever the blocks
+    base, experts = make_models(n_experts=4, seed=2)
+    method = TIES(k=30, prune="per_tensor", disjoint=reduce, scaling=0.7)
+    out = merge_in_memory(method, base, experts, chunk_elems=chunk_elems)
+    for name in base:
+        alone = ties_reference({"x": base[name]}, [{"x": e[name]} for e in experts], 30, reduce, 0.7, ["x"])
+        torch.testing.assert_close(out[name], torch.from_numpy(alone.astype(np.float32)).view(base[name].shape))
 
 
 def test_ties_hand_worked_example() -> None:

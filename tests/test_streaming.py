@@ -337,24 +337,33 @@ def tie_pool(root: Path, sign: float) -> tuple[Path, list[Path]]:
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("budget", [None, 3])
+@pytest.mark.parametrize("prune", ["global", "per_tensor"])
 def test_folded_ties_sign_pass_is_exact(
-    sign: float, budget: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sign: float, budget: int | None, prune: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Streaming global TIES skips the sign pass and corrects the exact ties afterwards (the majority -1
-    case), or merges again when there are more corrections than its budget: always the in-memory result."""
+    """Streaming TIES skips the sign pass and corrects the exact ties afterwards (the majority -1 case, of the
+    model or of each tensor), or merges again when there are more corrections than its budget: always the
+    in-memory result."""
     from mergelab.engine import passes as engine
 
     if budget is not None:
         monkeypatch.setattr(engine.DeferredValues.__init__, "__defaults__", (budget,))
     base_dir, expert_dirs = tie_pool(tmp_path, sign)
-    method = TIES(k=60, prune="global", disjoint="mean", scaling=0.7)
+    method = TIES(k=60, prune=prune, disjoint="mean", scaling=0.7)
     out = stream_merge(method, base_dir, expert_dirs, tmp_path / "out", chunk_elems=500, progress=False)
-    assert method._majority == sign
     base = load_all(base_dir)
+    assert method._majority == ({"": sign} if prune == "global" else dict.fromkeys(base, sign))
     vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
-    trimmed = tv.trim([torch.cat([v[k].flatten() for k in base]) for v in vecs], method._thresholds)
-    assert int((trimmed.sum(0) == 0).logical_and(trimmed.ne(0).any(0)).sum()) > 10  # there are ties to correct
-    expected = tv.apply_task_vector(base, combine_in_memory(TIES(k=60, disjoint="mean", scaling=0.7), vecs, 500))
+    groups = [list(base)] if prune == "global" else [[k] for k in base]
+    for names in groups:
+        trimmed = tv.trim(
+            [torch.cat([v[k].flatten() for k in names]) for v in vecs],
+            method._thresholds["" if len(groups) == 1 else names[0]],
+        )
+        assert int((trimmed.sum(0) == 0).logical_and(trimmed.ne(0).any(0)).sum()) > 0  # there are ties to correct
+    expected = tv.apply_task_vector(
+        base, combine_in_memory(TIES(k=60, prune=prune, disjoint="mean", scaling=0.7), vecs, 500)
+    )
     streamed = load_all(out)
     for k, v in expected.items():
         assert torch.equal(streamed[k], v), k

@@ -60,7 +60,8 @@ class DeferredValues:
 
     Global TIES folds its majority-sign pass into the merge: it merges with a provisional majority and hands
     over, per chunk, the exact ties (the only coordinates the majority decides) with their final values under
-    the other majority. After the pass, :attr:`needed` says whether those values replace the written ones.
+    the other majority. After the pass, :attr:`needed` says whether some of them replace the written ones, and
+    :attr:`items` keeps exactly those (the tensors whose majority was not the provisional one).
     At most ``budget`` values are kept; :attr:`overflowed` says some were dropped (the caller must then merge
     again without folding).
     """
@@ -137,7 +138,9 @@ def run_passes(
     if fold:
         assert deferred is not None and isinstance(method, FoldsLastPass)
         method.end_pass(method.stat_passes - 1)
-        deferred.needed = not method.folded_values_hold()
+        wrong = {n for n in dict.fromkeys(b.name for b in blocks) if not method.folded_values_hold(n)}
+        deferred.items = [item for item in deferred.items if item[0] in wrong]
+        deferred.needed = bool(wrong)
 
 
 def method_blocks(

@@ -85,9 +85,10 @@ class FoldsLastPass:
     """Opt-in fast path: the method computes its last statistics pass during the merge pass.
 
     The merge pass then runs :meth:`merge_chunk_folded` instead of :meth:`ChunkMethod.merge_chunk`, and the last
-    pass's :meth:`~ChunkMethod.chunk_statistics`; after it, :meth:`folded_values_hold` says whether the values
-    written stand, or the corrections it handed over replace them. It stands in for the hooks in ``replaces``:
-    a subclass that overrides any of them below the class that defines :meth:`merge_chunk_folded` does not fold.
+    pass's :meth:`~ChunkMethod.chunk_statistics`; after it, :meth:`folded_values_hold` says, per tensor, whether
+    the values written stand, or the corrections it handed over replace them. It stands in for the hooks in
+    ``replaces``: a subclass that overrides any of them below the class that defines :meth:`merge_chunk_folded`
+    does not fold.
     """
 
     replaces: ClassVar[tuple[str, ...]] = ("merge_chunk", "chunk_statistics", "add_statistics", "end_pass")
@@ -103,8 +104,9 @@ class FoldsLastPass:
         :meth:`~ChunkMethod.add_statistics`), and ``(flat index, values)`` to use if the provisional one is wrong."""
         raise NotImplementedError
 
-    def folded_values_hold(self) -> bool:
-        """After the folded pass's ``end_pass``: whether the provisional statistic was the right one."""
+    def folded_values_hold(self, name: str) -> bool:
+        """After the folded pass's ``end_pass``: whether the provisional statistic was the right one for tensor
+        ``name`` (its corrections are applied where it was not)."""
         raise NotImplementedError
 
 

@@ -19,5 +19,5 @@ class MagnitudePrunedTA(TIES):
     """theta_0 + scaling * sum_t trim_k(tau_t): each task vector keeps its top-k% magnitudes (``prune`` as TIES)."""
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        trimmed, _ = self.trim_and_elect(vectors)
+        trimmed, _ = self.trim_and_elect(block, vectors)
         return trimmed.sum(0).mul_(self.scaling)

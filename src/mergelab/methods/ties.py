@@ -33,16 +33,21 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         disjoint: ``sum`` (AdaMerging / FusionBench) or ``mean`` (TIES paper) over sign-agreeing tasks.
         scaling: lambda applied to the merged vector.
 
-    Global pruning is exact and streams: passes 1 and 2 find the k-th largest float32 magnitude of each task
-    vector by a two-level radix select (see :mod:`mergelab.task_vectors`), pass 3 sums the elected signs for
-    the majority sign. Task vectors are float32, so this is the same threshold a full sort would give.
+    Pruning is exact and streams at either granularity: passes 1 and 2 find the k-th largest float32 magnitude
+    of each task vector (``global``) or of each tensor of it (``per_tensor``) by a two-level radix select over
+    row blocks (see :mod:`mergelab.task_vectors`), pass 3 sums the elected signs for the majority sign (of the
+    model, or of each tensor). Task vectors are float32, so these are the thresholds a full sort would give, and
+    no tensor is ever held whole. Blocks arrive tensor by tensor in order, so a per-tensor statistic is
+    concluded when the next tensor starts: one tensor's histograms are held at a time.
     Every per-chunk step is a pure function of the chunk, so the engine runs chunks on several threads. The
     streaming engine folds pass 3 into the merge (:meth:`merge_chunk_folded`): the majority sign only decides
-    exact ties, so it merges with a provisional majority and corrects those few coordinates afterwards if the
-    elected one differs.
+    exact ties, so it merges with a provisional majority and corrects those few coordinates afterwards in the
+    tensors (or model) whose elected majority differs.
     """
 
     parallel_chunks = True
+    elementwise = True
+    stat_passes = 3
 
     def __init__(self, k: float = 20.0, prune: str = "global", disjoint: str = "sum", scaling: float = 0.3) -> None:
         check_range("k", k, 0.0, 100.0, low_open=True, high_open=False)
@@ -50,67 +55,78 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         check_choice("prune", prune, PRUNE_MODES)
         check_choice("disjoint", disjoint, DISJOINT_MODES)
         self.k, self.prune, self.disjoint, self.scaling = float(k), prune, disjoint, float(scaling)
-        self.elementwise = prune == "global"
-        self.stat_passes = 3 if prune == "global" else 0
 
-    # ------------------------------------------------------------------------------- global statistics
+    # ------------------------------------------------------------------------------- statistics
+
+    def _key(self, block: Block) -> str:
+        """Whose statistic a block adds to: the model's (``""``) or its tensor's."""
+        return "" if self.prune == "global" else block.name
 
     def begin(self, names: Sequence[str]) -> None:
-        self._hist: Tensor | None = None  # [T, buckets]
-        self._numel = 0
-        self._high: list[tuple[int, int]] = []  # per task: top-16-bit bucket of the k-th largest, rank inside
-        self._thresholds: list[float] = []
-        self._sign_total = 0.0
-        self._majority = 1.0
+        self._hist: Tensor | None = None  # [T, buckets] of the statistic being accumulated
+        self._hist_key: str | None = None
+        self._numel: dict[str, int] = {}
+        self._high: dict[str, list[tuple[int, int]]] = {}  # per task: top-16-bit bucket of the k-th largest, rank
+        self._thresholds: dict[str, list[float]] = {}
+        self._sign_total: dict[str, float] = {}
+        self._majority: dict[str, float] = {}
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
         stacked = _stacked(vectors)
+        key = self._key(block)
         if pass_idx == 0:
             return tv.high_histograms(stacked, inplace=True), vectors[0].numel()
         if pass_idx == 1:
-            return tv.low_histograms(stacked, [high for high, _ in self._high], inplace=True)
-        return tv.sign_total_(stacked, self._thresholds)
+            return tv.low_histograms(stacked, [high for high, _ in self._high[key]], inplace=True)
+        return tv.sign_total_(stacked, self._thresholds[key])
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
         """Accumulate one block's :meth:`chunk_statistics` (called in block order)."""
+        key = self._key(block)
+        if pass_idx == 2:
+            self._sign_total[key] = self._sign_total.get(key, 0.0) + stats
+            return
+        if key != self._hist_key:  # the previous tensor's blocks are all in
+            self._conclude(pass_idx)
+            self._hist_key = key
+        hist = stats[0] if pass_idx == 0 else stats
+        self._hist = hist if self._hist is None else self._hist.add_(hist)
         if pass_idx == 0:
-            hist, numel = stats
-            self._hist = hist if self._hist is None else self._hist.add_(hist)
-            self._numel += numel
-        elif pass_idx == 1:
-            self._hist = stats if self._hist is None else self._hist.add_(stats)
+            self._numel[key] = self._numel.get(key, 0) + stats[1]
+
+    def _conclude(self, pass_idx: int) -> None:
+        """Turn the accumulated histograms of the current key into its pass-1 ranks or its thresholds."""
+        key, hist = self._hist_key, self._hist
+        self._hist, self._hist_key = None, None
+        if key is None or hist is None:
+            return
+        if pass_idx == 0:
+            keep = tv.topk_count(self._numel[key], self.k)
+            self._high[key] = [tv.locate_rank(h, keep) for h in hist]
         else:
-            self._sign_total += stats
+            high = self._high[key]
+            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(hist, high, strict=True)]
+            self._thresholds[key] = [tv.bits_to_float(b, low) for (b, _), low in zip(high, lows, strict=True)]
 
     def end_pass(self, pass_idx: int) -> None:
-        hist = [] if self._hist is None else list(self._hist)  # None: nothing to merge
-        if pass_idx == 0:
-            keep = tv.topk_count(self._numel, self.k)
-            self._high = [tv.locate_rank(h, keep) for h in hist]
-            self._hist = None
-        elif pass_idx == 1:
-            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(hist, self._high, strict=True)]
-            self._thresholds = [tv.bits_to_float(high, low) for (high, _), low in zip(self._high, lows, strict=True)]
-            self._hist = None
+        if pass_idx < 2:
+            self._conclude(pass_idx)
         else:
-            self._majority = tv.majority_sign(self._sign_total)
+            self._majority = {key: tv.majority_sign(total) for key, total in self._sign_total.items()}
+            self._sign_total = {}
 
     # ------------------------------------------------------------------------------- merging
 
-    def trim_and_elect(self, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def trim_and_elect(self, block: Block, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Trimmed task vectors of one chunk (stacked, one row per task) and the elected sign per coordinate."""
-        if self.prune == "global":
-            trimmed = tv.trim(vectors, self._thresholds)
-            majority = self._majority
-        else:
-            trimmed = tv.trim(vectors, [tv.magnitude_threshold([v], self.k) for v in vectors])
-            majority = tv.majority_sign(tv.sign_total(trimmed))
-        return trimmed, tv.elect_sign(trimmed, majority)
+        key = self._key(block)
+        trimmed = tv.trim(vectors, self._thresholds[key])
+        return trimmed, tv.elect_sign(trimmed, self._majority[key])
 
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task's surviving entries: trimmed, and agreeing with the elected sign (for combinations)."""
-        trimmed, sign = self.trim_and_elect(vectors)
+        trimmed, sign = self.trim_and_elect(block, vectors)
         return list(tv.agreeing(trimmed, sign)[0])
 
     # ------------------------------------------------------------------------------- folded sign pass
@@ -120,7 +136,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def fold_last_pass(self, n_tasks: int) -> bool:
         """Whether the engine may skip the sign pass and run :meth:`merge_chunk_folded` instead."""
-        return self.prune == "global" and n_tasks <= tv.SEQUENTIAL_SUM_ROWS
+        return n_tasks <= tv.SEQUENTIAL_SUM_ROWS
 
     def merge_chunk_folded(
         self, block: Block, vectors: Sequence[Tensor]
@@ -128,22 +144,21 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         """The merge with the provisional majority, this chunk's sign total (the skipped pass's statistic, for
         :meth:`add_statistics`) and the exact ties with their values under the other majority."""
         merged, total, alt = tv.ties_merge_folded_(
-            _stacked(vectors), self._thresholds, self.PROVISIONAL_MAJORITY, self.disjoint
+            _stacked(vectors), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
         )
         if alt is not None:
             alt = (alt[0], alt[1].mul_(self.scaling))
         merged = merged.mul_(self.scaling)
         return (merged if is_scratch(vectors) else merged.clone()), total, alt
 
-    def folded_values_hold(self) -> bool:
-        """After the sign pass's :meth:`end_pass`: whether the provisional majority was the right one."""
-        return self._majority == self.PROVISIONAL_MAJORITY
+    def folded_values_hold(self, name: str) -> bool:
+        """After the sign pass's :meth:`end_pass`: whether the provisional majority was the one elected for the
+        tensor ``name`` (per-tensor pruning) or the model."""
+        key = "" if self.prune == "global" else name
+        return self._majority.get(key, self.PROVISIONAL_MAJORITY) == self.PROVISIONAL_MAJORITY
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        key = self._key(block)
         stacked = _stacked(vectors)
-        if self.prune == "global":
-            thresholds, majority = self._thresholds, self._majority
-        else:
-            thresholds, majority = [tv.magnitude_threshold([v], self.k) for v in stacked], None
-        merged = tv.ties_merge_(stacked, thresholds, majority, self.disjoint).mul_(self.scaling)
+        merged = tv.ties_merge_(stacked, self._thresholds[key], self._majority[key], self.disjoint).mul_(self.scaling)
         return merged if is_scratch(vectors) else merged.clone()  # not a view pinning the stacked copy
