@@ -142,3 +142,13 @@ def test_one_checkpoint_under_two_expert_names_is_warned_about(
     with caplog.at_level(logging.WARNING):
         CheckpointPool(str(base), {k: str(v) for k, v in experts.items()})
     assert "same checkpoint" not in caplog.text
+
+
+def test_help_presents_mergelab_and_its_groups() -> None:
+    proc = mergelab("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("mergelab: merge fine-tuned experts")
+    assert "Usage: mergelab" in proc.stdout and "cli" not in proc.stdout.split("== Options")[0]
+    for group in ("model", "method", "eval", "experiment", "trainer", "logger"):
+        assert f"\n  {group} " in proc.stdout, group  # one line describing each group
+    assert "method: awd," in proc.stdout and "ties" in proc.stdout  # and its options
