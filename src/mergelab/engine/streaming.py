@@ -62,18 +62,18 @@ def plan_tensors(
         shape = base.shape(name)
         for e in experts:
             if name not in e:
-                raise ValueError(f"expert '{e.name}': tensor '{name}' of the pretrained model is missing")
+                raise ValueError(f"expert '{e.name}' ({e.dir}): tensor '{name}' of the pretrained model is missing")
             other = e.shape(name)
             if other == shape:
                 continue
             if not _row_extension(shape, other):
                 raise ValueError(
-                    f"expert '{e.name}': tensor '{name}' has shape {other}, pretrained has {shape} "
+                    f"expert '{e.name}' ({e.dir}): tensor '{name}' has shape {other}, pretrained has {shape} "
                     "(only extra rows, as from added tokens, can be reconciled)"
                 )
             if vocab == "error":
                 raise ValueError(
-                    f"expert '{e.name}': tensor '{name}' has {other[0]} rows, pretrained {shape[0]}; "
+                    f"expert '{e.name}' ({e.dir}): tensor '{name}' has {other[0]} rows, pretrained {shape[0]}; "
                     "set vocab=extend or vocab=base"
                 )
             if vocab == "extend":
