@@ -8,9 +8,11 @@ through the same engine as every other method, so AWD-TA = TA - scaling * T * de
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,7 +56,12 @@ class AWD(WrappedMethod):
             (one flattened vector); delta's norm follows the same granularity.
         norm: ``l2``, ``l2_squared``, ``l1`` or ``row_l2`` (sum of row L2 norms).
         alpha: weight of the norm term L_R.
-        optimizer, lr, momentum, steps: how delta is optimised (``sgd`` or ``adam``), full batch.
+        optimizer, lr, momentum, steps: how delta is optimised (``adam`` or ``sgd``), full batch.
+        lr_relative: ``lr`` is relative to each tensor's task-vector scale (Adam: times the rms of tau; SGD: times
+            its square), so the same lr suits pools whose task vectors differ in size; false: an absolute lr.
+        rise_tol, max_backoffs: the fit's guard: an iterate whose loss is not finite or exceeds the best so far by
+            more than ``rise_tol`` (relative) is undone (best delta restored, step halved); a tensor (the whole model
+            for ``granularity=model``) stops after ``max_backoffs`` back-offs. The best iterate is returned.
         include / exclude: regexes over parameter names that are disentangled; ``matrices_only`` keeps only
             2-D weights. Default: the weight matrices of the transformer blocks (no biases, norms, embeddings).
         mode: ``whole`` (one fit over every tensor) or ``per_tensor`` (one tensor's task vectors in memory at a
@@ -72,10 +79,13 @@ class AWD(WrappedMethod):
         granularity: str = "row",
         norm: str = "l2",
         alpha: float = 0.1,
-        optimizer: str = "sgd",
-        lr: float = 1.0,
+        optimizer: str = "adam",
+        lr: float = 0.01,
         momentum: float = 0.0,
         steps: int = 300,
+        lr_relative: bool = True,
+        rise_tol: float = 1e-3,
+        max_backoffs: int = 10,
         include: Sequence[str] = DEFAULT_INCLUDE,
         exclude: Sequence[str] = (),
         matrices_only: bool = True,
@@ -87,7 +97,9 @@ class AWD(WrappedMethod):
         check_choice("mode", mode, ("whole", "per_tensor"))
         super().__init__(merge, "merge")
         self.objective = Objective(granularity, norm, float(alpha))
-        self.optim = OptimizerConfig(optimizer, float(lr), float(momentum), int(steps))
+        self.optim = OptimizerConfig(
+            optimizer, float(lr), float(momentum), int(steps), bool(lr_relative), float(rise_tol), int(max_backoffs)
+        )
         if mode == "per_tensor" and granularity == "model":
             raise ValueError("method option 'mode=per_tensor' needs granularity 'tensor' or 'row', not 'model'")
         self.mode = mode
@@ -120,7 +132,15 @@ class AWD(WrappedMethod):
         return json.dumps(
             {
                 "objective": [self.objective.granularity, self.objective.norm, self.objective.alpha],
-                "optim": [self.optim.name, self.optim.lr, self.optim.momentum, self.optim.steps],
+                "optim": [
+                    self.optim.name,
+                    self.optim.lr,
+                    self.optim.momentum,
+                    self.optim.steps,
+                    self.optim.lr_relative,
+                    self.optim.rise_tol,
+                    self.optim.max_backoffs,
+                ],
                 "include": [p.pattern for p in self.include],
                 "exclude": [p.pattern for p in self.exclude],
                 "matrices_only": self.matrices_only,
@@ -240,14 +260,18 @@ class AWD(WrappedMethod):
         if self.fit is None or not self.fit.history.L_O:
             return out
         h = self.fit.history
+        # The _end terms are those of the returned (saved, merged) delta: each group's best iterate, evaluated
+        # after the fit, not the last history row (which may be a rejected iterate).
+        final = self.fit.final or {"L_O": h.L_O[-1], "L_R": h.L_R[-1]}
         out.update(
             {
                 "L_O_start": h.L_O[0],
-                "L_O_end": h.L_O[-1],
-                "L_R_end": h.L_R[-1],
+                "L_O_end": final["L_O"],
+                "L_R_end": final["L_R"],
                 "mean_abs_cos_before": float(mean_abs_cos(self.fit.gram_before)),
                 "mean_abs_cos_after": float(mean_abs_cos(self.fit.gram_after)),
                 "delta_norm": sum(self.fit.sq_norms.values()) ** 0.5,
+                **{f"guard_{k}": v for k, v in self.fit.guard_report().items()},
             }
         )
         return out
@@ -284,6 +308,10 @@ class AWD(WrappedMethod):
             {
                 "report": self.report(),
                 "delta_norm_per_layer": self.delta_norms_per_layer(),
+                # Per group (tensor, or the model): best step, back-offs, the step it stopped at (null: it did not).
+                "guard": [
+                    {**dataclasses.asdict(g), "best": g.best if math.isfinite(g.best) else None} for g in self.fit.guard
+                ],
                 "cosine_before": cosines(self.fit.gram_before).tolist(),
                 "cosine_after": cosines(self.fit.gram_after).tolist(),
                 "task_names": self.task_names,

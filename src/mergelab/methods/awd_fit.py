@@ -8,14 +8,23 @@ vector, tau_hat_t = tau_t - delta, so that the tau_hat are as orthogonal as poss
 Every cosine is read off a Gram matrix. The Gram matrix of the tau is computed once; the one of tau - delta is
 ``G = C - a 1^T - 1 a^T + |delta|^2 11^T`` with ``a_t = <tau_t, delta>``, so a step costs one product of the
 task vectors with delta and never materialises the T differences (memory stays T task vectors plus delta, its
-gradient and the optimiser state).
+gradient, the optimiser state and the best delta so far).
 
 Granularity (of delta's loss terms and of the cosine):
     ``model``: one cosine over all disentangled tensors flattened together; L_R is the norm of all of delta.
     ``tensor``: one cosine per tensor; L_O and L_R are the means over tensors of the per-tensor terms.
     ``row``: one cosine per row of each tensor, averaged over rows; then as ``tensor``.
 With ``tensor`` and ``row`` the loss is a sum of per-tensor terms, so each tensor's delta can be optimised on
-its own (:func:`fit_delta` with ``per_tensor=True``) with the same iterates as optimising all at once."""
+its own (:func:`fit_delta` with ``per_tensor=True``) with the same iterates as optimising all at once: each
+tensor is then its own *group* (own step size, own guard), ``model`` has one group.
+
+The fit is guarded (:class:`Guard`): the objective of every iterate is evaluated; an iterate whose group loss is
+not finite or rises above the group's best by more than ``rise_tol`` relative is rejected (delta restored to the
+best, the step size halved, the optimiser state reset); after ``max_backoffs`` rejections a group stops. The
+returned delta is always each group's best iterate.
+
+Every reduction is formulated so that its result does not depend on torch's intra-op thread count
+(:func:`fixed_sum`): same inputs give the same bytes with 1 or N threads."""
 
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -44,6 +54,25 @@ OPTIMIZERS = ("sgd", "adam")
 #: Cosines of vectors shorter than this are computed as if they had this norm (no division by zero).
 COS_EPS = 1e-12
 
+#: Block length of :func:`fixed_sum`: below torch's parallel grain (32768), so one block is summed by one thread.
+SUM_BLOCK = 4096
+
+
+def fixed_sum(x: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` (all of it, or over ``dim``) in an order that does not depend on the number of threads.
+
+    torch splits a full reduction of more than 32768 elements into one partial sum per thread, so its result
+    changes with ``torch.get_num_threads()``; a reduction to many outputs gives each output to one thread. Summing
+    fixed blocks of :data:`SUM_BLOCK` elements (many outputs), then the block sums, fixes the order.
+    """
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    x = x.movedim(dim, -1)
+    while x.shape[-1] > SUM_BLOCK:
+        x = F.pad(x, (0, -x.shape[-1] % SUM_BLOCK))  # zeros: exact, and the blocks then tile the dim
+        x = x.reshape(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
+    return x.sum(-1)
+
 
 def as_rows(t: Tensor) -> Tensor:
     """View a tensor as rows: a matrix's rows, dim 0 of a higher-rank tensor, one row for a vector or scalar."""
@@ -51,8 +80,12 @@ def as_rows(t: Tensor) -> Tensor:
 
 
 def cosines(gram: Tensor) -> Tensor:
-    """Pairwise cosine similarities from a Gram matrix (or a batch of them, [..., T, T])."""
-    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().clamp_min(COS_EPS)
+    """Pairwise cosine similarities from a Gram matrix (or a batch of them, [..., T, T]).
+
+    A zero vector (zero Gram row) has cosine 0 with every vector, with a finite gradient: the squared norm is
+    clamped *before* the sqrt (sqrt's derivative at 0 is inf, and inf times a clamp's zero gradient is NaN).
+    """
+    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(COS_EPS**2).sqrt()
     return gram / (norms[..., :, None] * norms[..., None, :])
 
 
@@ -107,7 +140,7 @@ def gram_of_differences(tau: Tensor, delta: Tensor, gram: Tensor, rowwise: bool)
     if not rowwise:
         d = delta.reshape(-1)
         a = torch.mv(tau.reshape(tau.shape[0], -1), d)  # one pass over the task vectors (and one for the grad)
-        sq = torch.dot(d, d)
+        sq = fixed_sum(as_rows(delta).pow(2).sum(-1))  # not torch.dot: its full reduction depends on the threads
         return gram - a[:, None] - a[None, :] + sq, sq
     d = as_rows(delta)
     a = torch.einsum("trc,rc->rt", tau.reshape(tau.shape[0], *d.shape), d)  # row-wise <tau_t, delta>: [rows, T]
@@ -118,46 +151,69 @@ def gram_of_differences(tau: Tensor, delta: Tensor, gram: Tensor, rowwise: bool)
 def objective_terms(
     objective: Objective, taus: Sequence[Tensor], grams: Sequence[Tensor], deltas: Sequence[Tensor]
 ) -> dict[str, Tensor]:
-    """L_O, L_R and the loss at ``deltas`` (one per tensor), plus the model-level Gram matrix (detached).
+    """L_O, L_R and the loss at ``deltas`` (one per tensor), the model-level Gram matrix (detached), and
+    ``group_loss``: the loss of each independently optimisable group (one per tensor for ``tensor``/``row``,
+    whose sum is the loss; one for ``model``).
 
     For ``tensor``/``row`` the terms are sums over the given tensors divided by ``objective.num_tensors``, so a
     subset of the tensors contributes exactly its share of the whole loss.
     """
     rowwise = objective.granularity == "row"
+    n = objective.num_tensors
     cos_terms, norms, sqs, model_gram = [], [], [], None
     for tau, c, d in zip(taus, grams, deltas, strict=True):
         g, sq = gram_of_differences(tau, d, c, rowwise)
-        flat_gram = g.sum(0) if rowwise else g
+        flat_gram = fixed_sum(g, dim=0) if rowwise else g
         model_gram = flat_gram if model_gram is None else model_gram + flat_gram
-        sqs.append(sq.sum())
+        sq_total = fixed_sum(sq)
+        sqs.append(sq_total)
         if objective.granularity != "model":
-            cos_terms.append(mean_abs_cos(g).mean())  # rows: the mean over rows of the row's mean |cos|
+            # rows: the mean over rows of the row's mean |cos|
+            cos_terms.append(fixed_sum(mean_abs_cos(g)) / g.shape[0] if rowwise else mean_abs_cos(g))
         if objective.norm == "l2":
-            norms.append(safe_sqrt(sq.sum()))
+            norms.append(safe_sqrt(sq_total))
         elif objective.norm == "l2_squared":
-            norms.append(sq.sum())
+            norms.append(sq_total)
         elif objective.norm == "l1":
-            norms.append(d.abs().sum())
+            norms.append(fixed_sum(d.abs()))
         else:  # row_l2
-            norms.append(safe_sqrt((as_rows(d) * as_rows(d)).sum(-1)).sum())
+            norms.append(fixed_sum(safe_sqrt(as_rows(d).pow(2).sum(-1))))
     assert model_gram is not None
     if objective.granularity == "model":
         l_o = mean_abs_cos(model_gram)
-        l_r = safe_sqrt(torch.stack(sqs).sum()) if objective.norm == "l2" else torch.stack(norms).sum()
+        l_r = safe_sqrt(fixed_sum(torch.stack(sqs))) if objective.norm == "l2" else fixed_sum(torch.stack(norms))
+        loss = l_o + objective.alpha * l_r
+        group_loss = loss[None]
     else:
-        l_o = torch.stack(cos_terms).sum() / objective.num_tensors
-        l_r = torch.stack(norms).sum() / objective.num_tensors
-    return {"L_O": l_o, "L_R": l_r, "loss": l_o + objective.alpha * l_r, "gram": model_gram.detach()}
+        # Each tensor's share of the loss computed alone, so that a whole fit and a per-tensor fit (one tensor's
+        # terms only) see the same group losses, bit for bit.
+        lo_parts = torch.stack(cos_terms) / n
+        lr_parts = torch.stack(norms) / n
+        group_loss = lo_parts + objective.alpha * lr_parts
+        l_o, l_r = fixed_sum(lo_parts), fixed_sum(lr_parts)
+        loss = fixed_sum(group_loss)
+    return {"L_O": l_o, "L_R": l_r, "loss": loss, "gram": model_gram.detach(), "group_loss": group_loss}
 
 
 @dataclass
 class OptimizerConfig:
-    """How delta is optimised: ``sgd`` (with momentum) or ``adam``, a learning rate and a number of steps."""
+    """How delta is optimised.
 
-    name: str = "sgd"
-    lr: float = 1.0
+    ``name``: ``adam`` or ``sgd`` (with ``momentum``), ``steps`` full-batch steps. With ``lr_relative`` the step size
+    of each group is ``lr`` times its task vectors' scale, so that a pool whose task vectors are s times smaller
+    takes s times smaller steps (the cosines are scale-free, so the iterates of L_O scale with tau): Adam's step is
+    about ``lr`` per coordinate whatever the gradient's size, so its lr is multiplied by the rms of tau; the
+    gradient of a cosine grows as 1 / |tau|, so SGD's lr is multiplied by rms(tau)^2.
+    ``rise_tol`` and ``max_backoffs`` configure the :class:`Guard`.
+    """
+
+    name: str = "adam"
+    lr: float = 0.01
     momentum: float = 0.0
     steps: int = 300
+    lr_relative: bool = True
+    rise_tol: float = 1e-3
+    max_backoffs: int = 10
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -168,44 +224,126 @@ class OptimizerConfig:
             raise ValueError(f"AWD option 'momentum' must be in [0, 1), got {self.momentum}")
         if int(self.steps) < 1:
             raise ValueError(f"AWD option 'steps' must be >= 1, got {self.steps}")
+        if not (self.rise_tol >= 0 and math.isfinite(self.rise_tol)):
+            raise ValueError(f"AWD option 'rise_tol' must be a finite number >= 0, got {self.rise_tol}")
+        if int(self.max_backoffs) < 0:
+            raise ValueError(f"AWD option 'max_backoffs' must be >= 0, got {self.max_backoffs}")
 
-    def build(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    def group_lr(self, tau_rms: float) -> float:
+        """The step size of a group whose task vectors have root-mean-square ``tau_rms``."""
+        if not self.lr_relative:
+            return self.lr
+        return self.lr * (tau_rms if self.name == "adam" else tau_rms**2)
+
+    def build(self, params: Sequence[nn.Parameter], lrs: Sequence[float]) -> torch.optim.Optimizer:
+        """One parameter group per tensor, each with its own step size (halved on its own back-offs)."""
+        groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)]
         if self.name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
-        return torch.optim.Adam(params, lr=self.lr)
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        return torch.optim.Adam(groups, lr=self.lr)
+
+
+@dataclass
+class GroupGuard:
+    """What the guard did for one group of tensors (one tensor, or all of them for ``granularity=model``)."""
+
+    names: list[str]
+    best: float = math.inf
+    best_step: int = 0
+    backoffs: int = 0
+    #: The step at which the group stopped after ``max_backoffs`` back-offs (None: it ran every step).
+    stopped_at: int | None = None
+
+
+class Guard:
+    """Accepts or rejects each evaluated iterate of each group.
+
+    An iterate is rejected when its group loss is not finite or exceeds the group's best loss so far by more than
+    ``rise_tol * |best|``; the caller then restores the best delta, halves the group's step size and resets its
+    optimiser state. After ``max_backoffs`` rejections the group stops (its delta stays at its best).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[str]], rise_tol: float, max_backoffs: int) -> None:
+        self.groups = [GroupGuard(list(g)) for g in groups]
+        self.rise_tol, self.max_backoffs = rise_tol, max_backoffs
+
+    def check(self, step: int, losses: Sequence[float]) -> tuple[list[int], list[int]]:
+        """Judge the iterate of ``step``: (groups whose iterate is a new best, groups whose iterate is rejected)."""
+        improved, rejected = [], []
+        for i, (g, v) in enumerate(zip(self.groups, losses, strict=True)):
+            if g.stopped_at is not None:
+                continue
+            if not math.isfinite(v) or v > g.best + self.rise_tol * abs(g.best):
+                rejected.append(i)
+                g.backoffs += 1
+                if g.backoffs >= self.max_backoffs:
+                    g.stopped_at = step
+            elif v < g.best:
+                g.best, g.best_step = v, step
+                improved.append(i)
+        return improved, rejected
+
+    def active(self, rejected: Sequence[int]) -> list[int]:
+        """Groups that take the next step: not stopped, and not just sent back to their best."""
+        return [i for i, g in enumerate(self.groups) if g.stopped_at is None and i not in rejected]
+
+    @property
+    def all_stopped(self) -> bool:
+        return all(g.stopped_at is not None for g in self.groups)
 
 
 @dataclass
 class History:
-    """Per-step values of the loss terms and the model-level Gram matrix of the disentangled vectors."""
+    """Per-evaluation values of the loss terms and the model-level Gram matrix of the disentangled vectors.
+
+    Row k is the iterate after k steps (row 0: delta = 0; row ``steps``: after the last step), as evaluated
+    (a rejected iterate included); ``backoffs`` counts the groups whose iterate was rejected at that row. The
+    returned delta is each group's best iterate, whose terms are :attr:`FitResult.final`.
+    """
 
     L_O: list[float] = field(default_factory=list)
     L_R: list[float] = field(default_factory=list)
     grams: list[Tensor] = field(default_factory=list)
+    backoffs: list[int] = field(default_factory=list)
+
+    def append(self, l_o: float, l_r: float, gram: Tensor, backoffs: int) -> None:
+        self.L_O.append(l_o)
+        self.L_R.append(l_r)
+        self.grams.append(gram)
+        self.backoffs.append(backoffs)
 
     def add(self, other: History) -> None:
         """Sum a subset's per-step contributions into this one (tensor/row granularity decompose by tensor)."""
         if not self.L_O:
             self.L_O, self.L_R, self.grams = list(other.L_O), list(other.L_R), list(other.grams)
+            self.backoffs = list(other.backoffs)
             return
         self.L_O = [a + b for a, b in zip(self.L_O, other.L_O, strict=True)]
         self.L_R = [a + b for a, b in zip(self.L_R, other.L_R, strict=True)]
         self.grams = [a + b for a, b in zip(self.grams, other.grams, strict=True)]
+        self.backoffs = [a + b for a, b in zip(self.backoffs, other.backoffs, strict=True)]
 
     def rows(self, alpha: float) -> Iterator[dict[str, float]]:
-        """One record per step: L_O, L_R, the loss and the model-level mean |cos| of the disentangled vectors."""
-        for lo, lr, g in zip(self.L_O, self.L_R, self.grams, strict=True):
-            yield {"L_O": lo, "L_R": lr, "loss": lo + alpha * lr, "mean_abs_cos": float(mean_abs_cos(g))}
+        """One record per evaluation: L_O, L_R, the loss, the model-level mean |cos| and the back-offs."""
+        backoffs = self.backoffs or [0] * len(self.L_O)
+        for lo, lr, g, b in zip(self.L_O, self.L_R, self.grams, backoffs, strict=True):
+            yield {
+                "L_O": lo,
+                "L_R": lr,
+                "loss": lo + alpha * lr,
+                "mean_abs_cos": float(mean_abs_cos(g)),
+                "backoffs": b,
+            }
 
 
 class _Steps(torch.utils.data.Dataset):
-    """AWD needs no data: each 'batch' is one full-batch optimisation step."""
+    """AWD needs no data: each 'batch' is one evaluation of the full-batch objective (and a step, but the last)."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, n: int) -> None:
+        self.n = n
 
     def __len__(self) -> int:
-        return self.steps
+        return self.n
 
     def __getitem__(self, i: int) -> int:
         return i
@@ -214,11 +352,15 @@ class _Steps(torch.utils.data.Dataset):
 class AWDModule(L.LightningModule):
     """The redundant vector delta (the only trainable parameter, initialised at zero) over frozen task vectors.
 
+    Optimised manually (``automatic_optimization = False``) under ``trainer.fit``, so that every iterate passes
+    the :class:`Guard`: ``steps + 1`` batches, batch k evaluating the iterate after k steps and, unless it is the
+    last, taking the next step. :meth:`finish` then restores each group's best delta and evaluates it.
+
     Args:
         names, shapes: the disentangled parameters.
         load: name -> its task vectors stacked, [T, *shape]; kept as non-persistent buffers (not copied).
         objective: the loss (granularity, norm, alpha).
-        optim: optimiser, learning rate and number of steps.
+        optim: optimiser, learning rate, number of steps and the guard's settings.
         log_prefix: prefix of the logged metric names; ``None`` logs nothing (per-tensor fits).
     """
 
@@ -234,9 +376,11 @@ class AWDModule(L.LightningModule):
         super().__init__()
         if not names:
             raise ValueError("AWD: no parameter is disentangled (check method.include / method.exclude)")
+        self.automatic_optimization = False
         self.names = list(names)
         self.objective, self.optim, self.log_prefix = objective, optim, log_prefix
         rowwise = objective.granularity == "row"
+        self.tau_rms: list[float] = []
         for i, n in enumerate(self.names):
             v = load(n)
             if tuple(v.shape[1:]) != tuple(shapes[n]):
@@ -245,8 +389,21 @@ class AWDModule(L.LightningModule):
                 raise ValueError(f"AWD needs at least two task vectors, got {v.shape[0]}")
             self.register_buffer(f"tau_{i}", v, persistent=False)
             self.register_buffer(f"gram_{i}", tau_gram(v, rowwise), persistent=False)
+            # float64 and a fixed order: the step size must not depend on the thread count either.
+            self.tau_rms.append(math.sqrt(float(fixed_sum(v.double().pow(2))) / max(v.numel(), 1)))
+            self.register_buffer(f"best_{i}", torch.zeros(tuple(shapes[n])), persistent=False)
         self.delta = nn.ParameterList([nn.Parameter(torch.zeros(tuple(shapes[n]))) for n in self.names])
+        # The loss is a sum of per-tensor terms except at model granularity: each tensor is then its own group.
+        self.group_members = (
+            [list(range(len(self.names)))]
+            if objective.granularity == "model"
+            else [[i] for i in range(len(self.names))]
+        )
+        self.guard = Guard(
+            [[self.names[i] for i in m] for m in self.group_members], optim.rise_tol, int(optim.max_backoffs)
+        )
         self.history = History()
+        self.final: dict[str, Any] = {}
 
     def _buffers_of(self, kind: str) -> list[Tensor]:
         return [getattr(self, f"{kind}_{i}") for i in range(len(self.names))]
@@ -256,35 +413,72 @@ class AWDModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             return objective_terms(self.objective, self._buffers_of("tau"), self._buffers_of("gram"), list(self.delta))
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        step = int(batch_idx)
         out = self.terms()
-        self.history.L_O.append(float(out["L_O"].detach()))
-        self.history.L_R.append(float(out["L_R"].detach()))
-        self.history.grams.append(out["gram"].cpu())
+        losses = [float(v) for v in out["group_loss"].detach().cpu()]
+        improved, rejected = self.guard.check(step, losses)
+        self.history.append(float(out["L_O"].detach()), float(out["L_R"].detach()), out["gram"].cpu(), len(rejected))
         if self.log_prefix is not None:
             p = self.log_prefix
-            self.log(f"{p}L_O", out["L_O"], prog_bar=True)
-            self.log(f"{p}L_R", out["L_R"], prog_bar=True)
+            self.log(f"{p}L_O", out["L_O"].detach(), prog_bar=True)
+            self.log(f"{p}L_R", out["L_R"].detach(), prog_bar=True)
             self.log(f"{p}mean_abs_cos", mean_abs_cos(out["gram"]))
-        return out["loss"]
+            self.log(f"{p}backoffs", float(len(rejected)))
+        opt = self.optimizers()
+        stepping = step < self.optim.steps and not self.guard.all_stopped  # the last evaluation takes no step
+        if stepping:
+            opt.zero_grad(set_to_none=True)
+            # Every group's loss is differentiated (DDP expects a gradient for every parameter), before any
+            # back-off rewrites delta; the groups that do not step drop theirs below.
+            self.manual_backward(out["loss"])
+        best = self._buffers_of("best")
+        with torch.no_grad():
+            for g in improved:
+                for i in self.group_members[g]:
+                    best[i].copy_(self.delta[i])
+            for g in rejected:  # back off: the best delta, half the step, a fresh optimiser state
+                for i in self.group_members[g]:
+                    self.delta[i].copy_(best[i])
+                    opt.optimizer.state.pop(self.delta[i], None)
+                    opt.optimizer.param_groups[i]["lr"] *= 0.5
+        if not stepping:
+            if self.guard.all_stopped:
+                self.trainer.should_stop = True
+            return
+        active = self.guard.active(rejected)
+        for g, members in enumerate(self.group_members):
+            if g not in active:  # the optimisers skip parameters without a gradient
+                for i in members:
+                    self.delta[i].grad = None
+        opt.step()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Steps(self.optim.steps), batch_size=None)
+        return DataLoader(_Steps(self.optim.steps + 1), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optim.build(list(self.delta))
+        return self.optim.build(list(self.delta), [self.optim.group_lr(r) for r in self.tau_rms])
+
+    def finish(self) -> None:
+        """After the fit: set delta to each group's best iterate, evaluate it (:attr:`final`), and complete the
+        history of a fit that stopped early (every group stopped: the rows left are the best iterate's)."""
+        with torch.no_grad():
+            for d, b in zip(self.delta, self._buffers_of("best"), strict=True):
+                d.copy_(b)
+            out = self.terms()
+        self.final = {"L_O": float(out["L_O"]), "L_R": float(out["L_R"]), "gram": out["gram"].cpu()}
+        while len(self.history.L_O) < self.optim.steps + 1:
+            self.history.append(self.final["L_O"], self.final["L_R"], self.final["gram"], 0)
 
     def deltas(self) -> dict[str, Tensor]:
         """The learned delta per parameter name (detached, on CPU)."""
         return {n: d.detach().cpu() for n, d in zip(self.names, self.delta, strict=True)}
 
-    def model_grams(self) -> tuple[Tensor, Tensor]:
-        """The model-level Gram matrix of the task vectors and of the disentangled vectors."""
-        with torch.no_grad():
-            after = self.terms()["gram"].cpu()
+    def gram_before(self) -> Tensor:
+        """The model-level Gram matrix of the task vectors."""
         rowwise = self.objective.granularity == "row"
-        before = torch.stack([g.sum(0) if rowwise else g for g in self._buffers_of("gram")]).sum(0).cpu()
-        return before, after
+        grams = [fixed_sum(g, dim=0) if rowwise else g for g in self._buffers_of("gram")]
+        return fixed_sum(torch.stack(grams), dim=0).cpu()
 
 
 @dataclass
@@ -298,6 +492,24 @@ class FitResult:
     #: ||delta||^2 per parameter name (float64 sums), taken while delta is in memory so that reports never re-read
     #: a delta kept on disk; empty when delta was loaded rather than fitted.
     sq_norms: dict[str, float] = field(default_factory=dict)
+    #: L_O and L_R of the returned delta (each group's best iterate); empty when delta was loaded.
+    final: dict[str, float] = field(default_factory=dict)
+    #: What the guard did, per group.
+    guard: list[GroupGuard] = field(default_factory=list)
+
+    def guard_report(self) -> dict[str, Any]:
+        """The guard's activity over all groups: back-offs, groups that stopped early, best steps."""
+        if not self.guard:
+            return {}
+        steps = [g.best_step for g in self.guard]
+        return {
+            "groups": len(self.guard),
+            "backoffs": sum(g.backoffs for g in self.guard),
+            "groups_backed_off": sum(g.backoffs > 0 for g in self.guard),
+            "groups_stopped_early": sum(g.stopped_at is not None for g in self.guard),
+            "best_step_min": min(steps),
+            "best_step_max": max(steps),
+        }
 
 
 def fit_delta(
@@ -322,6 +534,10 @@ def fit_delta(
         trainer_kwargs: Lightning Trainer arguments (accelerator, precision, progress bar, ...).
         sink: called with each tensor's delta as soon as it is fitted, in ``names`` order, instead of keeping it in
             the result (whose ``delta`` is then empty): a model too large for memory writes delta to disk.
+
+    Returns:
+        each group's best delta, the history of the ``steps + 1`` evaluated iterates, the terms of the returned
+        delta (``final``) and what the guard did.
     """
     if per_tensor and objective.granularity == "model":
         raise ValueError("AWD option 'mode=per_tensor' needs granularity 'tensor' or 'row': 'model' couples tensors")
@@ -330,12 +546,14 @@ def fit_delta(
     delta: dict[str, Tensor] = {}
     sq_norms: dict[str, float] = {}
     history = History()
+    guard: list[GroupGuard] = []
+    final = {"L_O": 0.0, "L_R": 0.0}
     gram_before: Tensor | None = None
     gram_after: Tensor | None = None
     for group in tqdm(groups, desc="AWD, tensor by tensor", disable=not per_tensor):
         module = AWDModule(group, shapes, load, objective, optim, None if per_tensor else log_prefix)
         kwargs = {
-            "max_steps": optim.steps,
+            "max_steps": -1,  # the data is steps + 1 evaluations (the last one takes no step)
             "max_epochs": 1,
             "logger": False if per_tensor else (list(loggers) or False),
             "enable_checkpointing": False,
@@ -350,14 +568,18 @@ def fit_delta(
         if per_tensor:
             kwargs["enable_progress_bar"] = False
         L.Trainer(**kwargs).fit(module)
+        module.finish()
         for name, d in module.deltas().items():
-            sq_norms[name] = float(d.double().pow(2).sum())
+            sq_norms[name] = float(fixed_sum(d.double().pow(2)))
             if sink is None:
                 delta[name] = d
             else:
                 sink(name, d)
         history.add(module.history)
-        before, after = module.model_grams()
+        guard.extend(module.guard.groups)
+        final["L_O"] += module.final["L_O"]
+        final["L_R"] += module.final["L_R"]
+        before, after = module.gram_before(), module.final["gram"]
         gram_before = before if gram_before is None else gram_before + before
         gram_after = after if gram_after is None else gram_after + after
         del module
@@ -366,4 +588,4 @@ def fit_delta(
             for lg in loggers:
                 lg.log_metrics({f"{log_prefix}{k}": v for k, v in rec.items() if k != "loss"}, step=step)
     assert gram_before is not None and gram_after is not None
-    return FitResult(delta, history, gram_before, gram_after, sq_norms)
+    return FitResult(delta, history, gram_before, gram_after, sq_norms, final, guard)
