@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergelab.methods.awd_fit import Objective, OptimizerConfig, fit_delta, fixed_sum, objective_terms, tau_gram
+from mergelab.methods.awd_fit import Objective, OptimizerConfig, fixed_sum, objective_terms, tau_gram
+from mergelab.methods.awd_module import fit_delta
 
 CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False}
 POOLS = ("embedded", "embedded_x0.1", "smollm2", "clip")

@@ -21,11 +21,11 @@ from mergelab.methods.awd_fit import (
     Objective,
     OptimizerConfig,
     cosines,
-    fit_delta,
     fixed_sum,
     objective_terms,
     tau_gram,
 )
+from mergelab.methods.awd_module import fit_delta
 from mergelab.run import method_candidates, run
 from tests.conftest import ListPool, make_cfg
 

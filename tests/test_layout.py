@@ -111,3 +111,15 @@ def test_the_command_line_starts_without_the_heavy_libraries() -> None:
     code = f"import sys, mergelab.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_merge_of_checkpoints_imports_no_training_or_evaluation_library() -> None:
+    # The run flow, the checkpoint pool and every method (AWD's fit imports Lightning when it runs) load with torch
+    # alone: a streamed merge-only run starts without Lightning, transformers, datasets, wandb or matplotlib.
+    heavy = ("lightning", "transformers", "datasets", "wandb", "matplotlib")
+    code = (
+        "import sys, mergelab.run, mergelab.pools.checkpoint, mergelab.methods; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"

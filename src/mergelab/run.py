@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -23,16 +23,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab import task_vectors as tv
-from mergelab.callbacks import MergeCallback
 from mergelab.io.atomic import RESULT_FILES, atomic_write_json, atomic_write_text, move_dir_into_place
 from mergelab.methods.base import MergeMethod, grid_candidates
 from mergelab.pools.base import ModelPool, check_pool
-from mergelab.reports.loggers import log_run
 from mergelab.reports.sweep import FAILED_FILE
 from mergelab.reports.tables import write_reports
 from mergelab.suites import scoring as ev
 from mergelab.suites.base import EvalSuite
 from mergelab.training import distributed as distributed
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,30 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
 
 
 def quiet_libraries() -> None:
-    """Keep the console to progress bars and results: no per-evaluation banners or dataset-map bars."""
-    datasets.disable_progress_bars()
+    """Keep the console to progress bars and results: no per-evaluation banners or dataset-map bars.
+
+    Through the environment and logger names: neither library is imported here (a merge-only run never needs them).
+    """
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported: the variable was read at import
+        sys.modules["datasets"].disable_progress_bars()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch, and let Lightning's data loaders seed their workers: what
+    ``lightning.seed_everything(seed, workers=True)`` does, without importing Lightning for a merge-only run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class InMemoryMerge:
@@ -143,6 +164,8 @@ class InMemoryMerge:
 
     def __init__(self, pool: ModelPool, method: MergeMethod, trainer_kwargs: Mapping[str, Any]) -> None:
         self.pool, self.trainer_kwargs = pool, trainer_kwargs
+        from mergelab.callbacks import MergeCallback  # Lightning: only pools that score in memory need it
+
         # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
         self.callback, self.model = MergeCallback(method, pool), pool.model()
 
@@ -218,7 +241,7 @@ def run(cfg: DictConfig) -> float:
         value = (done.get("objective") or {}).get("value")
         log.info("resume: %s already holds this job's result; skipped", out_dir)
         return float(value) if value is not None else float("nan")
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    seed_everything(int(cfg.seed))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     distributed.check_launch(trainer_kwargs, multirun)
 
@@ -395,7 +418,10 @@ def run(cfg: DictConfig) -> float:
     if suite is not None:
         write_reports(rows, columns, out_dir, f"{suite.name}: {report} accuracy (%)", chart=bool(cfg.plot))
     atomic_write_json(out_dir / "metrics.json", results)
-    log_run(loggers, cfg, results, out_dir)
+    if loggers:
+        from mergelab.reports.loggers import log_run
+
+        log_run(loggers, cfg, results, out_dir)
     if suite is not None:
         log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
     else:

@@ -1,6 +1,6 @@
 """AWD, Adaptive Weight Disentanglement (Xiong et al. 2024): merge tau_t - delta instead of tau_t.
 
-delta is learned by :mod:`mergelab.methods.awd_fit` under ``trainer.fit`` (:meth:`AWD.prepare`); the
+delta is learned by :mod:`mergelab.methods.awd_module` under ``trainer.fit`` (:meth:`AWD.prepare`); the
 disentangled vectors then go through any task-vector method (task arithmetic by default), chunk by chunk
 through the same engine as every other method, so AWD-TA = TA - scaling * T * delta exactly.
 """
@@ -27,7 +27,7 @@ from mergelab.engine.chunks import Block, DictSource, load_chunk, read_bounds
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.methods.awd_fit import FitResult, History, Objective, OptimizerConfig, cosines, fit_delta, mean_abs_cos
+from mergelab.methods.awd_fit import FitResult, History, Objective, OptimizerConfig, cosines, mean_abs_cos
 from mergelab.methods.base import WrappedMethod, check_choice
 
 if TYPE_CHECKING:
@@ -180,6 +180,8 @@ class AWD(WrappedMethod):
                 return torch.stack(
                     list(load_chunk(Block(name, 0, None, None, shapes[name]), src.base, src.experts).vectors)
                 )
+
+            from mergelab.methods.awd_module import fit_delta  # Lightning, only when a fit runs
 
             fit = functools.partial(fit_delta, names, shapes, task_vectors, self.objective, self.optim, trainer_kwargs)
             if pool.in_memory:

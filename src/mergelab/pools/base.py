@@ -24,14 +24,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import lightning as L
 import torch
 from torch import nn
 
 from mergelab import task_vectors as tv
 from mergelab.engine.chunks import DictSource, TensorSource
+
+if TYPE_CHECKING:  # Lightning is imported by the pools that build models, not by a merge of checkpoints
+    import lightning as L
 
 log = logging.getLogger(__name__)
 

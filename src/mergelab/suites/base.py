@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import datasets
 import yaml
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLITS = ("train", "validation", "test")
 
@@ -133,6 +135,8 @@ def split_files(data_dir: Path, task: str, where: Path) -> dict[str, Path]:
 
 def load_split(path: Path, split: str) -> datasets.Dataset:
     """One parquet split file as a ``datasets.Dataset``."""
+    import datasets  # when a split is read: a merge-only run never needs it
+
     return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
 
 

@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import lightning as L
+from typing import TYPE_CHECKING, Any
 
 from mergelab.pools.base import Scores
 from mergelab.training.distributed import shard_eval_loader, trainer_arguments
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def run_test(
@@ -25,6 +26,8 @@ def run_test(
     example repeated) and the modules' torchmetrics sum their states across ranks when computed, so every rank
     returns the scores one process would.
     """
+    import lightning as L  # when something is scored: a merge-only run never needs it
+
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,
