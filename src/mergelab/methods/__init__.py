@@ -3,9 +3,23 @@
 from mergelab.methods.awd import AWD
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.methods.dare import DARE
+from mergelab.methods.isotropic import IsoC, IsoCTS
 from mergelab.methods.metagpt import MetaGPT
 from mergelab.methods.task_arithmetic import TaskArithmetic
+from mergelab.methods.task_singular_vectors import TSVM
 from mergelab.methods.ties import TIES
 from mergelab.methods.weight_averaging import WeightAveraging
 
-__all__ = ["AWD", "DARE", "TIES", "MergeMethod", "MetaGPT", "TaskArithmetic", "TaskVectorMethod", "WeightAveraging"]
+__all__ = [
+    "AWD",
+    "DARE",
+    "TIES",
+    "TSVM",
+    "IsoC",
+    "IsoCTS",
+    "MergeMethod",
+    "MetaGPT",
+    "TaskArithmetic",
+    "TaskVectorMethod",
+    "WeightAveraging",
+]
