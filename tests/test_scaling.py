@@ -67,7 +67,15 @@ def test_two_process_ddp_run_equals_one_process(tmp_path: Path, cache_dir: Path)
     assert any(float(v.abs().max()) > 0 for v in delta_two.values())  # a real fit, not the zero init
 
     # Only rank 0 wrote: one copy of each result, no temporary leftovers; rank 1 only has Hydra's log.
-    results = ["artifacts", "config.yaml", "mergelab.log", "metrics.json", "results.csv", "results.md"]
+    results = [
+        ".mergelab-results",
+        "artifacts",
+        "config.yaml",
+        "mergelab.log",
+        "metrics.json",
+        "results.csv",
+        "results.md",
+    ]
     assert sorted(p.name for p in two.iterdir()) == sorted([*results, "train_ddp_process_1.log"])
     scores = sorted((ddp_cache / "scores").iterdir())
     assert len(scores) == 3 and all(p.suffix == ".json" for p in scores)  # pretrained + two experts

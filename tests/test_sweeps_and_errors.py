@@ -83,9 +83,15 @@ def test_the_output_dir_is_claimed_once(tmp_path: Path) -> None:
     out.mkdir()
     (out / "merged_model").mkdir()
     (out / "merged_model" / "model.safetensors").write_bytes(b"partial")
+    (out / "config.yaml").write_text("somebody's own file")
     (out / "failed.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"holds \['config.yaml', 'merged_model'\] but no mergelab run wrote"):
+        claim_output_dir(out, overwrite=False, resume=False, overrides=["a=1"], multirun=False)
+    assert (out / "config.yaml").read_text() == "somebody's own file"  # not mergelab's: never deleted
+    (out / ".mergelab-results").touch()  # what a run creates before it writes its first result
     assert claim_output_dir(out, overwrite=False, resume=False, overrides=["a=1"], multirun=False) is None
     assert not (out / "merged_model").exists() and not (out / "failed.json").exists()  # an unfinished run's
+    assert not (out / "config.yaml").exists()
 
     (out / "metrics.json").write_text(json.dumps({"overrides": ["a=1"], "objective": {"value": 0.5}}))
     with pytest.raises(FileExistsError, match=r"finished run.*another hydra\.sweep\.dir, set resume=true"):

@@ -87,6 +87,10 @@ def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any
     return out
 
 
+#: Created in an output dir before the first result is written: result files beside it without ``metrics.json``
+#: are an unfinished mergelab run's, which its rerun replaces (anything else in the way is refused, never deleted).
+RESULTS_MARKER = ".mergelab-results"
+
 #: Overrides that say how to run, not what: a job resumed with them is the same job.
 RUN_CONTROL_KEYS = ("resume", "overwrite")
 
@@ -101,8 +105,9 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
     (the job is then skipped), else None.
 
     ``metrics.json`` is written last, so it marks a finished run: one is never overwritten unless ``overwrite``.
-    Result files without it are an unfinished run's leftovers (e.g. a merged model whose evaluation failed): they
-    are removed, with a warning, so that a failed run never blocks its own rerun.
+    Result files without it, beside :data:`RESULTS_MARKER`, are an unfinished run's leftovers (e.g. a merged model
+    whose evaluation failed): they are removed, with a warning, so that a failed run never blocks its own rerun.
+    Result files without the marker are refused (they may be anyone's).
     """
     where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     metrics = out_dir / "metrics.json"
@@ -123,8 +128,14 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
             )
         return done
     if not metrics.exists():
-        leftovers = [n for n in (*RESULT_FILES, FAILED_FILE) if (out_dir / n).exists()]
-        if leftovers:
+        (out_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failure of this job: it is being rerun
+        leftovers = [n for n in RESULT_FILES if (out_dir / n).exists()]
+        if leftovers and not overwrite:
+            if not (out_dir / RESULTS_MARKER).exists():  # not known to be mergelab's: never delete it
+                raise FileExistsError(
+                    f"output dir {out_dir} holds {leftovers} but no mergelab run wrote them; choose another {where}"
+                    " or set overwrite=true"
+                )
             log.warning("%s holds an unfinished run's %s (no metrics.json): replacing them", out_dir, leftovers)
             for n in leftovers:
                 path = out_dir / n
@@ -381,6 +392,7 @@ def run(cfg: DictConfig) -> float:
         if not distributed.is_global_zero():
             return objective  # rank 0 writes the results and sends them to the loggers
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RESULTS_MARKER).touch()  # results are mergelab's from here on: a rerun may replace leftovers
         merged_path = None
         if kept is not None and (cfg.save_merged or not pool.in_memory):  # a streamed merge is the run's product
             merged_path = kept.write(out_dir / "merged_model", overwrite=bool(cfg.overwrite))
