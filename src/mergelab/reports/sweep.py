@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+from mergelab.suites.base import SPLITS  # a tuning objective is named <split>/avg_acc
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,6 @@ def write_summary(sweep_dir: str | Path) -> Path | None:
     if len(axes) == 1 and objective is not None:
         plot_objective(records, axes[0], objective, out / "summary.png")
     return out / "summary.md"
-
-
-#: Splits a tuning objective is named after (``<split>/avg_acc``).
-SPLITS = ("train", "validation", "test")
 
 
 class SweepSummary(Callback):
