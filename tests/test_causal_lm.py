@@ -18,10 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from mergelab.callbacks import MergeCallback
 from mergelab.causal_lm.model import GenerativeEvaluator
 from mergelab.causal_lm.pool import CausalLMPool, convert_gguf, untied_state
 from mergelab.causal_lm.suite import SPLITS, GenerativeSuite, collate_choices, pad_id
 from mergelab.cli import smollm2_dir
+from mergelab.methods import TaskArithmetic
 from mergelab.run import run
 from mergelab.suites.scoring import run_test
 from tests.conftest import make_cfg
@@ -237,6 +239,33 @@ def test_bad_data_names_the_file_row_and_value(tmp_path: Path) -> None:
         GenerativeSuite("s", str(root), ["echo"])
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
         GenerativeSuite("s", str(root), ["colour", "nope"])
+
+
+def test_experts_in_half_precision_over_an_fp32_base(tmp_path: Path, tokenizer: Any) -> None:
+    # fp16 and bf16 experts of an fp32 base: merged in fp32, scored by fp32 copies of the pretrained LM
+    base = tiny_lm(tokenizer, tied=False)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    experts, halves = {}, []
+    for i, dtype in enumerate((torch.float16, torch.bfloat16)):
+        g = torch.Generator().manual_seed(i)
+        expert = tiny_lm(tokenizer, tied=False)
+        expert.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        expert.to(dtype).save_pretrained(tmp_path / f"e{i}")
+        experts[f"task{i}"] = str(tmp_path / f"e{i}")
+        halves.append({k: v.float() for k, v in expert.state_dict().items()})
+    rows = [{"text": t, "answer": "x"} for t in TEXTS[:3]]
+    root = write_suite(tmp_path / "s", {"task0": ECHO, "task1": ECHO}, {"task0": rows, "task1": rows})
+    suite = GenerativeSuite("s", str(root), ["task0", "task1"], batch_size=3)
+    pool = CausalLMPool(str(tmp_path / "base"), experts=experts, cache_dir=str(tmp_path / "cache"))
+    pool.setup(suite, TRAINER)
+    want = {k: v + 0.3 * sum(h[k] - v for h in halves) for k, v in base.state_dict().items()}
+    merged = MergeCallback(TaskArithmetic(scaling=0.3), pool).merged_state()
+    for k, v in merged.items():
+        assert v.dtype == torch.float32, k
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)
+    for task in experts:  # an expert in half precision scores in the pool's fp32, without a dtype clash
+        assert set(pool.evaluate(pool.expert_model(task), "test", TRAINER, [task])) == {task}
 
 
 @pytest.mark.parametrize(

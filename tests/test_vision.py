@@ -360,6 +360,34 @@ def test_merge_callback_loads_task_arithmetic_into_the_backbone(assets: SimpleNa
         torch.testing.assert_close(module_logits(pool, model, task), logits, atol=1e-4, rtol=1e-4)
 
 
+def test_experts_in_half_precision_over_an_fp32_base(
+    assets: SimpleNamespace, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # fp16 and bf16 copies of the experts: merged in the base's dtype, every model the pool builds computes in fp32
+    experts = {}
+    for (task, path), dtype in zip(assets.experts.items(), (torch.float16, torch.bfloat16), strict=True):
+        experts[task] = str(tmp_path / f"{task}-{dtype}")
+        CLIPVisionModel.from_pretrained(path).to(dtype).save_pretrained(experts[task])
+    suite = ZeroShotImageSuite("local", str(assets.suite), TASKS, batch_size=5)
+    pool = CLIPVisionPool(str(assets.pretrained), experts=experts, cache_dir=str(tmp_path_factory.mktemp("half")))
+    pool.setup(suite, TRAINER)
+    base = {k: v.clone() for k, v in assets.clip.vision_model.state_dict().items()}
+    halves = [{k: v.float() for k, v in vision_state(experts[t]).items()} for t in TASKS]
+    want = {k: v + 0.3 * sum(e[k] - v for e in halves) for k, v in base.items()}
+    merge = MergeCallback(TaskArithmetic(scaling=0.3), pool)
+    model = pool.model()
+    scores = pool.evaluate(model, "test", TRAINER, callbacks=[merge])
+    for k, v in want.items():
+        assert model.backbone.state_dict()[k].dtype == torch.float32
+        torch.testing.assert_close(model.backbone.state_dict()[k], v, atol=1e-6, rtol=1e-5)
+    for task, half in zip(TASKS, halves, strict=True):
+        logits, labels = logits_by_hand(assets, want, pool.heads[task], task)
+        assert scores[task]["acc"] == pytest.approx(accuracy(logits, labels))
+        expert_logits, expert_labels = logits_by_hand(assets, half, pool.heads[task], task)
+        own = pool.evaluate(pool.expert_model(task), "test", TRAINER, [task])
+        assert own[task]["acc"] == pytest.approx(accuracy(expert_logits, expert_labels))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
