@@ -229,6 +229,17 @@ ALIGN = max(mmap.PAGESIZE, 4096)
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 
+def open_direct(path: Path, flags: int) -> int | None:
+    """A second descriptor of ``path`` with ``O_DIRECT`` added to ``flags``, or None where the platform or the
+    filesystem (e.g. tmpfs) has no ``O_DIRECT``: the caller then goes through the page cache."""
+    if not O_DIRECT:
+        return None
+    try:
+        return os.open(path, flags | O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
 def aligned_empty(nbytes: int) -> Tensor:
     """A page-aligned uint8 buffer of ``nbytes`` (anonymous memory, zero-filled, touched lazily).
 

@@ -20,10 +20,10 @@ from mergelab.io.files import (
     ALIGN,
     DTYPES,
     INDEX_FILE,
-    O_DIRECT,
     SINGLE_FILE,
     _pread_into,
     dtype_size,
+    open_direct,
     read_header,
     resolve_model_dir,
     round_up,
@@ -44,12 +44,7 @@ class _InputFile:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.direct = direct
         self.direct_refused = False  # set when the filesystem turns out to refuse O_DIRECT reads
-        self.dfd: int | None = None
-        if direct is not False and O_DIRECT:
-            try:
-                self.dfd = os.open(path, os.O_RDONLY | O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-            except OSError:  # e.g. tmpfs: no O_DIRECT
-                self.dfd = None
+        self.dfd = open_direct(path, os.O_RDONLY) if direct is not False else None
 
     def _use_direct(self, offset: int, nbytes: int) -> bool:
         if self.dfd is None or self.direct_refused:

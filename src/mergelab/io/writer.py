@@ -33,6 +33,7 @@ from mergelab.io.files import (
     _pwrite_all,
     aligned_empty,
     dtype_size,
+    open_direct,
     round_up,
 )
 
@@ -274,12 +275,7 @@ class ShardedWriter:
         except OSError as e:
             os.close(fd)
             raise named_os_error(e, self._final_path(i)) from e
-        dfd = None
-        if self.direct:
-            try:
-                dfd = os.open(path, os.O_WRONLY | O_DIRECT | cloexec)
-            except OSError:
-                dfd = None
+        dfd = open_direct(path, os.O_WRONLY) if self.direct else None
         self._fds = (fd, dfd)
         self._shard, self._pos, self._fill = i, 0, 0
         self._put_bytes(struct.pack("<Q", len(header)) + header)
@@ -361,12 +357,7 @@ class ShardedWriter:
         cloexec = getattr(os, "O_CLOEXEC", 0)
         path = self.tmp / self._files[i]
         fd = os.open(path, os.O_RDWR | cloexec)
-        dfd = None
-        if self.direct:
-            try:
-                dfd = os.open(path, os.O_RDWR | O_DIRECT | cloexec)
-            except OSError:
-                dfd = None
+        dfd = open_direct(path, os.O_RDWR) if self.direct else None
         try:
             size = os.fstat(fd).st_size
             for name, index, values in patches:
