@@ -56,6 +56,7 @@ class ListPool:
 
     in_memory = True
     tensor_sources = ModelPool.tensor_sources
+    transformed = ModelPool.transformed
 
     def __init__(self, base: dict, experts: list[dict]) -> None:
         self.base, self.experts = base, experts
@@ -69,3 +70,74 @@ class ListPool:
 
     def mergeable(self, state: dict) -> dict:
         return dict(state)
+
+
+class TaskDataPool(ListPool):
+    """A :class:`ListPool` that also hands out each task's examples (``task_data``) and runs small in-memory
+    models on them: what Fisher merging, RegMean and AdaMerging use of a pool, with everything known to the test.
+
+    Args:
+        base, experts: the backbone's state dicts (pretrained, experts in task order).
+        backbone: an ``nn.Module`` whose state dict has the keys of ``base``; ``backbone(x)`` gives features.
+        heads: task -> module mapping features to logits (not merged).
+        data: task -> (inputs ``x`` [N, ...], labels [N], attention mask [N, L] or None).
+        cache_dir: where statistics are cached; None: not cached (``task_data_key`` is None).
+    """
+
+    task_data = True
+
+    def __init__(self, base, experts, backbone, heads, data, cache_dir=None) -> None:
+        super().__init__(base, experts)
+        self.backbone, self.heads, self.data = backbone, heads, data
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_calls: list[tuple] = []
+
+    def require(self, capability: str, what: str) -> None:
+        if not getattr(self, capability, False):
+            raise AssertionError(f"test pool lacks {capability} ({what})")
+
+    def describe(self) -> str:
+        return "test pool"
+
+    def model(self, state=None, tasks=None):
+        import copy
+
+        import torch
+
+        class Model(torch.nn.Module):
+            def __init__(self, backbone, heads) -> None:
+                super().__init__()
+                self.backbone, self.heads = backbone, torch.nn.ModuleDict(heads)
+
+            def forward(self, task, batch):
+                return self.heads[task](self.backbone(batch["x"]))
+
+        backbone = copy.deepcopy(self.backbone)
+        if state is not None:
+            backbone.load_state_dict(dict(state), strict=False)
+        heads = {t: copy.deepcopy(self.heads[t]) for t in (tasks or self.tasks)}
+        return Model(backbone, heads).eval()
+
+    def task_batches(self, task, split, max_examples, batch_size, seed, shuffle=False):
+        import torch
+
+        self.batch_calls.append((task, split, max_examples, batch_size, seed, shuffle))
+        x, y, mask = self.data[task]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        order = order[:max_examples] if max_examples is not None else torch.arange(len(y))
+        if shuffle:
+            order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(seed + 1))]
+        out = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            batch = {"x": x[idx], "labels": y[idx]}
+            if mask is not None:
+                batch["attention_mask"] = mask[idx]
+            out.append(batch)
+        return out
+
+    def task_logits(self, model, task, batch):
+        return model(task, batch)
+
+    def task_data_key(self, task):
+        return None if self.cache_dir is None else {"expert": f"{task}-{id(self)}", "data": "test"}

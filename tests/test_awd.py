@@ -249,7 +249,7 @@ def test_rerun_gives_the_same_delta_and_saved_delta_reloads(tmp_path: Path) -> N
         ({"steps": 0}, "'steps'"),
         ({"rise_tol": -0.1}, "'rise_tol'"),
         ({"max_backoffs": -1}, "'max_backoffs'"),
-        ({"merge": "fisher"}, "'merge'"),
+        ({"merge": "no_such_method"}, "'merge'"),
         ({"merge": {"_target_": "mergelab.methods.TIES", "q": 1}}, "'merge'"),
         ({"mode": "per_tensor", "granularity": "model"}, "per_tensor"),
         ({"delta_path": "/nonexistent/delta.safetensors"}, "delta_path"),

@@ -25,19 +25,38 @@ from mergelab.io.writer import write_checkpoint
 from mergelab.methods import AWD, DARE
 from mergelab.methods.base import NOT_METHOD_OPTIONS
 from mergelab.run import method_candidates
-from tests.conftest import CONFIG_DIR, ListPool, make_cfg
+from tests.conftest import CONFIG_DIR, TaskDataPool, make_cfg
 
 METHOD_YAMLS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
 
 # Odd sizes, so row blocks of every chunk size cut tensors unevenly; names that AWD's default include matches.
+# They are those of :class:`TinyNet`, so that the methods that learn from data run the experts on examples.
 SHAPES = {
     "model.embed.weight": (41, 13),
-    "model.layers.0.mlp.weight": (37, 23),
+    "model.layers.0.mlp.weight": (37, 13),
     "model.layers.0.mlp.bias": (37,),
-    "model.layers.1.attn.weight": (29, 19),
-    "model.norm.weight": (19,),
+    "model.layers.1.attn.weight": (29, 37),
+    "model.norm.weight": (29,),
 }
+
+
+class TinyNet(torch.nn.Module):
+    """Token ids [N, L] -> features [N, 29], with the parameters of ``SHAPES``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed = torch.nn.Embedding(41, 13)
+        block0, block1 = torch.nn.Module(), torch.nn.Module()
+        block0.mlp = torch.nn.Linear(13, 37)
+        block1.attn = torch.nn.Linear(37, 29, bias=False)
+        self.model.layers = torch.nn.ModuleList([block0, block1])
+        self.model.norm = torch.nn.LayerNorm(29, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.model.layers[0].mlp(self.model.embed(ids)))
+        return self.model.norm(self.model.layers[1].attn(h)).mean(1)
 
 
 def method_config(name: str) -> dict[str, Any]:
@@ -71,6 +90,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     expert_dirs = [write_checkpoint(e, root / f"e{i}", max_shard_bytes=1500) for i, e in enumerate(experts)]
     delta = {k: 0.01 * torch.randn(s, generator=g) for k, s in SHAPES.items() if len(s) == 2 and ".layers." in k}
     save_file(delta, str(root / "delta.safetensors"))
+    torch.manual_seed(0)
+    heads = {f"task{i}": torch.nn.Linear(29, 3) for i in range(3)}
+    data = {}
+    for t in heads:
+        mask = torch.ones(24, 5, dtype=torch.long)
+        mask[::3, 3:] = 0  # some padded examples
+        data[t] = (torch.randint(0, 41, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g), mask)
     return {
         "base": base,
         "experts": experts,
@@ -78,15 +104,22 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "expert_dirs": expert_dirs,
         "delta": delta,
         "delta_path": str(root / "delta.safetensors"),
-        "list_pool": ListPool(base, experts),
+        "list_pool": TaskDataPool(base, experts, TinyNet(), heads, data),
     }
 
 
+_PREPARED: dict[tuple[int, str], Any] = {}
+
+
 def prepared(name: str, pool: dict[str, Any]) -> Any:
-    """The method of ``name``, with whatever it learns (AWD's delta) fitted on the pool, in memory."""
-    method = build(name)
-    method.prepare(pool["list_pool"], CPU)
-    return method
+    """The method of ``name``, with whatever it learns (AWD's delta, Fisher diagonals, AdaMerging's coefficients)
+    fitted on the pool, in memory; fitted once per pool (merging does not change a prepared method)."""
+    key = (id(pool["list_pool"]), name)
+    if key not in _PREPARED:
+        method = build(name)
+        method.prepare(pool["list_pool"], CPU)
+        _PREPARED[key] = method
+    return _PREPARED[key]
 
 
 def stream(method: Any, pool: dict[str, Any], out: Path, chunk_elems: int = 100) -> dict[str, torch.Tensor]:

@@ -1,10 +1,13 @@
 """Merge methods: each is one module here plus one YAML in ``conf/method/``."""
 
+from mergelab.methods.adamerging import AdaMerging
 from mergelab.methods.awd import AWD
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
 from mergelab.methods.dare import DARE
+from mergelab.methods.fisher import FisherMerging
 from mergelab.methods.isotropic import IsoC, IsoCTS
 from mergelab.methods.metagpt import MetaGPT
+from mergelab.methods.regmean import RegMean
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.task_singular_vectors import TSVM
 from mergelab.methods.ties import TIES
@@ -15,10 +18,13 @@ __all__ = [
     "DARE",
     "TIES",
     "TSVM",
+    "AdaMerging",
+    "FisherMerging",
     "IsoC",
     "IsoCTS",
     "MergeMethod",
     "MetaGPT",
+    "RegMean",
     "TaskArithmetic",
     "TaskVectorMethod",
     "WeightAveraging",

@@ -147,14 +147,15 @@ class AWD(WrappedMethod):
             }
         )
 
-    def prepare(
+    def prepare_wrapper(
         self,
         pool: ModelPool,
         trainer_kwargs: Mapping[str, Any] | None = None,
         loggers: Sequence[Any] = (),
         work_dir: str | Path | None = None,
     ) -> None:
-        """Fit delta on the pool's task vectors (once per pool and fit options in this process).
+        """Fit delta on the pool's task vectors (once per pool and fit options in this process); ``prepare`` then
+        prepares the inner method on the disentangled experts when it learns from the pool.
 
         The task vectors come from the pool's tensor sources. A pool that is not held in memory (a checkpoint pool) is
         fitted tensor by tensor from its files and delta is written to ``work_dir/delta`` as it is fitted, so memory
@@ -224,10 +225,6 @@ class AWD(WrappedMethod):
         if self.fit is None:
             raise RuntimeError("AWD: delta is not fitted yet; call prepare(pool) first")
         return self.fit.delta
-
-    def run(self, pool: ModelPool) -> tv.StateDict:
-        self.prepare(pool)
-        return super().run(pool)
 
     # ------------------------------------------------------------------------------------------- merging
 

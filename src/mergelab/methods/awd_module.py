@@ -30,8 +30,9 @@ from mergelab.methods.awd_fit import (
 from mergelab.training.distributed import trainer_arguments
 
 
-class _Steps(torch.utils.data.Dataset):
-    """AWD needs no data: each 'batch' is one evaluation of the full-batch objective (and a step, but the last)."""
+class StepCounter(torch.utils.data.Dataset):
+    """The 'data' of a fit that draws its own batches: item k is step k (AWD: one evaluation of the full-batch
+    objective and a step; AdaMerging: one batch of every task)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -148,7 +149,7 @@ class AWDModule(L.LightningModule):
         opt.step()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Steps(self.optim.steps + 1), batch_size=None)
+        return DataLoader(StepCounter(self.optim.steps + 1), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optim.build(list(self.delta), [self.optim.group_lr(r) for r in self.tau_rms])

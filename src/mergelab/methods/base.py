@@ -38,6 +38,15 @@ class MergeMethod(ABC):
     #: Task names in expert order, set by :meth:`run` (for reports such as per-task coefficients).
     task_names: list[str] | None = None
 
+    #: Whether :meth:`prepare` learns something from the pool (AWD's delta; Fisher, RegMean and AdaMerging from
+    #: the tasks' data). A method wrapping one (DARE, AWD) then prepares it on the pool as it sees it: experts
+    #: whose task vectors are the wrapper's transformed ones (``ModelPool.transformed``).
+    learns_from_pool: bool = False
+
+    #: Whether the method needs each task's examples from the pool (``ModelPool.task_data``): pools without them
+    #: refuse it before any work (``ModelPool.check_method``).
+    needs_task_data: bool = False
+
     def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained."""
         self.task_names = list(pool.tasks)
@@ -105,10 +114,49 @@ class WrappedMethod(TaskVectorMethod):
         self.inner: TaskVectorMethod = build_method(inner, option, TaskVectorMethod)
         self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
         self.parallel_chunks = self.inner.parallel_chunks
+        self._view: Any = None  # the pool as inner sees it (ModelPool.transformed), formed once per pool
 
     @abstractmethod
     def transform(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         """The task vectors ``inner`` sees for ``block`` (thread-safe; may overwrite scratch ``vectors``)."""
+
+    @property
+    def needs_task_data(self) -> bool:  # type: ignore[override]
+        return bool(self.inner.needs_task_data)
+
+    @property
+    def learns_from_pool(self) -> bool:  # type: ignore[override]
+        return type(self).prepare_wrapper is not WrappedMethod.prepare_wrapper or self.inner.learns_from_pool
+
+    def prepare_wrapper(
+        self,
+        pool: Any,
+        trainer_kwargs: Mapping[str, Any] | None,
+        loggers: Sequence[Any],
+        work_dir: str | Path | None,
+    ) -> None:
+        """What the wrapper itself learns before ``inner`` is prepared (AWD's delta); nothing by default."""
+        return None
+
+    def prepare(
+        self,
+        pool: Any,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        loggers: Sequence[Any] = (),
+        work_dir: str | Path | None = None,
+    ) -> None:
+        """Prepare the wrapper, then ``inner`` on ``pool`` as ``inner`` sees it: every expert theta_0 plus its
+        transformed task vector (so Fisher / RegMean statistics and AdaMerging's coefficients are those of the
+        experts it merges)."""
+        self.prepare_wrapper(pool, trainer_kwargs, loggers, work_dir)
+        if self.inner.learns_from_pool:
+            if self._view is None or self._view.pool is not pool:
+                self._view = pool.transformed(self.transform)
+            self.inner.prepare(self._view, trainer_kwargs, loggers, work_dir)
+
+    def run(self, pool: ModelPool) -> tv.StateDict:
+        self.prepare(pool)
+        return super().run(pool)
 
     def begin(self, names: Sequence[str]) -> None:
         self.inner.task_names = self.task_names  # set by run(pool) or stream_merge before the passes begin

@@ -7,9 +7,10 @@ read its weights (:meth:`ModelPool.tensor_sources`, or the state dicts of an in-
 scores what they merge.
 
 What differs between pools is declared, never guessed from a pool's type: the class attributes
-:attr:`~ModelPool.in_memory`, :attr:`~ModelPool.scorable`, :attr:`~ModelPool.needs_suite` and
-:attr:`~ModelPool.multi_process` say what a pool can do. The methods only some pools can honour (the in-memory
-state dicts, building and scoring in-memory modules) raise a :class:`PoolCapabilityError` naming the pool and the
+:attr:`~ModelPool.in_memory`, :attr:`~ModelPool.scorable`, :attr:`~ModelPool.needs_suite`,
+:attr:`~ModelPool.multi_process` and :attr:`~ModelPool.task_data` say what a pool can do. The methods only some
+pools can honour (the in-memory state dicts, building and scoring in-memory modules, handing out the tasks'
+examples) raise a :class:`PoolCapabilityError` naming the pool and the
 capability on a pool that lacks it; a pool that declares the capability overrides them.
 """
 
@@ -21,7 +22,7 @@ import os
 import re
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import DictSource, TensorSource
+from mergelab.engine.chunks import Block, DictSource, TensorSource, load_chunk
 
 if TYPE_CHECKING:  # Lightning is imported by the pools that build models, not by a merge of checkpoints
     import lightning as L
@@ -84,6 +85,7 @@ CAPABILITIES = {
     "in_memory": "hold its weights in memory (state dicts)",
     "scorable": "build and score in-memory models (pretrained, experts, merges) with the suite",
     "multi_process": "run under a multi-process trainer",
+    "task_data": "give its tasks' examples to a method that learns from data (Fisher, RegMean, AdaMerging)",
 }
 
 
@@ -123,6 +125,11 @@ class ModelPool(ABC):
     #: Whether the pool may run under a multi-process trainer (DDP/FSDP, every rank re-running the command).
     multi_process: bool = True
 
+    #: Whether the pool hands out batches of each task's examples (:meth:`task_batches`) and the classification
+    #: logits of one of its models on them (:meth:`task_logits`), for methods that learn from data (Fisher merging,
+    #: RegMean, AdaMerging). Needs ``scorable`` (the models are in memory).
+    task_data: bool = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A concrete pool declaring a capability must define the methods behind it (the base only raises)."""
         super().__init_subclass__(**kwargs)
@@ -130,6 +137,8 @@ class ModelPool(ABC):
             return  # still abstract: checked on its concrete subclasses
         if cls.scorable and not cls.in_memory:
             raise TypeError(f"{cls.__name__}: scorable=True needs in_memory=True (it scores in-memory state dicts)")
+        if cls.task_data and not cls.scorable:
+            raise TypeError(f"{cls.__name__}: task_data=True needs scorable=True (it runs in-memory models)")
         for capability, names in CAPABILITY_METHODS.items():
             missing = [n for n in names if getattr(cls, capability) and getattr(cls, n) is getattr(ModelPool, n)]
             if missing:
@@ -178,8 +187,16 @@ class ModelPool(ABC):
             )
 
     def check_method(self, method: Any, where: str) -> None:
-        """Raise a ValueError naming ``where`` (e.g. "method 'ties'") if the pool cannot merge with ``method``."""
-        return None
+        """Raise a ValueError naming ``where`` (e.g. "method 'ties'") if the pool cannot merge with ``method``.
+
+        Every pool refuses a method that learns from the tasks' data (``needs_task_data``) unless it has
+        ``task_data``; a pool that refuses more extends this.
+        """
+        if getattr(method, "needs_task_data", False) and not self.task_data:
+            raise PoolCapabilityError(
+                f"{where} learns from the tasks' examples, but {self.describe()} cannot "
+                f"{CAPABILITIES['task_data']} (task_data=False); use a classifier pool (e.g. model=minilm_embedded)"
+            )
 
     def write_merged(self, method: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Merge with ``method`` and write the merged model to ``out_dir`` (atomically); returns the dir.
@@ -303,11 +320,87 @@ class ModelPool(ABC):
         self.require("scorable", "identify its reference models for cached scores")
         raise NotImplementedError(f"{type(self).__name__} declares scorable but does not define reference_key")
 
+    # ------------------------------------------------------------------------------ task_data pools only
+
+    def task_batches(
+        self, task: str, split: str, max_examples: int | None, batch_size: int, seed: int, shuffle: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Batches of ``split`` of ``task``: the first ``max_examples`` of a seeded shuffle (all when None), each
+        a dict of model inputs plus ``labels``; with ``shuffle`` the batches are drawn in a seeded random order
+        (``task_data``)."""
+        self.require("task_data", "give a task's examples")
+        raise NotImplementedError(f"{type(self).__name__} declares task_data but does not define task_batches")
+
+    def task_logits(self, model: nn.Module, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The ``[examples, classes]`` logits of ``model`` (built by :meth:`model` with ``task`` among its tasks) on
+        ``batch``, differentiable with respect to ``model.backbone``'s parameters (``task_data``)."""
+        self.require("task_data", "run a model on a task's examples")
+        raise NotImplementedError(f"{type(self).__name__} declares task_data but does not define task_logits")
+
+    def task_data_key(self, task: str) -> dict[str, Any] | None:
+        """What identifies ``task``'s expert and its data, for caching statistics computed from them (Fisher
+        diagonals, Gram matrices); None: do not cache (``task_data``)."""
+        self.require("task_data", "identify a task's data")
+        suite = getattr(self, "suite", None)
+        return {**self.reference_key(task), "data": getattr(suite, "fingerprint", None)}
+
+    # ------------------------------------------------------------------------------------------- views
+
+    def transformed(self, transform: Callable[[Block, list[torch.Tensor]], Sequence[torch.Tensor]]) -> TransformedPool:
+        """This pool with every expert replaced by theta_0 + ``transform(block, task vectors)`` (in memory)."""
+        return TransformedPool(self, transform)
+
+
+class TransformedPool:
+    """``pool`` with every expert replaced by theta_0 + transform(tau_t): what the inner method of a wrapping method
+    (AWD's tau_t - delta, DARE's drop) sees when it learns from the pool (:meth:`ModelPool.transformed`).
+
+    Everything else (tasks, models, data, capabilities) is the pool's own. The transformed experts are formed once,
+    on first use, in memory (the methods that learn from a pool need it in memory). Statistics computed on them are
+    not cached on disk (:meth:`task_data_key` is None): they depend on the wrapper.
+    """
+
+    def __init__(self, pool: Any, transform: Callable[[Block, list[torch.Tensor]], Sequence[torch.Tensor]]) -> None:
+        self.pool, self.transform = pool, transform
+        self._states: list[tv.StateDict] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def expert_states(self) -> list[tv.StateDict]:
+        """Every expert with its mergeable tensors replaced by theta_0 + transform(tau_t), in the expert's dtype."""
+        if self._states is None:
+            base = self.pool.pretrained_state()
+            experts = self.pool.expert_states()
+            mergeable = self.pool.mergeable(base)
+            out = [dict(e) for e in experts]
+            sources = [DictSource(e) for e in experts]
+            for name, b in mergeable.items():
+                chunk = load_chunk(Block(name, 0, None, None, tuple(b.shape)), DictSource(mergeable), sources)
+                vectors = self.transform(chunk.block, list(chunk.vectors))
+                for state, v in zip(out, vectors, strict=True):
+                    state[name] = (chunk.base + v).to(state[name].dtype)
+            self._states = out
+        return self._states
+
+    def tensor_sources(self) -> Any:
+        return ModelPool.tensor_sources(self)  # type: ignore[arg-type]
+
+    def transformed(self, transform: Callable[[Block, list[torch.Tensor]], Sequence[torch.Tensor]]) -> TransformedPool:
+        return TransformedPool(self, transform)  # a wrapper inside a wrapper: the transforms compose
+
+    def expert_model(self, task: str) -> Any:
+        return self.pool.model(self.expert_states()[self.pool.tasks.index(task)], self.pool.columns_of(task))
+
+    def task_data_key(self, task: str) -> None:
+        return None
+
 
 #: The methods a pool declaring each capability must define itself (the base only raises).
 CAPABILITY_METHODS = {
     "in_memory": ("pretrained_state", "save_merged"),
     "scorable": ("model", "evaluate", "reference_key"),
+    "task_data": ("task_batches", "task_logits"),
 }
 
 

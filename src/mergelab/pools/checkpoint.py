@@ -125,6 +125,7 @@ class CheckpointPool(ModelPool):
 
     def check_method(self, method: Any, where: str) -> None:
         """Only task-vector methods stream (their merge is computed row block by row block)."""
+        super().check_method(method, where)
         if not isinstance(method, TaskVectorMethod):
             raise ValueError(f"{where} cannot stream: it is not a task-vector method ({self.describe()})")
 

@@ -31,6 +31,11 @@ def percent(value: Any) -> float | None:
     return round(100 * float(value), 2)
 
 
+def report_value(value: Any) -> str:
+    """A method-report value in a table cell: floats to 3 decimals, anything else (a split name) as it is."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
     """Columns and values (accuracies in %) of the comparison table."""
     averages = average_columns(rows)
@@ -40,7 +45,7 @@ def table_records(rows: Rows, tasks: Sequence[str]) -> tuple[list[str], list[lis
         scores = row["scores"]
         norm = row.get("avg_norm_acc")
         params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
-        computed = ", ".join(f"{k}={v:.3f}" for k, v in (row.get("method_report") or {}).items())
+        computed = ", ".join(f"{k}={report_value(v)}" for k, v in (row.get("method_report") or {}).items())
         params = "; ".join(x for x in (params, computed) if x)
         data.append(
             [

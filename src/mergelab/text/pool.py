@@ -18,6 +18,7 @@ from mergelab import task_vectors as tv
 from mergelab.io.atomic import atomic_dir, atomic_write_json
 from mergelab.io.files import looks_local
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
+from mergelab.suites.base import subsample
 from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
 from mergelab.text.suite import TextClassificationSuite
 from mergelab.training.experts import build_expert, model_fingerprint
@@ -70,6 +71,8 @@ class ClassifierPool(ModelPool):
         cache_dir: where built experts and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
     """
+
+    task_data = True
 
     def __init__(
         self,
@@ -183,6 +186,17 @@ class ClassifierPool(ModelPool):
         """Accuracy and macro-F1 of ``model`` on ``split`` of each task (see :func:`mergelab.text.model.evaluate`)."""
         assert isinstance(model, MultiTaskClassifier)
         return evaluate(model, self.suite, split, self.tokenizer, trainer_kwargs, tasks, callbacks)
+
+    def task_batches(
+        self, task: str, split: str, max_examples: int | None, batch_size: int, seed: int, shuffle: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Tokenised batches of ``split`` of ``task`` (``input_ids``, ``attention_mask``, ``labels``)."""
+        ds = subsample(self.suite.dataset(task, split), max_examples, seed)
+        return list(self.suite.dataloader(ds, self.tokenizer, shuffle=shuffle, batch_size=batch_size, seed=seed))
+
+    def task_logits(self, model: nn.Module, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``task``'s head on the backbone of ``model`` (a :class:`MultiTaskClassifier`)."""
+        return model(task, batch)
 
     def reference_key(self, task: str | None = None) -> dict[str, Any]:
         """The pretrained backbone scores with the experts' heads, so its key names them too."""

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 from mergelab import task_vectors as tv
 from mergelab.io.atomic import atomic_dir, atomic_write_json
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
+from mergelab.suites.base import subsample
 from mergelab.suites.scoring import run_test
 from mergelab.text.pool import checkpoint_location, load_model
 from mergelab.training.experts import cached_build, model_fingerprint
@@ -31,6 +32,7 @@ from mergelab.vision.suite import (
     HEADS_FORMAT,
     MERGED_HEADS_FILE,
     MERGED_HEADS_META,
+    ImageCollator,
     ZeroShotImageSuite,
 )
 
@@ -46,6 +48,8 @@ class CLIPVisionPool(ModelPool):
         cache_dir: where zero-shot heads and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
     """
+
+    task_data = True
 
     def __init__(
         self,
@@ -166,6 +170,25 @@ class CLIPVisionPool(ModelPool):
         model.eval_tasks = list(tasks or model.head_names)
         loaders = [self.suite.eval_loader(t, split, self.processor) for t in model.eval_tasks]
         return run_test(model, loaders, trainer_kwargs, callbacks)
+
+    def task_batches(
+        self, task: str, split: str, max_examples: int | None, batch_size: int, seed: int, shuffle: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Batches of ``pixel_values`` and ``labels`` of the suite split ``split`` of ``task``."""
+        info = self.suite.tasks[task]
+        ds = subsample(self.suite.dataset(task, split), max_examples, seed)
+        loader = torch.utils.data.DataLoader(
+            ds,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            collate_fn=ImageCollator(self.processor, info.image_column, info.label_column),
+        )
+        return list(loader)
+
+    def task_logits(self, model: torch.nn.Module, task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """CLIP's zero-shot logits of ``task`` for the (merged) vision tower of ``model``."""
+        return model(task, batch["pixel_values"])
 
     def reference_key(self, task: str | None = None) -> dict[str, Any]:
         """The vision tower scored (pretrained or ``task``'s expert) and the heads it is scored with."""

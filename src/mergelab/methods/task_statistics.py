@@ -1,0 +1,132 @@
+"""What the methods that learn from the tasks' examples share (Fisher merging, RegMean, AdaMerging).
+
+They reach the data only through the pool's ``task_data`` interface (:meth:`~mergelab.pools.base.ModelPool.
+task_batches`, :meth:`~mergelab.pools.base.ModelPool.task_logits`), so any pool that declares it works. What they
+compute per expert and task (Fisher diagonals, Gram matrices) is cached on disk like built experts are, keyed by
+the expert, the task's data and the options, and read back lazily tensor by tensor rather than held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab.io.files import SINGLE_FILE
+
+#: Where statistics live under the pool's cache dir.
+STATISTICS_DIR = "statistics"
+
+# Statistics opened in this process, so that the candidates of a grid (and rows sharing them) read them once.
+_OPENED: dict[str, Mapping[str, Tensor]] = {}
+
+
+def check_split(option: str, split: str) -> str:
+    """A suite split name (train, validation or test), else a ValueError naming the method option."""
+    from mergelab.suites.base import SPLITS
+
+    if split not in SPLITS:
+        raise ValueError(f"method option '{option}' must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def positive_int(option: str, value: Any, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= 1 (or None when allowed), else a ValueError naming the method option."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        also = " or null" if allow_none else ""
+        raise ValueError(f"method option '{option}' must be an integer >= 1{also}, got {value!r}")
+    return int(value)
+
+
+def require_task_data(pool: Any, method: str) -> None:
+    """Refuse a pool that cannot hand out its tasks' examples, naming the method and the pool."""
+    require = getattr(pool, "require", None)
+    if require is None or not getattr(pool, "task_data", False):
+        describe = pool.describe() if hasattr(pool, "describe") else type(pool).__name__
+        raise ValueError(
+            f"method '{method}' learns from the tasks' examples, but {describe} cannot give them (task_data=False)"
+        )
+
+
+def expert_model(pool: Any, i: int) -> torch.nn.Module:
+    """Expert ``i`` of ``pool`` (its state as the pool gives it, e.g. transformed by a wrapper) with its task's head,
+    in eval mode (dropout off), its backbone's parameters requiring gradients."""
+    task = pool.tasks[i]
+    model = pool.model(pool.expert_states()[i], [task])
+    model.eval()
+    for p in model.backbone.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merged_parameters(pool: Any, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters of ``model.backbone`` that the pool merges, by the names of its state dicts."""
+    keys = set(pool.mergeable(pool.pretrained_state()))
+    return {n: p for n, p in model.backbone.named_parameters() if n in keys}
+
+
+def cached_statistics(
+    pool: Any, task: str, kind: str, options: Mapping[str, Any], compute: Callable[[], dict[str, Tensor]]
+) -> Mapping[str, Tensor]:
+    """``compute()`` for ``task``'s expert, cached under ``<cache_dir>/statistics`` when the pool identifies the
+    expert and its data (:meth:`~mergelab.pools.base.ModelPool.task_data_key`), and then read lazily from disk.
+
+    ``options`` must hold everything besides the expert and the data that the statistics depend on.
+    """
+    key = pool.task_data_key(task)
+    if key is None:  # e.g. a wrapper's transformed experts: nothing identifies them across runs
+        return compute()
+    spec = {"kind": kind, "task": task, "options": dict(options), **key}
+    memo = json.dumps(spec, sort_keys=True, default=str)
+    if memo in _OPENED:
+        return _OPENED[memo]
+    from safetensors.torch import save_file
+
+    from mergelab.io.reader import LazyCheckpoint
+    from mergelab.training.experts import cached_build
+
+    def build(tmp: Any) -> dict[str, Any]:
+        stats = compute()
+        save_file({k: v.detach().contiguous() for k, v in stats.items()}, str(tmp / SINGLE_FILE))
+        return {"kind": kind, "task": task, "tensors": len(stats)}
+
+    path = cached_build(pool.cache_dir / STATISTICS_DIR, f"{kind}-{task}", json.loads(memo), build)
+    _OPENED[memo] = LazyCheckpoint(path, name=f"{kind} statistics of task '{task}' ({path})")
+    return _OPENED[memo]
+
+
+def check_task_weights(option: Any) -> Any:
+    """A ``task_weights`` option checked for form and values (null, a list, or a task -> weight mapping; each
+    finite and >= 0); the task names and count are checked when the pool is known (:func:`task_weights`)."""
+    if option is None:
+        return None
+    if isinstance(option, Mapping):
+        values = list(option.values())
+    elif isinstance(option, (list, tuple)):
+        values = list(option)
+    else:
+        raise ValueError(f"method option 'task_weights' must be null, a list or a mapping, got {option!r}")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values)
+    if not values or not ok or sum(values) == 0:
+        raise ValueError(f"method option 'task_weights' must be finite numbers >= 0, not all 0, got {option!r}")
+    return dict(option) if isinstance(option, Mapping) else [float(v) for v in values]
+
+
+def task_weights(option: Any, tasks: list[str]) -> list[float]:
+    """The per-task weights of a checked ``task_weights`` option, in task order (null: all 1)."""
+    if option is None:
+        return [1.0] * len(tasks)
+    if isinstance(option, Mapping):
+        unknown = sorted(set(map(str, option)) - set(tasks))
+        if unknown:
+            raise ValueError(f"method option 'task_weights' names unknown task(s) {unknown}; tasks: {tasks}")
+        return [float(option.get(t, 1.0)) for t in tasks]
+    if len(option) != len(tasks):
+        raise ValueError(f"method option 'task_weights' has {len(option)} values for {len(tasks)} tasks {tasks}")
+    return [float(v) for v in option]
