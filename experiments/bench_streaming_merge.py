@@ -36,6 +36,12 @@ METHODS = {
     "metagpt": "MetaGPT()",
     "ties": "TIES(k=20, prune='global', scaling=0.3)",
     "ties_per_tensor": "TIES(k=20, prune='per_tensor', scaling=0.3)",
+    # The data-free spectral methods and TALL-mask consensus (issue: their streaming cost at 1.1B).
+    "tsv_m": "TSVM()",
+    "tsv_m_lowrank": "TSVM(svd='lowrank')",
+    "iso_c": "IsoC()",
+    "iso_cts": "IsoCTS()",
+    "consensus": "Consensus()",
 }
 
 
@@ -113,7 +119,8 @@ def cpu_s() -> float:
 def child(method: str, base: str, experts: list[str], out: str) -> None:
     """Run one merge and print its wall time, CPU time and memory as JSON."""
     from mergelab.engine.streaming import stream_merge
-    from mergelab.methods import TIES, MetaGPT, TaskArithmetic  # noqa: F401 - used by eval below
+    from mergelab.methods import TIES, TSVM, IsoC, IsoCTS, MetaGPT, TaskArithmetic  # noqa: F401 - used by eval
+    from mergelab.methods.consensus import Consensus  # noqa: F401 - used by eval below
 
     rss0, cpu0 = rss_mib(), cpu_s()
     start = time.perf_counter()

@@ -104,7 +104,8 @@ def test_checkpoint_pool_is_a_model_pool_with_declared_capabilities(pool_dirs: t
     base, experts = pool_dirs
     pool = CheckpointPool(str(base), {k: str(v) for k, v in experts.items()})
     assert isinstance(pool, ModelPool)
-    assert (pool.in_memory, pool.scorable, pool.needs_suite, pool.multi_process) == (False, False, False, False)
+    flags = (pool.in_memory, pool.scorable, pool.needs_suite, pool.multi_process, pool.task_data)
+    assert flags == (False, False, False, False, False)
     assert pool.tasks == ["e0", "e1"] and pool.resolved == {k: str(v) for k, v in experts.items()}
     pool.setup(None, {})  # merge only: no suite
     # What only in-memory / scorable pools can do is refused with the pool and the capability named.
@@ -115,6 +116,8 @@ def test_checkpoint_pool_is_a_model_pool_with_declared_capabilities(pool_dirs: t
         (lambda: pool.reference_key(), "scorable"),
         (lambda: pool.evaluate(None, "test", {}), "scorable"),  # type: ignore[arg-type]
         (lambda: TaskArithmetic().run(pool), "in_memory"),
+        (lambda: pool.task_batches("e0", "train", 8, 4, 0), "task_data"),
+        (lambda: pool.task_logits(None, "e0", {}), "task_data"),  # type: ignore[arg-type]
     ):
         with pytest.raises(PoolCapabilityError, match=rf"CheckpointPool \(checkpoint pool\) .*\({capability}=False\)"):
             call()
@@ -130,7 +133,7 @@ def test_checkpoint_pool_is_a_model_pool_with_declared_capabilities(pool_dirs: t
             def save_merged(self, state: object, out_dir: object) -> Path:  # type: ignore[override]
                 return Path()
 
-    assert set(CAPABILITIES) == {"in_memory", "scorable", "multi_process"}
+    assert set(CAPABILITIES) == {"in_memory", "scorable", "multi_process", "task_data"}
 
 
 def test_no_pool_type_tests_in_the_package() -> None:

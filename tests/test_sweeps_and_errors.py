@@ -157,4 +157,4 @@ def test_help_presents_mergelab_and_its_groups() -> None:
     assert "Usage: mergelab" in proc.stdout and "cli" not in proc.stdout.split("== Options")[0]
     for group in ("model", "method", "eval", "experiment", "trainer", "logger"):
         assert f"\n  {group} " in proc.stdout, group  # one line describing each group
-    assert "method: awd," in proc.stdout and "ties" in proc.stdout  # and its options
+    assert "method: adamerging, awd," in proc.stdout and "ties" in proc.stdout  # and its options

@@ -511,6 +511,15 @@ def test_awd_table_preset_runs_and_reports_next_to_the_paper(assets: SimpleNames
         "table.methods.awd_ties.steps=3",
         "table.methods.awd_ta.lr=0.1",
         "table.methods.awd_ties.lr=0.1",
+        # The data-using rows on a few examples (the local suite has no train split: its validation stands in).
+        "table.methods.fisher.num_examples=4",
+        "table.methods.fisher.split=validation",
+        "table.methods.regmean.num_examples=4",
+        "table.methods.regmean.split=validation",
+        "table.methods.adamerging.steps=2",
+        "table.methods.adamerging.max_examples=4",
+        "table.methods.awd_adamerging.merge.steps=2",
+        "table.methods.awd_adamerging.merge.max_examples=4",
     )
     run(make_cfg(out, overrides, tiny=False))
     rows = json.loads((out / "metrics.json").read_text())["rows"]
@@ -518,12 +527,18 @@ def test_awd_table_preset_runs_and_reports_next_to_the_paper(assets: SimpleNames
         "pretrained",
         "experts",
         "weight_averaging",
+        "fisher",
+        "regmean",
         "task_arithmetic",
         "ties",
+        "adamerging",
         "awd_ta",
         "awd_ta (single-task)",
         "awd_ties",
+        "awd_adamerging",
     ]
+    assert rows["adamerging"]["method_report"]["adamerging_split"] == "test"
+    assert rows["awd_adamerging"]["params"]["merge"] == "adamerging"
     report_dir = tmp_path / "report"
     assert report_main([str(out), "--table", "awd_vit_b32", "--out", str(report_dir)]) == 0
     report = (report_dir / "report.md").read_text()
@@ -534,6 +549,8 @@ def test_awd_table_preset_runs_and_reports_next_to_the_paper(assets: SimpleNames
     assert cells[4] == f"{ours['svhn']:.1f} / 85.1" and cells[6] == f"{ours['mnist']:.1f} / 98.1"
     assert cells[0].startswith("—")
     assert "TIES-Merging" in lines and "Task Arithmetic" in lines and "Weight Averaging" in lines
+    for name in ("Fisher Merging", "RegMean", "AdaMerging", "AWD + AdaMerging"):  # every row of the preset
+        assert name in lines, name
 
 
 # ------------------------------------------------------------------------------------------ shipped configs
@@ -543,7 +560,7 @@ CLIP8 = {
     "stanford_cars": "tanganke/stanford_cars",
     "resisc45": "tanganke/resisc45",
     "eurosat": "tanganke/eurosat",
-    "svhn": "tanganke/svhn",
+    "svhn": "ufldl-stanford/svhn",
     "gtsrb": "tanganke/gtsrb",
     "mnist": "ylecun/mnist",
     "dtd": "tanganke/dtd",
@@ -561,15 +578,27 @@ def test_shipped_presets_name_the_papers_models_datasets_and_columns(
     assert {t: info.dataset for t, info in suite.tasks.items()} == CLIP8
     for info in suite.tasks.values():
         assert not info.local and info.image_column == "image" and info.label_column == "label"
-        assert info.splits == {"validation": "train[-10%:]", "test": "test"} and info.templates
+        held_out = "extra[:2%]" if info.dataset == CLIP8["svhn"] else "train[-10%:]"
+        assert info.splits == {"train": "train", "validation": held_out, "test": "test"} and info.templates
     assert cfg.model.pretrained == f"openai/clip-vit-{model}"
     assert dict(cfg.model.experts) == {t: f"tanganke/clip-vit-{model}_{t.replace('_', '-')}" for t in CLIP8}
     table = load_table(experiment)
     columns = [{t.name.lower(), *t.aliases} for t in table.tasks]
     assert [next(t for t in CLIP8 if t in names) for names in columns] == list(CLIP8)  # every column, paper order
     methods = cfg.table.methods
-    assert list(methods) == ["weight_averaging", "task_arithmetic", "ties", "awd_ta", "awd_ties"]
+    assert list(methods) == [
+        "weight_averaging",
+        "fisher",
+        "regmean",
+        "task_arithmetic",
+        "ties",
+        "adamerging",
+        "awd_ta",
+        "awd_ties",
+        "awd_adamerging",
+    ]
     assert methods.awd_ta.merge.name == "task_arithmetic" and methods.awd_ties.merge.name == "ties"
+    assert methods.awd_adamerging.merge.name == "adamerging" and methods.awd_adamerging.grid is None
     assert methods.task_arithmetic.grid.scaling == pytest.approx([0.05 * i for i in range(1, 21)])
     assert methods.ties.grid.scaling == pytest.approx([0.1 * i for i in range(1, 11)]) and methods.ties.k == 20
 

@@ -161,12 +161,23 @@ def app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """The ``mergelab`` console script; exits with status 1 when a job (of a sweep) failed."""
+    """The ``mergelab`` console script; exits with status 1 when a job (of a sweep) failed.
+
+    ``mergekit=path.yml`` is replaced by the overrides of the equivalent run (:mod:`mergelab.provenance.mergekit`)
+    before Hydra parses the command line; a config it cannot translate exactly is refused in one line."""
     try:
         check_command_line(sys.argv[1:])
     except ValueError as e:
         print(f"mergelab: {e}", file=sys.stderr)
         sys.exit(2)
+    if any(a.lstrip("+").startswith("mergekit=") for a in sys.argv[1:]):
+        from mergelab.provenance.mergekit import expand_command_line
+
+        try:  # mergekit=path.yml stands for the overrides of the equivalent run: Hydra composes those
+            sys.argv[1:] = expand_command_line(sys.argv[1:])
+        except (ValueError, OSError) as e:
+            print(f"mergelab: error: {one_line(e)}", file=sys.stderr)
+            sys.exit(1)
     app()
     if FAILED_JOBS:
         sys.exit(1)

@@ -23,9 +23,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab import task_vectors as tv
-from mergelab.io.atomic import RESULT_FILES, atomic_write_json, atomic_write_text, move_dir_into_place
+from mergelab.io.atomic import (
+    RESULT_FILES,
+    atomic_write_json,
+    atomic_write_text,
+    build_into_place,
+    move_dir_into_place,
+)
 from mergelab.methods.base import MergeMethod, grid_candidates
 from mergelab.pools.base import ModelPool, check_pool
+from mergelab.provenance.recipe import MergeRecord, write_provenance
 from mergelab.reports.sweep import FAILED_FILE
 from mergelab.reports.tables import write_reports
 from mergelab.suites import scoring as ev
@@ -191,10 +198,11 @@ class InMemoryMerge:
         """Compute the merge (scoring does it too)."""
         self.callback.merged_state()
 
-    def write(self, out_dir: Path, overwrite: bool) -> Path:
+    def write(self, out_dir: Path, overwrite: bool, finish: Callable[[Path], Any] | None = None) -> Path:
+        """Save the merged model to ``out_dir``, ``finish(dir)`` adding files to it before it is moved into place."""
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
-        return self.pool.save_merged(self.callback.merged_state(), out_dir)
+        return build_into_place(lambda d: self.pool.save_merged(self.callback.merged_state(), d), out_dir, finish)
 
     def discard(self) -> None:
         return None
@@ -219,8 +227,11 @@ class OnDiskMerge:
         scores = self.suite.evaluate_checkpoint(self.realize(), self.trainer_kwargs, self.pool.trust_remote_code)
         return {t: s for t, s in scores.items() if tasks is None or t in tasks}
 
-    def write(self, out_dir: Path, overwrite: bool) -> Path:
+    def write(self, out_dir: Path, overwrite: bool, finish: Callable[[Path], Any] | None = None) -> Path:
+        """Move the merged dir to ``out_dir``, ``finish(dir)`` adding files to it first (it is still a work dir)."""
         src = self.realize()
+        if finish is not None:
+            finish(src)
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
         move_dir_into_place(src, out_dir)
@@ -260,6 +271,11 @@ def run(cfg: DictConfig) -> float:
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
+    if not cfg.get("eval"):  # merge only: one method, one candidate (whatever the pool)
+        if len(candidates) > 1:
+            raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
+        if any(len(c) > 1 for c in candidates.values()):
+            raise ValueError("tune=true picks a grid point on the suite's tune split: it needs a suite, not eval=none")
     pool = check_pool(build(cfg.model))
     for name, cands in candidates.items():
         for _, method in cands:
@@ -272,11 +288,6 @@ def run(cfg: DictConfig) -> float:
         )
     suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
     pool.check_suite(suite)
-    if suite is None:
-        if len(candidates) > 1:
-            raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
-        if any(len(c) > 1 for c in candidates.values()):
-            raise ValueError("tune=true picks a grid point on the suite's tune split: it needs a suite, not eval=none")
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     t0 = time.perf_counter()
@@ -395,7 +406,24 @@ def run(cfg: DictConfig) -> float:
         (out_dir / RESULTS_MARKER).touch()  # results are mergelab's from here on: a rerun may replace leftovers
         merged_path = None
         if kept is not None and (cfg.save_merged or not pool.in_memory):  # a streamed merge is the run's product
-            merged_path = kept.write(out_dir / "merged_model", overwrite=bool(cfg.overwrite))
+            # The recipe, card and MergeKit config go into the merged dir before it is moved into place.
+            record = MergeRecord(
+                config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+                overrides=job_overrides(list(cfg.overrides)) if cfg.get("overrides") is not None else None,
+                name=last,
+                method_config=OmegaConf.to_container(method_cfgs[last], resolve=True),  # type: ignore[arg-type]
+                grid_point=dict(rows[last].get("params") or {}) if len(candidates[last]) > 1 else None,
+                method=chosen[last],
+                pool=pool,
+                rows=rows,
+                tasks=columns,
+                suite=suite.name if suite is not None else None,
+                split=report,
+                tune_split=tune_split,
+            )
+            merged_path = kept.write(
+                out_dir / "merged_model", overwrite=bool(cfg.overwrite), finish=lambda d: write_provenance(d, record)
+            )
     finally:
         if kept is not None:
             kept.discard()

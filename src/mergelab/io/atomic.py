@@ -19,7 +19,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -252,6 +252,28 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_into_place(
+    build: Callable[[Path], Path], final: str | Path, finish: Callable[[Path], None] | None = None
+) -> Path:
+    """A dir made by ``build(path) -> dir`` (e.g. a pool's own atomic writer) and completed by ``finish(dir)`` (files
+    added to it), then moved to ``final`` (which must not exist); returns ``final``.
+
+    Both steps work inside a temporary dir beside ``final`` (:func:`make_temp_dir`), so ``final`` is never seen
+    without what ``finish`` adds, a failure leaves nothing behind, and a killed process's leftovers are removed as
+    any temporary's.
+    """
+    final = Path(final)
+    stage = make_temp_dir(final)
+    try:
+        built = build(stage / final.name)
+        if finish is not None:
+            finish(built)
+        move_dir_into_place(built, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return final
 
 
 def guard_output_dir(out_dir: str | Path, overwrite: bool, names: Iterable[str] = RESULT_FILES) -> None:

@@ -136,10 +136,6 @@ class AdaMerging(TaskVectorMethod):
         self.entropy = list(module.entropy)
         self._prepared_for = pool
 
-    def run(self, pool: Any) -> Any:
-        self.prepare(pool)
-        return super().run(pool)
-
     def coefficient(self, name: str) -> Tensor:
         """The T coefficients of tensor ``name``."""
         if self.lambdas is None:

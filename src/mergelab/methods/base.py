@@ -48,7 +48,12 @@ class MergeMethod(ABC):
     needs_task_data: bool = False
 
     def run(self, pool: ModelPool) -> tv.StateDict:
-        """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained."""
+        """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained.
+
+        A method that learns from the pool is prepared first (a no-op when the run flow already prepared it).
+        """
+        if self.learns_from_pool:
+            self.prepare(pool)
         self.task_names = list(pool.tasks)
         return self.merge(pool.mergeable(pool.pretrained_state()), [pool.mergeable(s) for s in pool.expert_states()])
 
@@ -153,10 +158,6 @@ class WrappedMethod(TaskVectorMethod):
             if self._view is None or self._view.pool is not pool:
                 self._view = pool.transformed(self.transform)
             self.inner.prepare(self._view, trainer_kwargs, loggers, work_dir)
-
-    def run(self, pool: ModelPool) -> tv.StateDict:
-        self.prepare(pool)
-        return super().run(pool)
 
     def begin(self, names: Sequence[str]) -> None:
         self.inner.task_names = self.task_names  # set by run(pool) or stream_merge before the passes begin

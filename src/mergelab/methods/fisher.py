@@ -165,10 +165,6 @@ class FisherMerging(TaskVectorMethod):
         self._below_floor = below / max(total, 1)
         self._prepared_for = pool
 
-    def run(self, pool: Any) -> Any:
-        self.prepare(pool)
-        return super().run(pool)
-
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         if self.fishers is None:
             raise RuntimeError("Fisher merging: the Fisher diagonals are not computed yet; call prepare(pool) first")

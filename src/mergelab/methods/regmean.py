@@ -156,10 +156,6 @@ class RegMean(TaskVectorMethod):
         g = src.get_rows(name, None, None).double()
         return self.alpha * g + (1.0 - self.alpha) * torch.diag(torch.diagonal(g))
 
-    def run(self, pool: Any) -> Any:
-        self.prepare(pool)
-        return super().run(pool)
-
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         if self.grams is None:
             raise RuntimeError("RegMean: the Gram matrices are not collected yet; call prepare(pool) first")

@@ -59,6 +59,28 @@ DOC_KEYS = COMMON_DOC_KEYS
 
 DEFAULT_SPLITS = {"validation": "validation", "test": "test"}
 
+#: Seed of the permutation a sliced split expression selects from (fixed: part of what a task's data is).
+SLICE_SEED = 0
+
+
+def load_shuffled_slices(path: str, config: str | None, expr: str, revision: str | None) -> datasets.Dataset:
+    """The examples of a ``datasets`` split expression; a slice ("train[-10%:]", "extra[:2%]") selects its range
+    from a seeded permutation of the whole split, not from the stored order, since several of these datasets store
+    their train split sorted by label (a plain last 10% would hold the last classes only)."""
+    datasets.ReadInstruction.from_spec(expr)  # a malformed expression fails here, with datasets' own message
+    parts = []
+    for spec in expr.split("+"):
+        spec = spec.strip()
+        if "[" not in spec:
+            parts.append(datasets.load_dataset(path, config, split=spec, revision=revision))
+            continue
+        name = spec.split("[", 1)[0]
+        whole = datasets.load_dataset(path, config, split=name, revision=revision)
+        (absolute,) = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(whole)})
+        order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(SLICE_SEED))
+        parts.append(whole.select(sorted(order[absolute.from_ : absolute.to].tolist())))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
 
 @dataclass(frozen=True)
 class ImageTask:
@@ -227,7 +249,7 @@ class ZeroShotImageSuite(SuiteOptions):
             raise ValueError(f"{where}: no '{split}' in splits {info.splits}")
         expr = info.splits[split]
         try:
-            ds = datasets.load_dataset(info.dataset, info.config, split=expr, revision=info.revision)
+            ds = load_shuffled_slices(info.dataset, info.config, expr, info.revision)
         except Exception as e:  # datasets raises several types for missing files, splits and hub errors
             raise ValueError(f"{where}: cannot load split '{expr}' (splits.{split}): {type(e).__name__}: {e}") from e
         for key in ("image_column", "label_column"):
