@@ -36,6 +36,7 @@ SCHEMA = {
     "rows",
     "objective",
     "timings",
+    "precision",
     "overrides",
     "method",
     "params",

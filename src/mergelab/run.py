@@ -191,8 +191,9 @@ class InMemoryMerge:
     def method(self) -> MergeMethod:
         return self.callback.method
 
-    def score(self, split: str, tasks: list[str] | None = None) -> ev.Scores:
-        return self.pool.evaluate(self.model, split, self.trainer_kwargs, tasks, callbacks=[self.callback])
+    def score(self, split: str, tasks: list[str] | None = None, kwargs: Mapping[str, Any] | None = None) -> ev.Scores:
+        """Scores on ``split`` (under the run's trainer arguments, or ``kwargs``: tuning's precision)."""
+        return self.pool.evaluate(self.model, split, kwargs or self.trainer_kwargs, tasks, callbacks=[self.callback])
 
     def realize(self) -> None:
         """Compute the merge (scoring does it too)."""
@@ -223,8 +224,11 @@ class OnDiskMerge:
             self.path = self.pool.write_merged(self.method, self.work_dir, overwrite=True)
         return self.path
 
-    def score(self, split: str, tasks: list[str] | None = None) -> ev.Scores:
-        scores = self.suite.evaluate_checkpoint(self.realize(), self.trainer_kwargs, self.pool.trust_remote_code)
+    def score(self, split: str, tasks: list[str] | None = None, kwargs: Mapping[str, Any] | None = None) -> ev.Scores:
+        """Scores of the written merge (under the run's trainer arguments, or ``kwargs``)."""
+        scores = self.suite.evaluate_checkpoint(
+            self.realize(), kwargs or self.trainer_kwargs, self.pool.trust_remote_code
+        )
         return {t: s for t, s in scores.items() if tasks is None or t in tasks}
 
     def write(self, out_dir: Path, overwrite: bool, finish: Callable[[Path], Any] | None = None) -> Path:
@@ -241,6 +245,37 @@ class OnDiskMerge:
     def discard(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.path = None
+
+
+class TuningOptions:
+    """How ``tune=true`` searches a method's grid (the config's ``tuning`` node), checked before any work.
+
+    ``strategy``: ``exhaustive`` scores every point on the whole tune split; ``halving`` scores every point on the
+    first ``subset`` examples of each task (the seeded prefix of what is scored otherwise), then the best ``keep`` on
+    the whole split, and picks among those. ``precision``: Lightning's precision for the tuning scores (e.g.
+    ``bf16-mixed``); null: ``trainer.precision``. Reported scores always use ``trainer.precision``.
+    """
+
+    def __init__(
+        self, strategy: str = "exhaustive", subset: int = 64, keep: int = 3, precision: str | None = None
+    ) -> None:
+        if strategy not in ("exhaustive", "halving"):
+            raise ValueError(f"tuning.strategy must be 'exhaustive' or 'halving', got {strategy!r}")
+        for key, value in (("subset", subset), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"tuning.{key} must be an integer >= 1, got {value!r}")
+        self.strategy, self.subset, self.keep = strategy, int(subset), int(keep)
+        self.precision = None if precision is None else str(precision)
+
+    @classmethod
+    def from_config(cls, node: Any) -> TuningOptions:
+        """From the ``tuning`` config node (None: the defaults); an unknown key is named."""
+        options = dict(node or {})
+        known = ("strategy", "subset", "keep", "precision")
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"tuning: unknown key(s) {unknown}; known: {list(known)}")
+        return cls(**options)
 
 
 def run(cfg: DictConfig) -> float:
@@ -271,6 +306,9 @@ def run(cfg: DictConfig) -> float:
     method_cfgs = dict(cfg.table.methods) if cfg.get("table") else {cfg.method.name: cfg.method}
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
+    tuning = TuningOptions.from_config(cfg.get("tuning"))
+    # Tuning may score in another precision than the report (which is always trainer.precision).
+    tune_kwargs = {**trainer_kwargs, "precision": tuning.precision} if tuning.precision else trainer_kwargs
     if not cfg.get("eval"):  # merge only: one method, one candidate (whatever the pool)
         if len(candidates) > 1:
             raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
@@ -339,18 +377,41 @@ def run(cfg: DictConfig) -> float:
             t1 = time.perf_counter()
             if kept is not None:  # an earlier row's merge: only the last row's is the run's merged model
                 kept.discard()
-            tried = []
+            tried: list[dict[str, Any]] = []
             best: tuple[float, dict[str, Any], InMemoryMerge | OnDiskMerge, ev.Scores | None] | None = None
-            for i, (params, method) in enumerate(cands):
+
+            def prepared(i: int, method: MergeMethod, name: str = name) -> InMemoryMerge | OnDiskMerge:
                 # Trained methods (AWD) fit here, under trainer.fit; a pool not in memory has them write to work_dir.
                 method.prepare(pool, trainer_kwargs, loggers, work_dir=out_dir / "artifacts" / name)
-                merge = candidate(method, name, i)
+                return candidate(method, name, i)
+
+            points: list[tuple[dict[str, Any], Any]] = [(p, (i, m)) for i, (p, m) in enumerate(cands)]
+            if len(cands) > tuning.keep and tuning.strategy == "halving":
+                # Successive halving: every point on a seeded subset of the tune split, the best `keep` on all of it.
+                assert suite is not None and tune_split is not None
+                short: list[tuple[float, int, dict[str, Any], InMemoryMerge | OnDiskMerge]] = []
+                for i, (params, method) in enumerate(cands):
+                    merge = prepared(i, method)
+                    with suite.scoring_subset(tuning.subset):
+                        val = ev.average(merge.score(tune_split, kwargs=tune_kwargs))
+                    tried.append({"params": params, f"{tune_split}_subset_avg_acc": val})
+                    log.info("%s %s: %s subset (%d) avg acc %.4f", name, params, tune_split, tuning.subset, val)
+                    short = sorted([*short, (val, i, params, merge)], key=lambda x: (-x[0], x[1]))
+                    for dropped in short[tuning.keep :]:
+                        dropped[3].discard()
+                    short = short[: tuning.keep]
+                points = [(params, merge) for _, _, params, merge in sorted(short, key=lambda x: x[1])]
+            for params, point in points:
+                merge = prepared(*point) if isinstance(point, tuple) else point
                 tune_scores = None
                 if len(cands) > 1:
                     assert tune_split is not None
-                    tune_scores = merge.score(tune_split)
+                    tune_scores = merge.score(tune_split, kwargs=tune_kwargs)
                     val = ev.average(tune_scores)
-                    tried.append({"params": params, f"{tune_split}_avg_acc": val})
+                    record = next((r for r in tried if r["params"] == params), None)
+                    if record is None:
+                        tried.append(record := {"params": params})
+                    record[f"{tune_split}_avg_acc"] = val
                     log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
                 else:
                     val = float("nan")
@@ -368,8 +429,9 @@ def run(cfg: DictConfig) -> float:
                 rows[name] = {"params": dict(params), "method_report": merge.method.report()}
             else:
                 assert report is not None and tune_split is not None
-                # One split only (lm-eval's): the tuned candidate's scores are the report's.
-                test_scores = tune_scores if tune_scores is not None and tune_split == report else merge.score(report)
+                # One split only (lm-eval's): the tuned candidate's scores are the report's (in the same precision).
+                same = tune_scores is not None and tune_split == report and tune_kwargs is trainer_kwargs
+                test_scores = tune_scores if same else merge.score(report)
                 if len(cands) > 1:
                     objective = val
                 elif tune_split == report:
@@ -443,6 +505,12 @@ def run(cfg: DictConfig) -> float:
             "value": objective if suite is not None else None,
         },
         "timings": timings,
+        # Lightning's precision of the reported scores and of tuning's (see TuningOptions).
+        "precision": {
+            "report": trainer_kwargs.get("precision"),
+            "tune": tune_kwargs.get("precision") if suite is not None else None,
+            "tuning_strategy": tuning.strategy,
+        },
         "overrides": list(cfg.get("overrides") or []),
         # The run's merged model (the last row's), also where the objective comes from.
         "method": last,
@@ -456,7 +524,9 @@ def run(cfg: DictConfig) -> float:
         method.save_artifacts(out_dir / "artifacts" / name)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if suite is not None:
-        write_reports(rows, columns, out_dir, f"{suite.name}: {report} accuracy (%)", chart=bool(cfg.plot))
+        precision = str(trainer_kwargs.get("precision") or "32-true")
+        stated = "" if precision in ("32-true", "32") else f", {precision}"  # the table says when it is not fp32
+        write_reports(rows, columns, out_dir, f"{suite.name}: {report} accuracy (%){stated}", chart=bool(cfg.plot))
     atomic_write_json(out_dir / "metrics.json", results)
     if loggers:
         from mergelab.reports.loggers import log_run

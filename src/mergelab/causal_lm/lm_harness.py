@@ -18,7 +18,8 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,16 @@ class LMHarnessSuite:
         self.check_tasks()
 
     # ----------------------------------------------------------------------------------------------- tasks
+
+    @contextmanager
+    def scoring_subset(self, n: int) -> Iterator[None]:
+        """Inside the block, score at most the first ``n`` examples of each task (lm-eval's ``limit``)."""
+        old = self.limit
+        self.limit = n if old is None or old < 1 else min(old, n)
+        try:
+            yield
+        finally:
+            self.limit = old
 
     @property
     def task_manager(self) -> Any:

@@ -10,7 +10,8 @@ scores against."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,6 +73,17 @@ class SuiteOptions:
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.max_eval_examples = max_eval_examples
         self.tune_split, self.report_split, self.seed = tune_split, report_split, seed
+
+    @contextmanager
+    def scoring_subset(self, n: int) -> Iterator[None]:
+        """Inside the block, score at most ``n`` examples of each task: the first ``n`` of the seeded shuffle every
+        split is drawn from, so the subset is part of what is scored outside it (successive-halving tuning)."""
+        old = self.max_eval_examples
+        self.max_eval_examples = n if old is None else min(old, n)
+        try:
+            yield
+        finally:
+            self.max_eval_examples = old
 
 
 def read_tasks_yaml(
