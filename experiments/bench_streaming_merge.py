@@ -137,16 +137,47 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def svd_costs(cfg: dict, tasks: int) -> None:
+    """Seconds per SVD of one task matrix, per distinct 2-D shape of the pool and how many tensors have it: the full
+    SVD (``svd=full``) and the randomized top-(rank/T) one (``svd=lowrank``: oversample 10, 2 power iterations)."""
+    import torch
+
+    shapes: dict[tuple[int, ...], int] = {}
+    for shape in llama_shapes(cfg).values():
+        if len(shape) == 2:
+            shapes[shape] = shapes.get(shape, 0) + 1
+    g = torch.Generator().manual_seed(0)
+    print(f"{'shape':<16}{'tensors':>8}{'full (s)':>10}{'lowrank (s)':>12}", flush=True)
+    for shape, count in shapes.items():
+        m = 0.01 * torch.randn(shape, generator=g)
+        k = min(shape) // tasks
+        t0 = time.perf_counter()
+        torch.linalg.svd(m, full_matrices=False)
+        full = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        torch.svd_lowrank(m, q=min(k + 10, min(shape)), niter=2)
+        low = time.perf_counter() - t0
+        print(f"{str(shape):<16}{count:>8}{full:>10.2f}{low:>12.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/mergelab-bench")
     ap.add_argument("--methods", default="ta,metagpt,ties,ties_per_tensor")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument(
+        "--svd-costs",
+        action="store_true",
+        help="only time one task matrix's SVD per distinct matrix shape of the pool: full vs randomized (lowrank)",
+    )
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         method, base, experts, out = args.child
         child(method, base, experts.split(","), out)
+        return
+    if args.svd_costs:
+        svd_costs(LLAMA_1B, tasks=3)
         return
     work = Path(args.workdir)
     base = work / "base"

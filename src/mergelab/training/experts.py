@@ -72,10 +72,23 @@ class ExpertFinetuner(L.LightningModule):
 
 
 def model_fingerprint(path: str) -> str:
-    """Identity of a checkpoint: the hub id as given, or a local dir's config and weight-file sizes/mtimes."""
+    """Identity of a checkpoint: the hub id as given, or a hash of a local dir's content (its config.json bytes and
+    each weight file's header and sampled data, :func:`mergelab.provenance.identity.checkpoint_identity`), so the
+    same bytes anywhere (another venv, a copied cache) have the same identity; computed once per file and process.
+    """
+    from mergelab.provenance.identity import checkpoint_identity
+
     p = Path(path)
     if not p.is_dir():
         return path
+    fingerprint = str(checkpoint_identity(str(p))["sha256"])[:16]
+    _LEGACY_FINGERPRINTS[fingerprint] = legacy_model_fingerprint(p)
+    return fingerprint
+
+
+def legacy_model_fingerprint(p: Path) -> str:
+    """The identity cache keys used before they were content-based (config and weight-file sizes/mtimes): read
+    only to adopt entries built under it (:func:`cached_build`)."""
     h = hashlib.sha256()
     cfg = p / "config.json"
     if cfg.is_file():
@@ -85,6 +98,19 @@ def model_fingerprint(path: str) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+# content fingerprint -> the mtime-based one of the same dir, for the fingerprints computed in this process
+_LEGACY_FINGERPRINTS: dict[str, str] = {}
+
+
+def legacy_spec(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``spec`` with every content fingerprint computed in this process replaced by its legacy one (None: none)."""
+    text = json.dumps(spec, sort_keys=True)
+    old = text
+    for new, legacy in _LEGACY_FINGERPRINTS.items():
+        text = text.replace(new, legacy)
+    return json.loads(text) if text != old else None
 
 
 def spec_key(spec: Mapping[str, Any]) -> str:
@@ -117,6 +143,18 @@ def cached_build(root: Path, name: str, spec: Mapping[str, Any], build: Callable
     final = root / f"{name}-{spec_key(spec)}"
     if (final / RECORD).is_file():
         return final
+    legacy = legacy_spec(spec)
+    earlier = root / f"{name}-{spec_key(legacy)}" if legacy is not None else None
+    if earlier is not None and (earlier / RECORD).is_file() and not final.exists():
+        # Built before keys were content-based: the same inputs, so adopt it under the new key instead of rebuilding.
+        try:
+            earlier.rename(final)
+            log.info("cache: %s adopted as %s (content-based key)", earlier.name, final.name)
+            return final
+        except OSError:
+            pass  # another process adopted it first, or the cache is read-only: build (or find) below
+        if (final / RECORD).is_file():
+            return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # .tmp-<name>-<pid> with a marker: a build killed earlier (kill -9) is cleaned up here once its process is gone.
     tmp = make_temp_dir(final)
