@@ -148,18 +148,30 @@ def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> Non
 def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    run(make_cfg(tmp_path, ["method=weight_averaging", "logger=many"]))
+    grid = ["method=task_arithmetic", "tune=true", "method.grid.scaling=[0.2,0.6]"]
+    run(make_cfg(tmp_path, [*grid, "logger=many"]))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # The results table is written as a wandb table file...
     (table_file,) = (runs[0] / "files" / "media" / "table").glob("results_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"][:3] == ["method", "tweet_sentiment", "food_review"]
-    assert [r[0] for r in table["data"]] == ["pretrained", "experts", "weight_averaging"]
-    # ...and the metrics and the full config go into the run's record log.
+    assert [r[0] for r in table["data"]] == ["pretrained", "experts", "task_arithmetic"]
+    # ...and the metrics, the tuning curve, timings, the full config and the run's identity (name, tags, job type)
+    # go into the run's record log.
     # wandb-core writes the record log from its own service process, and wandb.finish() can return before that
     # write reaches the file (seen with a busy machine: only the 7-byte header was there). Wait for it, bounded.
-    keys = (b"test/weight_averaging/avg_acc", b"test/experts/food_review/f1", b"max_eval_examples")
+    keys = (
+        b"test/task_arithmetic/avg_acc",
+        b"test/experts/food_review/f1",
+        b"max_eval_examples",
+        b"tuning/task_arithmetic/scaling",
+        b"tuning/task_arithmetic/validation_avg_acc",
+        b"timings/setup_s",
+        b"ClassifierPool",
+        b"embedded",
+        b"tune",
+    )
     record_file = next(runs[0].glob("run-*.wandb"))
     deadline = time.monotonic() + 60
     while not all(k in record_file.read_bytes() for k in keys) and time.monotonic() < deadline:
@@ -168,7 +180,7 @@ def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest
     for key in keys:
         assert key in record, key
     csv_metrics = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
-    assert "test/weight_averaging/avg_acc" in csv_metrics
+    assert "test/task_arithmetic/avg_acc" in csv_metrics and "tuning/task_arithmetic/scaling" in csv_metrics
 
 
 def test_multirun_sweep_writes_jobs_and_summary(tmp_path: Path, ta_run: Path) -> None:

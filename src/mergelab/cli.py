@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -46,13 +47,49 @@ def wandb_offline() -> bool:
     return offline()
 
 
+def wandb_identity(key: str, *, _root_: DictConfig) -> Any:
+    """``${mergelab.wandb:<key>}``: the wandb run's ``name``, ``group``, ``tags`` or ``job_type``, from the config
+    (and, inside the app, Hydra's runtime: the experiment's name, the sweep).
+
+    name: the experiment (a table) or the method, plus the job's overrides in a sweep; group: the sweep's dir name in
+    a sweep, else the experiment; tags: the pool's class, the suite and every method; job_type: table, tune, merge
+    (``eval=none``) or evaluate.
+    """
+    runtime = HydraConfig.get() if HydraConfig.initialized() else None
+    experiment = runtime.runtime.choices.get("experiment") if runtime is not None else None
+    table = _root_.get("table")
+    methods = [str(m.get("name", k)) for k, m in (table.methods.items() if table else []) if m] or [
+        str(_root_.method.name)
+    ]
+    sweep = runtime is not None and runtime.mode == RunMode.MULTIRUN
+    if key == "name":
+        name = str(experiment or (f"table of {len(methods)} methods" if table else methods[0]))
+        if sweep:
+            name += " [" + ", ".join(runtime.overrides.task) + "]"  # type: ignore[union-attr]
+        return name
+    if key == "group":
+        return Path(str(runtime.sweep.dir)).name if sweep else (str(experiment) if experiment else None)  # type: ignore[union-attr]
+    if key == "tags":
+        suite = (_root_.get("eval") or {}).get("name")
+        pool = str(_root_.model.get("_target_", "pool")).rsplit(".", 1)[-1]
+        # a ListConfig, so that resolving the config in place (Hydra's --resolve) accepts it
+        return OmegaConf.create([pool, *([str(suite)] if suite else []), *methods])
+    if key == "job_type":
+        if table:
+            return "table"
+        return "tune" if _root_.get("tune") else ("evaluate" if _root_.get("eval") else "merge")
+    raise ValueError(f"${{mergelab.wandb:{key}}}: key must be name, group, tags or job_type")
+
+
 def register_resolvers() -> None:
-    """``${mergelab.root:}``, ``${mergelab.minilm:}``, ``${mergelab.smollm2:}`` and ``${mergelab.wandb_offline:}``."""
+    """``${mergelab.root:}``, ``${mergelab.minilm:}``, ``${mergelab.smollm2:}``, ``${mergelab.wandb_offline:}`` and
+    ``${mergelab.wandb:<key>}``."""
     for name, fn in (
         ("mergelab.root", lambda: str(ROOT_DIR)),
         ("mergelab.minilm", minilm_path),
         ("mergelab.smollm2", smollm2_dir),
         ("mergelab.wandb_offline", wandb_offline),
+        ("mergelab.wandb", wandb_identity),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -47,10 +47,29 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         for key, value in (row.get("method_report") or {}).items():
             if _finite(value):
                 out[f"method/{name}/{key}"] = float(value)
+    for key, value in (results.get("timings") or {}).items():
+        if _finite(value):
+            out[f"timings/{key}"] = float(value)
     objective = results["objective"]
     if objective["name"] is not None and _finite(objective["value"]):  # no name: a merge-only run (eval=none)
         out[objective["name"]] = objective["value"]
     return out
+
+
+def tuning_series(results: Mapping[str, Any]) -> list[dict[str, float]]:
+    """The tuning curve as step series: step i holds each row's i-th grid point (its numeric options and scores)."""
+    steps: list[dict[str, float]] = []
+    for name, row in results["rows"].items():
+        for i, point in enumerate(row.get("tuning") or []):
+            while len(steps) <= i:
+                steps.append({})
+            for pname, value in (point.get("params") or {}).items():
+                if _finite(value):
+                    steps[i][f"tuning/{name}/{pname}"] = float(value)
+            for key, value in point.items():
+                if key != "params" and _finite(value):
+                    steps[i][f"tuning/{name}/{key}"] = float(value)
+    return steps
 
 
 def send(
@@ -59,13 +78,17 @@ def send(
     metrics: Mapping[str, float],
     table: tuple[list[str], list[list[Any]]] | None = None,
     chart: Path | None = None,
+    series: Sequence[Mapping[str, float]] = (),
 ) -> None:
-    """Log the resolved config, the metrics and (to wandb) a results table and chart; close every logger."""
+    """Log the resolved config, the step ``series`` (tuning curves), the metrics and (to wandb) a results table and
+    chart; close every logger."""
     if not loggers:
         return
     container = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(container)  # type: ignore[arg-type]
+        for step, values in enumerate(series):
+            lg.log_metrics(values, step=step)
         lg.log_metrics(dict(metrics))
         if isinstance(lg, WandbLogger):
             if table is not None:
@@ -83,4 +106,4 @@ def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, An
     """Log everything an evaluated run produced to each logger and close it."""
     scored = all("scores" in row for row in results["rows"].values())
     table = table_records(results["rows"], results["tasks"]) if scored else None
-    send(loggers, cfg, flat_metrics(results), table, out_dir / "results.png")
+    send(loggers, cfg, flat_metrics(results), table, out_dir / "results.png", tuning_series(results))

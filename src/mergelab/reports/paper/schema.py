@@ -14,12 +14,9 @@ from typing import Any
 
 import yaml
 
-# As mergelab.cli.ROOT_DIR (not imported, to keep this command free of Hydra): data/ and conf/ sit at the
-# repository root of the editable install.
-ROOT_DIR = Path(__file__).resolve().parents[4]
+from mergelab.locations import DATA_DIR
 
-
-PAPERS_DIR = ROOT_DIR / "data" / "papers"
+PAPERS_DIR = DATA_DIR / "papers"
 
 
 # How a paper turns per-task scores into a "normalized" average, against each task's expert:
