@@ -55,7 +55,7 @@ def main() -> None:
             model = pool.model(state)
             preds: list[torch.Tensor] = []
             if hasattr(model, "task_models"):  # a classifier: record every batch's argmax, in scoring order
-                model.register_forward_hook(lambda _m, _i, o: preds.append(o.detach().float().argmax(-1)))
+                model.register_forward_hook(lambda _m, _i, o, out=preds: out.append(o.detach().float().argmax(-1)))
             start = time.perf_counter()
             scores = pool.evaluate(model, suite.report_split, {**trainer, "precision": precision})
             wall = time.perf_counter() - start

@@ -157,7 +157,7 @@ def svd_costs(cfg: dict, tasks: int) -> None:
         t0 = time.perf_counter()
         torch.svd_lowrank(m, q=min(k + 10, min(shape)), niter=2)
         low = time.perf_counter() - t0
-        print(f"{str(shape):<16}{count:>8}{full:>10.2f}{low:>12.2f}", flush=True)
+        print(f"{shape!s:<16}{count:>8}{full:>10.2f}{low:>12.2f}", flush=True)
 
 
 def main() -> None:
