@@ -71,3 +71,37 @@ def test_bad_tuning_options_are_refused_before_any_work(tmp_path: Path, override
     with pytest.raises(ValueError, match=match):
         run(make_cfg(tmp_path / "bad", [*GRID, override]))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_two_trial_optuna_search_maximises_the_objective(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import TINY
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergelab.cli",
+        "hparams_search=optuna",
+        *TINY,
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
+    assert sorted(jobs) == ["0", "1"]
+    scalings = [m["rows"]["task_arithmetic"]["params"]["scaling"] for m in jobs.values()]
+    assert all(0.05 <= s <= 1.0 for s in scalings) and scalings[0] != scalings[1]  # sampled, not the default
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    top = max(m["objective"]["value"] for m in jobs.values())
+    assert best["best_value"] == pytest.approx(top)
+    winners = [
+        m["rows"]["task_arithmetic"]["params"]["scaling"] for m in jobs.values() if m["objective"]["value"] == top
+    ]
+    assert any(best["best_params"]["method.scaling"] == pytest.approx(w) for w in winners)
+    assert (tmp_path / "summary.json").is_file()  # the sweep summary as for -m
