@@ -85,3 +85,13 @@ def test_unrelated_entries_are_not_adopted(tmp_path: Path) -> None:
         lambda tmp: built.append(tmp) or {"built": "new"},
     )
     assert len(built) == 1  # another task's entry under the old key is left alone
+
+
+def test_an_adapters_config_is_part_of_its_identity(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"a.lora_A.weight": torch.ones(2, 4)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    before = model_fingerprint(str(adapter))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8}))
+    assert model_fingerprint(str(adapter)) != before  # another scaling: another expert

@@ -24,10 +24,11 @@ from mergelab.causal_lm.model import GenerativeEvaluator
 from mergelab.causal_lm.suite import GenerativeSuite
 from mergelab.io.atomic import atomic_dir
 from mergelab.io.files import looks_local
+from mergelab.io.reader import adapter_expert
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
 from mergelab.suites.base import file_digest
 from mergelab.suites.scoring import run_test
-from mergelab.text.pool import checkpoint_location, load_model
+from mergelab.text.pool import adapter_location, checkpoint_location, load_model
 from mergelab.training.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,12 @@ class CausalLMPool(ModelPool):
                     )
                 )
             where = f"expert '{task}' ({path})"
-            model = load_model(AutoModelForCausalLM, f"expert '{task}'", path, self.trust_remote_code)
+            adapter = adapter_location(f"expert '{task}'", path)
+            if adapter is not None:  # the pretrained LM with the LoRA deltas (tied weights counted once, as merged)
+                adapted = adapter_expert(adapter, base, f"model pool: expert '{task}'", self.source)
+                model = copy_with_state(self._pretrained, adapted.state)
+            else:
+                model = load_model(AutoModelForCausalLM, f"expert '{task}'", path, self.trust_remote_code)
             self.check_architecture(where, model.config.model_type)
             state = untied_state(model)
             tv.check_finite(state, where)

@@ -21,8 +21,8 @@ from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Chunk
 from mergelab.engine.passes import DeferredValues, SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.pipeline import ChunkPipeline, single_threaded_torch
 from mergelab.engine.protocol import ChunkMethod
-from mergelab.io.files import TOKENIZER_FILES
-from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.files import TOKENIZER_FILES, CheckpointReader
+from mergelab.io.reader import open_checkpoint
 from mergelab.io.writer import ShardedWriter
 from mergelab.task_vectors import add_base, release_workspace, require_finite_merge
 
@@ -42,8 +42,8 @@ def _row_extension(base: tuple[int, ...], other: tuple[int, ...]) -> bool:
 
 
 def plan_tensors(
-    base: LazyCheckpoint,
-    experts: Sequence[LazyCheckpoint],
+    base: CheckpointReader,
+    experts: Sequence[CheckpointReader],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     vocab: str = "extend",
@@ -89,7 +89,7 @@ def plan_tensors(
 
 
 def extra_rows(
-    method: ChunkMethod, name: str, base_rows: int, out_rows: int, experts: Sequence[LazyCheckpoint]
+    method: ChunkMethod, name: str, base_rows: int, out_rows: int, experts: Sequence[CheckpointReader]
 ) -> Tensor:
     """Rows only some experts have (added tokens), each merged by ``method.extra_rows`` from those experts' rows."""
     blocks = []
@@ -109,8 +109,8 @@ def check_block(
     method: ChunkMethod,
     name: str,
     block: Tensor,
-    base: LazyCheckpoint,
-    experts: Sequence[LazyCheckpoint],
+    base: CheckpointReader,
+    experts: Sequence[CheckpointReader],
     s: int | None,
     e: int | None,
 ) -> None:
@@ -137,7 +137,10 @@ def stream_merge(
     task_names: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Merge safetensors checkpoints (local dirs or hub ids) tensor by tensor into ``out_dir``.
+    """Merge checkpoints (local dirs or hub ids) tensor by tensor into ``out_dir``.
+
+    Each is read by :func:`mergelab.io.reader.open_checkpoint`: safetensors, PyTorch ``.bin`` (one shard in memory
+    at a time), or, for an expert, a PEFT LoRA adapter over ``pretrained``.
 
     Peak memory is a few row blocks of ``chunk_elems`` elements per expert (whole tensors for methods that
     need them). ``vocab`` reconciles experts with extra embedding rows: ``extend`` merges the shared rows
@@ -150,9 +153,12 @@ def stream_merge(
     per core, torch itself single-threaded meanwhile); the bytes written are those of the sequential engine
     (``PIPELINE = False``). Global TIES skips its sign pass here (see :meth:`TIES.merge_chunk_folded`).
     """
-    base = LazyCheckpoint(pretrained, name="pretrained")
+    base = open_checkpoint(pretrained, name="pretrained")
     names = [str(e) for e in experts]
-    exps = [LazyCheckpoint(e, name=n) for e, n in zip(experts, task_names or names, strict=True)]
+    exps = [
+        open_checkpoint(e, name=n, base=base, pretrained=str(pretrained))
+        for e, n in zip(experts, task_names or names, strict=True)
+    ]
     method.task_names = list(task_names or names)
     merged, extended = plan_tensors(base, exps, include, exclude, vocab)
 
@@ -188,8 +194,8 @@ def stream_merge(
 
 def _write_merge(
     method: ChunkMethod,
-    base: LazyCheckpoint,
-    exps: Sequence[LazyCheckpoint],
+    base: CheckpointReader,
+    exps: Sequence[CheckpointReader],
     merged: Sequence[str],
     extended: Mapping[str, int],
     layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
@@ -242,8 +248,8 @@ def _write_merge(
 def _merged_stream(
     method: ChunkMethod,
     merged: Sequence[str],
-    base: LazyCheckpoint,
-    experts: Sequence[LazyCheckpoint],
+    base: CheckpointReader,
+    experts: Sequence[CheckpointReader],
     chunk_elems: int | None,
     progress: bool,
     deferred: DeferredValues | None = None,

@@ -19,8 +19,9 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,6 +30,24 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 SINGLE_FILE = "model.safetensors"
+
+
+# PyTorch pickle checkpoints (transformers' older default): one file, or shards named by an index.
+BIN_FILE = "pytorch_model.bin"
+
+
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+
+
+# A PEFT adapter dir: its config (rank, alpha, targets) and its weights, safetensors preferred as PEFT does.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+# The weight files a hub download fetches when a repo has no safetensors weights (a dir of .bin files).
+BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
 # Copied from the pretrained model dir beside merged weights, so transformers loads the result as is.
@@ -67,13 +86,54 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class CheckpointReader(Protocol):
+    """Name -> tensor access to one checkpoint, reading only the tensors or row blocks asked for.
+
+    What the streaming engine and the checkpoint pool read (:func:`mergelab.io.reader.open_checkpoint` opens one):
+    safetensors (:class:`~mergelab.io.reader.LazyCheckpoint`), PyTorch pickles
+    (:class:`~mergelab.io.reader.BinCheckpoint`) and PEFT adapters over a base
+    (:class:`~mergelab.io.adapters.AdapterCheckpoint`). Several threads may read at once.
+    """
+
+    name: str  # how errors name the checkpoint
+    dir: Path  # its dir (side files such as the tokenizer are copied from it)
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, name: str) -> Tensor: ...
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def block_nbytes(self, name: str, start: int | None = None, stop: int | None = None) -> int: ...
+
+    def get_rows(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor: ...
+
+    def read_rows_into(self, name: str, start: int | None, stop: int | None, buf: Tensor) -> Tensor: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+    def close(self) -> None: ...
+
+
 def looks_local(path: str) -> bool:
     """Hub ids are ``name`` or ``owner/name``; anything else (absolute, ./, ~, deeper) is a local path."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
 
 
 def resolve_model_dir(path_or_id: str) -> Path:
-    """A local dir as is; a hub id downloaded (safetensors, configs and tokenizer only) into the HF cache."""
+    """A local dir as is; a hub id downloaded (safetensors, configs and tokenizer only) into the HF cache.
+
+    A repo without safetensors weights is fetched again with its ``.bin`` weights (:data:`BIN_PATTERNS`): only
+    then, since many repos carry both and the pickles would double the download.
+    """
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p
@@ -81,10 +141,54 @@ def resolve_model_dir(path_or_id: str) -> Path:
         raise FileNotFoundError(f"checkpoint dir '{path_or_id}' does not exist")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.safetensors", "*.json", *SIDE_FILES]
     try:
-        return Path(snapshot_download(path_or_id, allow_patterns=["*.safetensors", "*.json", *SIDE_FILES]))
+        out = Path(snapshot_download(path_or_id, allow_patterns=patterns))
+        if not any((out / f).is_file() for f in (SINGLE_FILE, INDEX_FILE, ADAPTER_WEIGHTS[0])):
+            out = Path(snapshot_download(path_or_id, allow_patterns=[*patterns, *BIN_PATTERNS]))
+        return out
     except Exception as e:  # offline, unknown repo, gated: say which entry failed
         raise OSError(f"cannot fetch '{path_or_id}' from the hub: {type(e).__name__}: {e}") from e
+
+
+#: What :func:`checkpoint_format` accepts, as errors list it.
+ACCEPTED_FORMATS = (
+    f"{SINGLE_FILE} or {INDEX_FILE} + shards, {BIN_FILE} or {BIN_INDEX_FILE} + shards (a full checkpoint), or "
+    f"{ADAPTER_CONFIG} + {' or '.join(ADAPTER_WEIGHTS)} (a PEFT adapter)"
+)
+
+
+def is_adapter_dir(model_dir: Path) -> bool:
+    """Whether a local dir holds any file of a PEFT adapter (its config or its weights)."""
+    return any((model_dir / f).is_file() for f in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS))
+
+
+def checkpoint_format(model_dir: Path, name: str | None = None) -> str:
+    """What a model dir holds: ``"safetensors"``, ``"bin"`` (PyTorch pickles) or ``"adapter"`` (a PEFT adapter).
+
+    Safetensors win over ``.bin`` when a dir has both (as in transformers). Any adapter file (its config or its
+    weights) makes the dir an adapter, so a half-saved one gets the adapter's own error rather than "no weights".
+    A dir holding both a full checkpoint and an adapter is refused: which one is the expert would be a guess (and
+    transformers would load it as the adapter). Errors are one line naming ``name`` (the model) and the dir.
+    """
+    who = f"{name}: " if name else ""
+    if (model_dir / INDEX_FILE).is_file() or (model_dir / SINGLE_FILE).is_file():
+        full = "safetensors"
+    elif (model_dir / BIN_INDEX_FILE).is_file() or (model_dir / BIN_FILE).is_file():
+        full = "bin"
+    else:
+        full = ""
+    adapter = is_adapter_dir(model_dir)
+    if full and adapter:
+        raise ValueError(
+            f"{who}{model_dir} holds both a full checkpoint ({full}) and a PEFT adapter ({ADAPTER_CONFIG} or "
+            f"{' or '.join(ADAPTER_WEIGHTS)}); keep one of them in the dir"
+        )
+    if adapter:
+        return "adapter"
+    if not full:
+        raise FileNotFoundError(f"{who}no model weights in {model_dir}: expected {ACCEPTED_FORMATS}")
+    return full
 
 
 # The safetensors library's own limit on the header length (its HeaderTooLarge).

@@ -11,8 +11,8 @@ from typing import Any
 
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS
 from mergelab.engine.streaming import VOCAB_POLICIES, plan_tensors, stream_merge
-from mergelab.io.files import DTYPE_NAMES, resolve_model_dir
-from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.files import DTYPE_NAMES, CheckpointReader, is_adapter_dir, resolve_model_dir
+from mergelab.io.reader import open_checkpoint
 from mergelab.methods.base import TaskVectorMethod
 from mergelab.pools.base import ModelPool, PoolSources
 
@@ -31,7 +31,7 @@ def read_config(model_dir: Path, where: str) -> dict[str, Any] | None:
     return cfg
 
 
-def check_dtypes(base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], paths: Mapping[str, str]) -> None:
+def check_dtypes(base: CheckpointReader, experts: Sequence[CheckpointReader], paths: Mapping[str, str]) -> None:
     """Refuse an expert tensor whose dtype is not of the pretrained's kind (floating point or not).
 
     Float widths may differ (a bf16 base with fp32 experts): blocks are converted to the compute dtype when read
@@ -50,7 +50,11 @@ def check_dtypes(base: LazyCheckpoint, experts: Sequence[LazyCheckpoint], paths:
 
 
 class CheckpointPool(ModelPool):
-    """A pool of large checkpoints (hub ids or local safetensors dirs) merged by streaming, never loaded whole.
+    """A pool of large checkpoints (hub ids or local dirs) merged by streaming, never loaded whole.
+
+    Each checkpoint is safetensors or PyTorch ``.bin`` files (one shard in memory at a time); an expert may also be
+    a PEFT LoRA adapter, read as the pretrained checkpoint plus its task vector, row block by row block
+    (:func:`mergelab.io.reader.open_checkpoint`).
 
     Capabilities: not ``in_memory`` (weights are read from the files row block by row block), not ``scorable``
     (a merge is written to disk by :meth:`write_merged` and scored from there by a suite that evaluates
@@ -139,17 +143,19 @@ class CheckpointPool(ModelPool):
             for ck in (base, *experts):
                 ck.close()
 
-    def open_checkpoints(self) -> tuple[LazyCheckpoint, list[LazyCheckpoint], list[str]]:
+    def open_checkpoints(self) -> tuple[CheckpointReader, list[CheckpointReader], list[str]]:
         """The pretrained checkpoint, the experts (opened lazily; the caller closes them) and the merged tensors.
 
         Checks first that the checkpoints are one architecture (:meth:`check_configs`), then, from the headers,
         that every expert has every pretrained tensor with its shape (or extra rows, per ``vocab``) and a dtype of
-        the same kind (:func:`check_dtypes`).
+        the same kind (:func:`check_dtypes`). An adapter expert is mapped onto the pretrained tensors here.
         """
         base_dir, expert_dirs = self.check_configs()
-        base = LazyCheckpoint(base_dir, name="pretrained")
-        experts = [LazyCheckpoint(expert_dirs[t], name=t) for t in self.experts]
+        base = open_checkpoint(base_dir, name="pretrained")
+        experts: list[CheckpointReader] = []
         try:
+            for t in self.experts:
+                experts.append(open_checkpoint(expert_dirs[t], name=t, base=base, pretrained=self.pretrained))
             merged, _ = plan_tensors(base, experts, self.include_patterns, self.exclude_patterns, self.vocab)
             check_dtypes(base, experts, self.experts)
         except BaseException:
@@ -166,7 +172,9 @@ class CheckpointPool(ModelPool):
         list them) ``architectures``: tensor names alone do not tell architectures apart (a Mistral checkpoint has
         a Llama's names and shapes), and merging two architectures gives a model of neither. So an expert without
         config.json is refused rather than trusted (copy the pretrained's config.json beside it if it truly is a
-        fine-tune of it). Raises a one-line error naming the expert, its path and both values.
+        fine-tune of it). A PEFT adapter has no config.json of its own: the pool's pretrained model is its base, so it
+        is the pretrained's architecture by construction. Raises a one-line error naming the expert, its path and
+        both values.
         """
         base_dir = self._resolve("pretrained model", self.pretrained)
         base_cfg = read_config(base_dir, f"pretrained model ({self.pretrained})")
@@ -179,6 +187,8 @@ class CheckpointPool(ModelPool):
         for task, path in self.experts.items():
             where = f"expert '{task}' ({path})"
             dirs[task] = self._resolve(f"expert '{task}'", path)
+            if is_adapter_dir(dirs[task]):
+                continue
             cfg = read_config(dirs[task], where)
             if cfg is None:
                 raise FileNotFoundError(

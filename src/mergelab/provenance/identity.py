@@ -97,7 +97,8 @@ def weight_file_digest(path: str | Path) -> tuple[str, list[str]]:
 def checkpoint_identity(path_or_id: str) -> dict[str, Any]:
     """What identifies a checkpoint: a hub id as given, or a local dir's (or single file's) content hash.
 
-    For a dir: ``sha256`` over its config.json bytes and each weight file's :func:`weight_file_digest` (names sorted),
+    For a dir: ``sha256`` over its config.json and adapter_config.json bytes (a LoRA adapter's rank and alpha are
+    part of what the expert is) and each weight file's :func:`weight_file_digest` (names sorted),
     the weight files' sizes, and ``float_dtypes``, the floating-point dtypes of its safetensors tensors. Never reads
     more than a header and 1 MiB of data per file.
     """
@@ -106,9 +107,10 @@ def checkpoint_identity(path_or_id: str) -> dict[str, Any]:
         return {"id": path_or_id, "hub": True}
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if p.is_dir() else [p]
     h = hashlib.sha256()
-    config = p / "config.json"
-    if p.is_dir() and config.is_file():
-        h.update(b"config.json\0" + hashlib.sha256(config.read_bytes()).hexdigest().encode() + b"\n")
+    for name in ("config.json", "adapter_config.json"):
+        config = p / name
+        if p.is_dir() and config.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(config.read_bytes()).hexdigest().encode() + b"\n")
     dtypes: set[str] = set()
     sizes = {}
     for f in files:

@@ -239,6 +239,15 @@ def export_merge(
             "experts' extra vocabulary rows were merged in (model.vocab=extend); MergeKit reconciles vocabularies "
             "through tokenizer settings that mergelab does not map",
         )
+    from mergelab.io.files import is_adapter_dir  # torch comes with it: not at import (the CLI starts without)
+
+    adapters = [e for e in experts if Path(e).expanduser().is_dir() and is_adapter_dir(Path(e).expanduser())]
+    if adapters:  # a config naming the adapter dir as a model would not load; MergeKit's base+LoRA is not mapped
+        return Export(
+            None,
+            f"expert {adapters[0]} is a PEFT adapter; MergeKit names one as <base>+<adapter>, which mergelab does not "
+            "write or read",
+        )
     base = _ref(pretrained)
     models = [{"model": _ref(e), "parameters": dict(per)} for e in experts]
     if merge_method == "linear":  # listed with weight 0: the base supplies the config, not a share of the average

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from mergelab import task_vectors as tv
 from mergelab.io.atomic import atomic_dir, atomic_write_json
-from mergelab.io.files import looks_local
+from mergelab.io.files import checkpoint_format, is_adapter_dir, looks_local
+from mergelab.io.reader import adapter_expert
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
 from mergelab.suites.base import subsample
 from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
@@ -40,15 +42,34 @@ def checkpoint_location(name: str, path: str, need_config: bool = True) -> str:
     if not p.is_dir():
         raise FileNotFoundError(f"model pool: {name} dir '{path}' does not exist")
     if need_config and not (p / "config.json").is_file():
+        if is_adapter_dir(p):
+            raise FileNotFoundError(
+                f"model pool: {name} dir '{path}' is a PEFT adapter (no config.json), not a model: an adapter is an "
+                "expert over the pool's pretrained model"
+            )
         raise FileNotFoundError(f"model pool: {name} dir '{path}' has no config.json (not a HF model dir)")
     return str(p)
 
 
+def adapter_location(name: str, path: str) -> str | None:
+    """The local dir of ``path`` when it holds a PEFT adapter (read by :func:`mergelab.io.reader.adapter_expert`),
+    else None (a model checkpoint, or a hub id, loaded by transformers). A dir holding both is refused."""
+    p = Path(path).expanduser()
+    if not looks_local(path) or not p.is_dir() or not is_adapter_dir(p):
+        return None
+    checkpoint_format(p, f"model pool: {name}")
+    return str(p)
+
+
 def load_model(auto_class: Any, name: str, path: str, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint with a transformers ``Auto*`` class, with an error that names the pool entry at fault."""
+    """Load a checkpoint with a transformers ``Auto*`` class, with an error that names the pool entry at fault.
+
+    ``pytorch_model.bin`` checkpoints are read with ``weights_only=True`` (transformers' default, asked for here so
+    that a pickle holding anything but tensors is refused whatever the default becomes).
+    """
     path = checkpoint_location(name, path)
     try:
-        model = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, weights_only=True, **kwargs)
     except Exception as e:  # transformers raises several types for unreadable/unreachable checkpoints
         raise OSError(f"model pool: cannot load {name} from '{path}': {type(e).__name__}: {e}") from e
     return model.eval()
@@ -117,8 +138,12 @@ class ClassifierPool(ModelPool):
                 path = str(
                     build_expert(self.pretrained_path, suite, task, self.finetune, self.cache_dir, trainer_kwargs)
                 )
-            model = load_classifier(f"expert '{task}'", path, self.trust_remote_code)
             where = f"expert '{task}' ({path})"
+            adapter = adapter_location(f"expert '{task}'", path)
+            if adapter is not None:
+                model = self._adapter_classifier(f"model pool: expert '{task}'", adapter, pre)
+            else:
+                model = load_classifier(f"expert '{task}'", path, self.trust_remote_code)
             self.check_architecture(where, model.config.model_type)
             self._check_labels(task, model, suite, where)
             state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -128,6 +153,45 @@ class ClassifierPool(ModelPool):
             # its head runs on the pool's backbones, so it takes their dtype (upcasting is exact).
             self._shells[task] = shell.to(self.dtype)
             self.add_expert(task, path, where, base, backbone.state_dict())
+
+    def _adapter_classifier(self, name: str, path: str, pre: nn.Module) -> nn.Module:
+        """The classifier of a PEFT adapter expert: the pretrained classifier with the LoRA deltas, and the head the
+        adapter saved (``modules_to_save``; PEFT saves it for ``task_type=SEQ_CLS``), its label count read from it.
+
+        An adapter without a head is refused: the pretrained model's head is untrained, so the expert would score
+        nothing of its task.
+        """
+        pre_state = pre.state_dict()
+        adapted = adapter_expert(path, pre_state, name, self.pretrained_path)
+        head = [k for k in pre_state if not k.startswith(pre.base_model_prefix + ".")]
+        missing = [k for k in head if k not in adapted.saved]
+        if missing:
+            raise ValueError(
+                f"{name}: PEFT adapter {path} has no classification head ({', '.join(missing)}): a classifier expert "
+                "needs its head; save it with the adapter (modules_to_save, as PEFT does for task_type SEQ_CLS)"
+            )
+        # The head's output rows are the labels: the pretrained head (built with num_labels outputs) says which.
+        n = pre.config.num_labels
+        counts = {
+            adapted.state[k].shape[0]
+            for k in head
+            if pre_state[k].dim()
+            and pre_state[k].shape[0] == n
+            and adapted.state[k].shape[1:] == pre_state[k].shape[1:]
+        }
+        if len(counts) != 1:
+            raise ValueError(f"{name}: PEFT adapter {path}: cannot tell its label count from its head {head}")
+        cfg = copy.deepcopy(pre.config)
+        cfg.num_labels = counts.pop()
+        model = AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=self.trust_remote_code)
+        try:
+            model.to(pre.dtype).load_state_dict(adapted.state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ValueError(
+                f"{name}: PEFT adapter {path}: its head does not fit the pretrained model ({first})"
+            ) from None
+        return model.eval()
 
     @staticmethod
     def _check_labels(task: str, model: nn.Module, suite: TextClassificationSuite, where: str) -> None:

@@ -20,10 +20,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPMode
 
 from mergelab import task_vectors as tv
 from mergelab.io.atomic import atomic_dir, atomic_write_json
+from mergelab.io.reader import adapter_expert
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
 from mergelab.suites.base import subsample
 from mergelab.suites.scoring import run_test
-from mergelab.text.pool import checkpoint_location, load_model
+from mergelab.text.pool import adapter_location, checkpoint_location, load_model
 from mergelab.training.experts import cached_build, model_fingerprint
 from mergelab.vision.model import ZeroShotClassifier, fill_templates, tensors_digest, tokenize_prompts, zero_shot_head
 from mergelab.vision.suite import (
@@ -99,18 +100,36 @@ class CLIPVisionPool(ModelPool):
         base = self.pretrained_state()
         tv.check_finite(base, f"pretrained model '{self.source}'")
         for task in self.tasks:
-            path = checkpoint_location(f"expert '{task}'", str(paths[task]))
-            where = f"expert '{task}' ({path})"
-            kind = self._config_type(f"expert '{task}'", path)
-            if kind not in CLIP_TYPES:
-                raise ValueError(
-                    f"{where}: architecture '{kind}' is not a CLIP vision tower (config types {CLIP_TYPES})"
-                )
-            vision = load_model(CLIPVisionModel, f"expert '{task}'", path, self.trust_remote_code)
-            state = {k: v.detach() for k, v in vision.state_dict().items()}
+            adapter = adapter_location(f"expert '{task}'", str(paths[task]))
+            if adapter is not None:
+                path, where = adapter, f"expert '{task}' ({adapter})"
+                state = self._adapter_tower(f"model pool: expert '{task}'", adapter, base)
+            else:
+                path = checkpoint_location(f"expert '{task}'", str(paths[task]))
+                where = f"expert '{task}' ({path})"
+                kind = self._config_type(f"expert '{task}'", path)
+                if kind not in CLIP_TYPES:
+                    raise ValueError(
+                        f"{where}: architecture '{kind}' is not a CLIP vision tower (config types {CLIP_TYPES})"
+                    )
+                vision = load_model(CLIPVisionModel, f"expert '{task}'", path, self.trust_remote_code)
+                state = {k: v.detach() for k, v in vision.state_dict().items()}
             tv.check_finite(state, where)
             self.add_expert(task, path, where, base, state)
         self.build_heads(suite)
+
+    def _adapter_tower(self, name: str, path: str, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The vision tower of a PEFT adapter expert: the pretrained tower with the adapter's LoRA deltas.
+
+        The tower's weights are matched under ``CLIPModel``'s names (``vision_model.*``), so an adapter of a whole
+        ``CLIPModel`` and one of a ``CLIPVisionModel`` (named with or without ``vision_model.``, by transformers
+        version) both fit; the adapter's text tower, projections and logit scale are ignored, as for any expert.
+        """
+        prefix = "vision_model."
+        named = {prefix + k: v for k, v in base.items()}
+        ignore = ("text_model.", "text_projection", "visual_projection", "logit_scale")
+        adapted = adapter_expert(path, named, name, self.source, ignore)
+        return {k.removeprefix(prefix): v for k, v in adapted.state.items()}
 
     def build_heads(self, suite: ZeroShotImageSuite) -> None:
         """Each task's zero-shot head from the pretrained text tower, loaded from the cache or computed once."""
