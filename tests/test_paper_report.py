@@ -319,7 +319,8 @@ def test_a_row_its_run_cannot_place_is_an_error_until_mapped(toy: Path, tmp_path
 def test_table_experiment_rows_take_their_options_from_config(toy: Path, tmp_path: Path) -> None:
     run = write_run(
         tmp_path / "run",
-        {"experts": row(EXPERTS), "awd_ta": row(EXPERTS, val=0.9, params={"scaling": 0.5})},
+        # ties: a row the table matches, so that the report is made (a run matching nothing is an error)
+        {"experts": row(EXPERTS), "awd_ta": row(EXPERTS, val=0.9, params={"scaling": 0.5}), "ties": row(EXPERTS)},
         config={"method": {"name": "awd_ta", "merge": "x"}, "table": {"methods": {"awd_ta": {"merge": "ties"}}}},
     )
     (loaded,) = pr.find_runs([run])
@@ -488,6 +489,46 @@ def test_main_reports_bad_input_on_stderr(
     assert "unknown table 'nope'" in err and "awd_vit_b32" in err
     assert report_main([str(two_runs[0]), "--table", str(toy), "--map", "Nope=ties"]) == 2
     assert "no method 'Nope'" in capsys.readouterr().err
+
+
+def test_main_fails_in_one_line_when_no_row_matches_the_table(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reference rows match the table's Individual, but no merge row matches any method it compares.
+    run = write_run(
+        tmp_path / "runs" / "mine",
+        {"pretrained": row(EXPERTS), "experts": row(EXPERTS), "my_merge": row(EXPERTS, val=0.5)},
+    )
+    out = tmp_path / "report"
+    assert report_main([str(run), "--table", str(toy), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"mergelab-report: error: nothing in {run} matches table toy: ")
+    assert "the runs have rows pretrained, experts, my_merge;" in line
+    assert "task_arithmetic (Task Arithmetic)" in line and "awd_ta|awd merge=task_arithmetic (AWD-TA)" in line
+    assert "--map METHOD=ROW" in line
+    # Mapped, the same run makes a report.
+    assert report_main([str(run), "--table", str(toy), "--out", str(out), "--map", "TIES=my_merge"]) == 0
+    assert (out / "report.md").is_file()
+
+
+def test_no_matching_task_is_an_error_naming_both_sides(toy: Path, tmp_path: Path) -> None:
+    a = write_run(
+        tmp_path / "a",
+        {"experts": row({"x": 0.9, "y": 0.8}), "ties": row({"x": 0.5, "y": 0.4}, val=0.4)},
+        tasks=["x", "y"],
+    )
+    b = write_run(
+        tmp_path / "b",
+        {"experts": row({"x": 0.9, "y": 0.8}), "ties": row({"x": 0.6, "y": 0.4}, val=0.5)},
+        tasks=["x", "y"],
+    )
+    with pytest.raises(pr.ReportError) as e:
+        pr.build_report(pr.load_table(toy), pr.find_runs([a, b]))
+    message = str(e.value)
+    assert "\n" not in message and f"nothing in {a}, {b} matches table toy" in message
+    assert "the runs have tasks x, y; the table expects tasks Alpha, Beta, Gamma" in message
 
 
 def test_console_script_on_a_sweep_dir(tmp_path: Path) -> None:

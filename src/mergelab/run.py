@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from mergelab.io.atomic import (
     atomic_write_json,
     atomic_write_text,
     build_into_place,
+    figure_format,
     move_dir_into_place,
 )
 from mergelab.methods.base import MergeMethod, grid_candidates
@@ -65,6 +67,11 @@ def method_candidates(mcfg: DictConfig, tune: bool) -> list[tuple[dict[str, Any]
     """
     node = OmegaConf.to_container(mcfg, resolve=True)
     return grid_candidates(node, tune, build)
+
+
+def point_label(name: str, params: Mapping[str, Any]) -> str:
+    """A candidate as the console names it: its row and grid point, e.g. ``ties {k: 20, scaling: 0.4}``."""
+    return f"{name} {{{', '.join(f'{k}: {v}' for k, v in params.items())}}}" if params else name
 
 
 def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[], ev.Scores]) -> ev.Scores:
@@ -150,14 +157,32 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
     return None
 
 
+#: Warnings of libraries that every run would print and that say nothing about it: (message regex, category,
+#: regex of the warning module). Matched narrowly, so that mergelab's own warnings and others still show.
+LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning <= 2.6's pytree helper under torch >= 2.10, on every Trainer (lightning/pytorch/utilities/_pytree.py).
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+)
+
+
 def quiet_libraries() -> None:
-    """Keep the console to progress bars and results: no per-evaluation banners or dataset-map bars.
+    """Keep the console to progress bars and results: no per-evaluation banners, dataset-map bars or the library
+    deprecations of :data:`LIBRARY_WARNINGS`; and where stderr is not a terminal (a log file, CI) no hub download or
+    weight-loading bars either, whose every redraw would stay in the log.
 
     Through the environment and logger names: neither library is imported here (a merge-only run never needs them).
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:  # already imported: the variable was read at import
         sys.modules["datasets"].disable_progress_bars()
+    if not ev.live_console(sys.stderr):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow the hub's
+        if "huggingface_hub.utils" in sys.modules:  # already imported: as for datasets
+            sys.modules["huggingface_hub.utils"].disable_progress_bars()
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].disable_progress_bar()
+    for message, category, module in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -178,10 +203,14 @@ def seed_everything(seed: int) -> None:
 
 
 class InMemoryMerge:
-    """A candidate merge of a ``scorable`` pool: merged into the scoring module's backbone when first scored."""
+    """A candidate merge of a ``scorable`` pool: merged into the scoring module's backbone when first scored.
 
-    def __init__(self, pool: ModelPool, method: MergeMethod, trainer_kwargs: Mapping[str, Any]) -> None:
-        self.pool, self.trainer_kwargs = pool, trainer_kwargs
+    ``label`` names it on the console when it is scored (see :func:`point_label`)."""
+
+    def __init__(
+        self, pool: ModelPool, method: MergeMethod, trainer_kwargs: Mapping[str, Any], label: str = "merged"
+    ) -> None:
+        self.pool, self.trainer_kwargs, self.label = pool, trainer_kwargs, label
         from mergelab.callbacks import MergeCallback  # Lightning: only pools that score in memory need it
 
         # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
@@ -193,7 +222,10 @@ class InMemoryMerge:
 
     def score(self, split: str, tasks: list[str] | None = None, kwargs: Mapping[str, Any] | None = None) -> ev.Scores:
         """Scores on ``split`` (under the run's trainer arguments, or ``kwargs``: tuning's precision)."""
-        return self.pool.evaluate(self.model, split, kwargs or self.trainer_kwargs, tasks, callbacks=[self.callback])
+        with ev.scoring(self.label, split):
+            return self.pool.evaluate(
+                self.model, split, kwargs or self.trainer_kwargs, tasks, callbacks=[self.callback]
+            )
 
     def realize(self) -> None:
         """Compute the merge (scoring does it too)."""
@@ -211,13 +243,20 @@ class InMemoryMerge:
 
 class OnDiskMerge:
     """A candidate merge of a pool not scorable in memory: written to ``work_dir`` (under the run dir) when first
-    needed, and scored from there by the suite's ``evaluate_checkpoint`` (on the suite's own split)."""
+    needed, and scored from there by the suite's ``evaluate_checkpoint`` (on the suite's own split); ``label`` names
+    it on the console when it is scored."""
 
     def __init__(
-        self, pool: ModelPool, method: MergeMethod, suite: Any, trainer_kwargs: Mapping[str, Any], work_dir: Path
+        self,
+        pool: ModelPool,
+        method: MergeMethod,
+        suite: Any,
+        trainer_kwargs: Mapping[str, Any],
+        work_dir: Path,
+        label: str = "merged",
     ) -> None:
         self.pool, self.method, self.suite, self.trainer_kwargs = pool, method, suite, trainer_kwargs
-        self.work_dir, self.path = work_dir, None
+        self.work_dir, self.path, self.label = work_dir, None, label
 
     def realize(self) -> Path:
         if self.path is None:
@@ -226,9 +265,9 @@ class OnDiskMerge:
 
     def score(self, split: str, tasks: list[str] | None = None, kwargs: Mapping[str, Any] | None = None) -> ev.Scores:
         """Scores of the written merge (under the run's trainer arguments, or ``kwargs``)."""
-        scores = self.suite.evaluate_checkpoint(
-            self.realize(), kwargs or self.trainer_kwargs, self.pool.trust_remote_code
-        )
+        path = self.realize()
+        with ev.scoring(self.label, split):
+            scores = self.suite.evaluate_checkpoint(path, kwargs or self.trainer_kwargs, self.pool.trust_remote_code)
         return {t: s for t, s in scores.items() if tasks is None or t in tasks}
 
     def write(self, out_dir: Path, overwrite: bool, finish: Callable[[Path], Any] | None = None) -> Path:
@@ -287,8 +326,15 @@ def run(cfg: DictConfig) -> float:
     prepared, tuned over its grid on the tune split and scored on the report split (an in-memory pool merges inside
     the evaluation trainer; any other pool writes each candidate to a dir under the run dir, scored from there), and
     the results go to ``metrics.json`` (one schema for every run), the tables, the loggers and, for the last row,
-    ``merged_model`` (always written by a pool not held in memory, else with ``save_merged=true``).
+    ``merged_model`` (always written by a pool not held in memory, else with ``save_merged=true``). Figures (the
+    results chart, methods' plots) are written in ``figure_format``.
     """
+    with figure_format(cfg.get("figure_format")):  # checked here, before any work
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> float:
+    """:func:`run` inside its figure format."""
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -334,9 +380,11 @@ def run(cfg: DictConfig) -> float:
     report, tune_split = (suite.report_split, suite.tune_split) if suite is not None else (None, None)
     columns = list(suite.task_names) if suite is not None else list(pool.tasks)  # the table's columns
 
-    def score(model: L.LightningModule, split: str, tasks: list[str] | None = None) -> ev.Scores:
-        """Scores of an in-memory model of a ``scorable`` pool (pretrained, an expert, a single-task state)."""
-        return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[])
+    def score(what: str, model: L.LightningModule, split: str, tasks: list[str] | None = None) -> ev.Scores:
+        """Scores of an in-memory model of a ``scorable`` pool (pretrained, an expert, a single-task state), named
+        ``what`` on the console."""
+        with ev.scoring(what, split):
+            return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[])
 
     rows: dict[str, dict[str, Any]] = {}
     expert_scores: ev.Scores | None = None
@@ -345,7 +393,7 @@ def run(cfg: DictConfig) -> float:
         # are benchmarks matched with experts, as lm-eval's are).
         base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
         pre_scores = cached_scores(
-            pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score(pool.model(), report)
+            pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score("pretrained", pool.model(), report)
         )
         expert_scores = {}
         for t in pool.tasks:
@@ -355,7 +403,7 @@ def run(cfg: DictConfig) -> float:
                     cached_scores(
                         pool.cache_dir,
                         {**base_key, **pool.reference_key(t), **({} if own == [t] else {"columns": own})},
-                        lambda t=t, own=own: score(pool.expert_model(t), report, own),
+                        lambda t=t, own=own: score(f"expert {t}", pool.expert_model(t), report, own),
                     )
                 )
         expert_scores = {c: expert_scores[c] for c in columns}
@@ -363,9 +411,10 @@ def run(cfg: DictConfig) -> float:
         rows["experts"] = row(expert_scores, expert_scores)
 
     def candidate(method: MergeMethod, name: str, i: int) -> InMemoryMerge | OnDiskMerge:
+        label = point_label(name, candidates[name][i][0])
         if pool.scorable:
-            return InMemoryMerge(pool, method, trainer_kwargs)
-        return OnDiskMerge(pool, method, suite, trainer_kwargs, out_dir / CANDIDATES_DIR / f"{name}-{i}")
+            return InMemoryMerge(pool, method, trainer_kwargs, label)
+        return OnDiskMerge(pool, method, suite, trainer_kwargs, out_dir / CANDIDATES_DIR / f"{name}-{i}", label)
 
     objective = float("nan")
     kept: InMemoryMerge | OnDiskMerge | None = None  # the last row's merge: the run's merged model
@@ -455,7 +504,9 @@ def run(cfg: DictConfig) -> float:
                             c: v
                             for t, s in single.items()
                             if own[t]
-                            for c, v in score(pool.model(s, own[t]), report, own[t]).items()
+                            for c, v in score(
+                                f"{name} (single-task {t})", pool.model(s, own[t]), report, own[t]
+                            ).items()
                         },
                         expert_scores,
                     )
@@ -526,7 +577,9 @@ def run(cfg: DictConfig) -> float:
     if suite is not None:
         precision = str(trainer_kwargs.get("precision") or "32-true")
         stated = "" if precision in ("32-true", "32") else f", {precision}"  # the table says when it is not fp32
-        write_reports(rows, columns, out_dir, f"{suite.name}: {report} accuracy (%){stated}", chart=bool(cfg.plot))
+        subset = getattr(suite, "max_eval_examples", getattr(suite, "limit", None))  # lm-eval's is its limit
+        title = f"{suite.name}: {report} accuracy (%){stated}"
+        write_reports(rows, columns, out_dir, title, chart=bool(cfg.plot), subset=subset)
     atomic_write_json(out_dir / "metrics.json", results)
     if loggers:
         from mergelab.reports.loggers import log_run

@@ -21,6 +21,7 @@ import shutil
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +205,48 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def atomic_save_figure(fig: Any, path: str | Path) -> None:
-    """Save a matplotlib figure through a temporary file (errors as :func:`atomic_write_text`)."""
+#: The formats a figure is written in (the config's ``figure_format``): png for a look, svg or pdf for a paper.
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+#: The format of figures saved under a path without a suffix (see :func:`figure_format`).
+_FIGURE_FORMAT: ContextVar[str] = ContextVar("figure_format", default="png")
+
+
+@contextmanager
+def figure_format(fmt: str | None) -> Iterator[str]:
+    """Inside the block, :func:`atomic_save_figure` writes a figure given without a suffix as ``<path>.<fmt>``
+    (None: png). A block rather than an argument: merge methods save their plots through ``save_artifacts(dir)``.
+
+    Raises a ValueError naming ``figure_format`` for a format not in :data:`FIGURE_FORMATS`.
+    """
+    fmt = "png" if fmt is None else str(fmt).lower()
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"figure_format must be one of {FIGURE_FORMATS}, got {fmt!r}")
+    token = _FIGURE_FORMAT.set(fmt)
+    try:
+        yield fmt
+    finally:
+        _FIGURE_FORMAT.reset(token)
+
+
+def atomic_save_figure(fig: Any, path: str | Path) -> Path:
+    """Save a matplotlib figure through a temporary file (errors as :func:`atomic_write_text`); returns its path.
+
+    The suffix of ``path`` is the format; a path without one gets the :func:`figure_format` in force (png by
+    default). Text stays text in an svg and TrueType in a pdf, so a paper's figure can be edited and searched.
+    """
+    import matplotlib
+
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.{_FIGURE_FORMAT.get()}")
     tmp: Path | None = None
     try:
         remove_stale_temporaries(path)
         fd, tmp = _create_temp_file(path)
         os.close(fd)  # savefig reopens it by name (truncating, so the mode set at creation stays)
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None:
@@ -222,6 +256,7 @@ def atomic_save_figure(fig: Any, path: str | Path) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
 def move_dir_into_place(tmp: Path, final: Path) -> None:

@@ -197,5 +197,5 @@ class AdaMerging(TaskVectorMethod):
         ax2.set_ylabel("lambda")
         ax2.set_title(f"learned coefficients ({self.granularity}-wise)")
         ax2.legend(fontsize=7)
-        atomic_save_figure(fig, out / "adamerging.png")
+        atomic_save_figure(fig, out / "adamerging")  # in the run's figure_format
         plt.close(fig)

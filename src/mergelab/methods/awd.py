@@ -341,22 +341,36 @@ class AWD(WrappedMethod):
                     ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=7)
             ax.set_title(f"cosine similarity: {title}")
         fig.colorbar(im, ax=axes, shrink=0.8)
-        atomic_save_figure(fig, out / "cosine_before_after.png")
+        atomic_save_figure(fig, out / "cosine_before_after")  # in the run's figure_format
         plt.close(fig)
 
         norms = self.delta_norms_per_layer()
+        alpha = self.objective.alpha
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
         ax1.bar([str(k) for k in norms], list(norms.values()))
         ax1.set_xlabel("transformer block")
         ax1.set_ylabel("||delta||_2")
         ax1.set_title("norm of delta per layer")
-        ax2.plot([r["L_O"] for r in records], label="L_O (mean |cos|)")
-        ax2.plot([r["mean_abs_cos"] for r in records], label="model-level mean |cos|")
+        # The loss and its weighted terms share the left axis (they add up); L_R unweighted has its own scale.
+        ax2.plot([r["loss"] for r in records], color="black", label=f"loss = L_O + {alpha:g}·L_R")
+        ax2.plot([r["L_O"] for r in records], color="tab:blue", label="L_O (mean |cos|)")
+        ax2.plot([alpha * r["L_R"] for r in records], color="tab:red", ls="--", label=f"{alpha:g}·L_R")
+        ax2.plot([r["mean_abs_cos"] for r in records], color="tab:green", label="model-level mean |cos|")
         ax2.set_xlabel("step")
+        ax2.set_ylabel("loss terms")
         ax2b = ax2.twinx()
-        ax2b.plot([r["L_R"] for r in records], color="tab:red", label="L_R")
+        ax2b.plot([r["L_R"] for r in records], color="tab:red", alpha=0.5, label="L_R (right axis)")
         ax2b.set_ylabel("L_R")
-        ax2.legend(loc="upper right", fontsize=8)
+        # One legend for both axes, below the panel: inside, five entries would hide the curves.
+        lines = ax2.get_lines() + ax2b.get_lines()
+        ax2b.legend(
+            lines,
+            [line.get_label() for line in lines],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.15),
+            ncol=3,
+            fontsize=8,
+        )
         ax2.set_title("AWD optimisation")
-        atomic_save_figure(fig, out / "delta_norms_and_losses.png")
+        atomic_save_figure(fig, out / "delta_norms_and_losses")
         plt.close(fig)

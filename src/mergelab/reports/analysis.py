@@ -35,7 +35,7 @@ from torch import Tensor
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block
 from mergelab.engine.passes import SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
-from mergelab.io.atomic import atomic_save_figure, atomic_write_json, guard_output_dir
+from mergelab.io.atomic import FIGURE_FORMATS, atomic_save_figure, atomic_write_json, guard_output_dir
 from mergelab.methods.awd import LAYER_INDEX
 from mergelab.methods.awd_fit import cosines, tau_gram
 from mergelab.methods.base import MergeMethod, WrappedMethod
@@ -44,7 +44,6 @@ from mergelab.task_vectors import release_workspace
 log = logging.getLogger(__name__)
 
 ANALYSIS_FILE = "analysis.json"
-FIGURE_FORMATS = ("png", "svg", "pdf")
 #: Plot file stems (``<stem>.<analysis.figure_format>``).
 PLOTS = ("cosine", "layer_norms", "sign_conflicts")
 #: Every name an analysis writes into its output dir: one present means a finished (or partial) analysis there.

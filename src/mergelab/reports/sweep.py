@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
+from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text, figure_format
 from mergelab.suites.base import SPLITS  # a tuning objective is named <split>/avg_acc
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def _cell(key: str, value: Any) -> str:
 
 
 def plot_objective(records: list[dict[str, Any]], axis: str, objective: str, path: Path) -> bool:
-    """The objective against the one swept value, when that value is numeric; False when there is nothing to plot."""
+    """The objective against the one swept value, when that value is numeric; False when there is nothing to plot.
+
+    ``path`` without a suffix: in the :func:`~mergelab.io.atomic.figure_format` in force."""
     points = []
     for r in records:
         try:
@@ -131,8 +133,8 @@ def plot_objective(records: list[dict[str, Any]], axis: str, objective: str, pat
 
 
 def write_summary(sweep_dir: str | Path) -> Path | None:
-    """summary.json and summary.md (and summary.png for one numeric swept value) in ``sweep_dir``; None when it
-    holds no job dir."""
+    """summary.json and summary.md (and the plot ``summary.<figure format>`` for one numeric swept value) in
+    ``sweep_dir``; None when it holds no job dir."""
     out = Path(sweep_dir)
     if not out.is_dir():
         return None
@@ -153,7 +155,7 @@ def write_summary(sweep_dir: str | Path) -> Path | None:
     atomic_write_json(out / "summary.json", records)
     objective = next((k for k in results if k.endswith("/avg_acc") and "/" in k and k.split("/")[0] in SPLITS), None)
     if len(axes) == 1 and objective is not None:
-        plot_objective(records, axes[0], objective, out / "summary.png")
+        plot_objective(records, axes[0], objective, out / "summary")
     return out / "summary.md"
 
 
@@ -166,11 +168,13 @@ class SweepSummary(Callback):
             return
         sweep_dir = HydraConfig.get().sweep.dir
         try:
-            write_summary(sweep_dir)
+            with figure_format(config.get("figure_format")):
+                write_summary(sweep_dir)
         except OSError as e:  # the summary must never fail a job
             log.warning("could not update the sweep summary in %s: %s", sweep_dir, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = write_summary(config.hydra.sweep.dir)
+        with figure_format(config.get("figure_format")):
+            path = write_summary(config.hydra.sweep.dir)
         if path is not None:
             log.info("sweep summary: %s\n%s", path, path.read_text())

@@ -82,8 +82,20 @@ def csv_table(rows: Rows, tasks: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def bar_chart(rows: Rows, tasks: Sequence[str], path: str | Path, title: str = "") -> None:
-    """Grouped bars: accuracy per task and on average, one bar per method."""
+def subset_note(examples: float | None) -> str:
+    """How a title says that a subset of each task was scored (the suite's ``max_eval_examples``, or lm-eval's
+    ``limit``: a count, or a fraction < 1); empty when every example was."""
+    if examples is None:
+        return ""
+    if examples < 1:
+        return f" (first {100 * examples:g}% of each task's examples)"
+    return f" (first {examples:g} examples per task)"
+
+
+def bar_chart(rows: Rows, tasks: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Grouped bars: accuracy per task and on average, one bar per method, each labelled with its value ("n/a":
+    no score). ``path`` without a suffix: in the :func:`~mergelab.io.atomic.figure_format` in force. Returns the
+    path written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,24 +107,33 @@ def bar_chart(rows: Rows, tasks: Sequence[str], path: str | Path, title: str = "
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups) + 0.25 * n), 4.5))
     cmap = plt.get_cmap("tab10")
     for i, (name, row) in enumerate(rows.items()):
-        vals = [percent(row["scores"][t]["acc"]) or 0.0 for t in tasks] + [percent(row.get("avg_acc")) or 0.0]
+        vals = [percent(row["scores"][t]["acc"]) for t in tasks] + [percent(row.get("avg_acc"))]
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, vals, width=width, label=name, color=cmap(i % 10))
+        bars = ax.bar(xs, [v or 0.0 for v in vals], width=width, label=name, color=cmap(i % 10))
+        # Upright labels while they fit beside each other, else turned (many methods make narrow bars).
+        labels = ["n/a" if v is None else f"{v:.1f}" for v in vals]
+        ax.bar_label(bars, labels, padding=2, fontsize=7 if n <= 3 else 6, rotation=0 if n <= 3 else 90)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)  # room above a 100 % bar for its label
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     ax.grid(axis="y", alpha=0.3)
-    atomic_save_figure(fig, path)
+    written = atomic_save_figure(fig, path)
     plt.close(fig)
+    return written
 
 
-def write_reports(rows: Rows, tasks: Sequence[str], out_dir: str | Path, title: str, chart: bool) -> None:
-    """results.md, results.csv and (optionally) results.png in ``out_dir``."""
+def write_reports(
+    rows: Rows, tasks: Sequence[str], out_dir: str | Path, title: str, chart: bool, subset: float | None = None
+) -> None:
+    """results.md, results.csv and (optionally) the chart ``results.<figure format>`` in ``out_dir``; ``subset``:
+    the examples scored per task when not all were (see :func:`subset_note`), stated in the title."""
     out = Path(out_dir)
+    title += subset_note(subset)
     atomic_write_text(out / "results.md", markdown_table(rows, tasks, title))
     atomic_write_text(out / "results.csv", csv_table(rows, tasks))
     if chart:
-        bar_chart(rows, tasks, out / "results.png", title)
+        bar_chart(rows, tasks, out / "results", title)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mergelab.reports.paper.runs import Run
+from mergelab.reports.paper.runs import Run, display
 from mergelab.reports.paper.schema import (
     DEFINITIONS,
     REFERENCE_ROWS,
@@ -294,5 +294,36 @@ def build_report(
                 paper_normalized_derived=derived,
             )
         )
+    check_something_matches(table, runs, out, columns)
     unused = tuple(r.label(row) for r in runs for row in r.rows if (id(r), row) not in considered)
     return Report(table, definition, columns, tuple(out), tuple(runs), unused)
+
+
+def check_something_matches(
+    table: PaperTable, runs: Sequence[Run], rows: Sequence[ReportRow], columns: Mapping[str, str | None]
+) -> None:
+    """Raise a one-line ReportError naming the run dirs and the table when the report would hold nothing of the
+    runs: no row for any method the table compares (its experts and pretrained rows alone compare nothing; a
+    table of those only needs one of them), or none of its tasks; the error lists what the runs have and what the
+    table expects."""
+    dirs = ", ".join(display(r.path) for r in runs)
+    compared = [r for r in rows if r.method.method not in REFERENCE_ROWS] or list(rows)
+    if all(r.source is None for r in compared):
+        have = list(dict.fromkeys(row for r in runs for row in r.rows))
+        expects = [
+            f"{'|'.join(r.method.rows)}"
+            + "".join(f" {k}={_recorded_name(v)}" for k, v in r.method.options.items())
+            + f" ({r.method.name})"
+            for r in compared
+            if r.method.rows
+        ]
+        raise ReportError(
+            f"nothing in {dirs} matches table {table.name}: the runs have rows {', '.join(have)}; the table "
+            f"expects rows {'; '.join(expects)} (name a row with --map METHOD=ROW)"
+        )
+    if all(c is None for c in columns.values()):
+        have = list(dict.fromkeys(t for r in runs for t in r.tasks))
+        raise ReportError(
+            f"nothing in {dirs} matches table {table.name}: the runs have tasks {', '.join(have)}; the table "
+            f"expects tasks {', '.join(t.name for t in table.tasks)} (name a task with --map-task TASK=RUN_TASK)"
+        )
