@@ -30,6 +30,9 @@ HEADS_FILE = "task_heads.safetensors"
 
 HEADS_META = "task_heads.json"
 
+#: Inside a merged dir: one standalone sequence-classification dir per task (the merged backbone + that task's head).
+CLASSIFIERS_DIR = "classifiers"
+
 
 def checkpoint_location(name: str, path: str, need_config: bool = True) -> str:
     """A local dir (expanded; checked to exist and, with ``need_config``, to hold config.json) or a hub id as given.
@@ -272,7 +275,9 @@ class ClassifierPool(ModelPool):
         return {"model": model_fingerprint(self.resolved[task]), "task": task}
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
-        """Write the merged model: an HF backbone dir (``AutoModel.from_pretrained`` loads it) plus task heads.
+        """Write the merged model: an HF backbone dir (``AutoModel.from_pretrained`` loads it) plus task heads
+        (:func:`load_merged` rebuilds the multi-task classifier), and under :data:`CLASSIFIERS_DIR` one standalone
+        classifier per task (see :func:`save_task_classifier`).
 
         Written to a temporary dir and renamed into place when complete.
         """
@@ -290,7 +295,25 @@ class ClassifierPool(ModelPool):
             self.tokenizer.save_pretrained(tmp)
             save_file(heads, str(tmp / HEADS_FILE))
             atomic_write_json(tmp / HEADS_META, meta)
+            for task, model in clf.task_models.items():
+                save_task_classifier(model, self.suite.tasks[task].labels, self.tokenizer, tmp / CLASSIFIERS_DIR / task)
         return Path(out_dir)
+
+
+def save_task_classifier(model: nn.Module, labels: Sequence[str], tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write one task's sequence-classification model (backbone attached) as a dir that
+    ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline("text-classification")`` load
+    as they are: its full weights, its config naming the task's ``labels`` (in label-id order) and the tokenizer.
+
+    The label names are set on ``model.config``: a pool's experts may carry the default ``LABEL_<i>`` names, which
+    a pipeline would report instead of the task's.
+    """
+    out_dir = Path(out_dir)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def load_merged(path: str | Path) -> MultiTaskClassifier:
