@@ -232,10 +232,17 @@ def test_streaming_run_tunes_a_grid_with_lm_eval(pool_dirs: tuple[Path, dict[str
         "eval.limit=8",
         "+eval.metrics.mergelab_sentiment=acc_norm\\,none",
         "eval.batch_size=4",
+        "eval.log_samples=true",
+        "eval.bootstrap_iters=20",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
     ]
     objective = run(make_cfg(out, overrides, tiny=False))
+    # The harness's own results are kept beside the scores: standard errors (bootstrap_iters > 0) and samples.
+    kept = json.loads((out / "artifacts" / "task_arithmetic" / "lm_eval_results.json").read_text())
+    harness = kept["results"]["mergelab_sentiment"]
+    assert isinstance(harness["acc_norm_stderr,none"], float) and kept["limit"] == 8
+    assert len(kept["samples"]["mergelab_sentiment"]) == 8 and "versions" in kept
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= SCHEMA
     assert metrics["objective"] == {"name": "harness/avg_acc", "value": objective}
@@ -248,6 +255,7 @@ def test_streaming_run_tunes_a_grid_with_lm_eval(pool_dirs: tuple[Path, dict[str
     assert row["params"] == {"scaling": best} and metrics["params"] == {"scaling": best}
     assert objective == tried[best] == row["avg_acc"] == metrics["avg_acc"]
     assert metrics["scores"] == row["scores"] and set(row["scores"]) == {"mergelab_sentiment"}
+    assert row["scores"]["mergelab_sentiment"]["acc_norm_stderr,none"] == harness["acc_norm_stderr,none"]
     # The kept merged model is the chosen point's; the other candidate is gone.
     base, experts = pool_dirs
     want = stream_merge(TaskArithmetic(scaling=best), base, list(experts.values()), tmp_path / "want", progress=False)

@@ -215,6 +215,7 @@ class InMemoryMerge:
 
         # The merge itself happens inside the evaluation trainer, as a callback, when testing starts.
         self.callback, self.model = MergeCallback(method, pool), pool.model()
+        self.raw: dict[str, Any] | None = None  # the suite's own output of the last scoring (lm-eval's results)
 
     @property
     def method(self) -> MergeMethod:
@@ -223,9 +224,11 @@ class InMemoryMerge:
     def score(self, split: str, tasks: list[str] | None = None, kwargs: Mapping[str, Any] | None = None) -> ev.Scores:
         """Scores on ``split`` (under the run's trainer arguments, or ``kwargs``: tuning's precision)."""
         with ev.scoring(self.label, split):
-            return self.pool.evaluate(
+            scores = self.pool.evaluate(
                 self.model, split, kwargs or self.trainer_kwargs, tasks, callbacks=[self.callback]
             )
+        self.raw = getattr(getattr(self.pool, "suite", None), "last_results", None)
+        return scores
 
     def realize(self) -> None:
         """Compute the merge (scoring does it too)."""
@@ -268,6 +271,7 @@ class OnDiskMerge:
         path = self.realize()
         with ev.scoring(self.label, split):
             scores = self.suite.evaluate_checkpoint(path, kwargs or self.trainer_kwargs, self.pool.trust_remote_code)
+        self.raw = getattr(self.suite, "last_results", None)
         return {t: s for t, s in scores.items() if tasks is None or t in tasks}
 
     def write(self, out_dir: Path, overwrite: bool, finish: Callable[[Path], Any] | None = None) -> Path:
@@ -488,6 +492,8 @@ def _run(cfg: DictConfig) -> float:
                 else:
                     objective = ev.average(merge.score(tune_split))
                 rows[name] = row(test_scores, expert_scores, params)
+                if merge.raw is not None:  # the harness's own results (standard errors, configs, samples) kept
+                    atomic_write_json(out_dir / "artifacts" / name / "lm_eval_results.json", merge.raw)
                 rows[name][f"{tune_split}_avg_acc"] = objective
                 if tried:
                     rows[name]["tuning"] = tried

@@ -108,7 +108,10 @@ class LMHarnessSuite:
         allow_code_execution: run tasks that execute generated code (mbpp, humaneval); sets ``HF_ALLOW_CODE_EVAL=1``
             and the harness's ``confirm_run_unsafe_code``. Off: such tasks are refused.
         apply_chat_template: format prompts with the tokenizer's chat template (the harness's option).
-        bootstrap_iters: bootstrap iterations of the harness's standard errors (0: none, faster).
+        bootstrap_iters: bootstrap iterations of the harness's standard errors (0: none, faster); with > 0 every
+            score also carries its ``<metric>_stderr,<filter>`` entries.
+        log_samples: keep the harness's per-example records (prompts, responses, per-sample metrics) in the
+            results JSON each scored row writes (``artifacts/<row>/lm_eval_results.json``).
         dtype: dtype of a merged checkpoint loaded from disk (streaming pools), e.g. bfloat16; auto: its config's.
     """
 
@@ -131,6 +134,7 @@ class LMHarnessSuite:
         apply_chat_template: bool = False,
         bootstrap_iters: int = 0,
         dtype: str = "auto",
+        log_samples: bool = False,
     ) -> None:
         self.name = name
         if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
@@ -154,6 +158,10 @@ class LMHarnessSuite:
         self.batch_size, self.max_length, self.limit, self.seed = int(batch_size), max_length, limit, int(seed)
         self.allow_code_execution, self.apply_chat_template = bool(allow_code_execution), bool(apply_chat_template)
         self.bootstrap_iters, self.dtype = int(bootstrap_iters), dtype
+        self.log_samples = bool(log_samples)
+        #: The harness's own output of the last :meth:`score` (results with their standard errors, task configs,
+        #: versions, sample counts, and samples with ``log_samples``): what the run keeps beside its scores.
+        self.last_results: dict[str, Any] | None = None
         extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
         self.include_paths = [LOCAL_TASKS_DIR, *(Path(p).expanduser() for p in extra)]
         for p in self.include_paths:
@@ -263,6 +271,7 @@ class LMHarnessSuite:
         for t in tasks:
             by_shots[self.fewshot[t]].append(t)
         results: dict[str, Any] = {}
+        kept: dict[str, dict[str, Any]] = defaultdict(dict)
         for shots, names in by_shots.items():
             log.info("lm-eval: %s, %s-shot", names, "default" if shots is None else shots)
             out = lm_eval.simple_evaluate(
@@ -272,7 +281,7 @@ class LMHarnessSuite:
                 limit=self.limit,
                 task_manager=self.task_manager,
                 bootstrap_iters=self.bootstrap_iters,
-                log_samples=False,
+                log_samples=self.log_samples,
                 apply_chat_template=self.apply_chat_template,
                 random_seed=self.seed,
                 numpy_random_seed=self.seed,
@@ -283,13 +292,23 @@ class LMHarnessSuite:
             if out is None:  # only non-zero ranks of a distributed run get None
                 raise RuntimeError("lm-eval returned no results (multi-process runs are not supported here)")
             results.update(out["results"])
+            for part in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "samples"):
+                kept[part].update(out.get(part) or {})
+        # Through JSON once (numpy numbers, tuples, objects as strings), so that the run can always write it.
+        plain = json.loads(json.dumps(dict(kept), default=str))
+        self.last_results = {**plain, "limit": self.limit, "bootstrap_iters": self.bootstrap_iters}
         scores: Scores = {}
         for t in tasks:
             if t not in results:
                 raise RuntimeError(f"lm-eval returned no result for task '{t}' (got {sorted(results)})")
             res = results[t]
             key = main_metric(t, res, self.metrics.get(t))
-            extra = {k: float(v) for k, v in res.items() if "," in k and "_stderr" not in k and isinstance(v, float)}
+            # Standard errors only when the harness computed them (bootstrap_iters > 0; else they are "N/A").
+            extra = {
+                k: float(v)
+                for k, v in res.items()
+                if "," in k and isinstance(v, float) and ("_stderr" not in k or self.bootstrap_iters > 0)
+            }
             scores[t] = {"acc": float(res[key]), **extra}
         return scores
 
