@@ -327,14 +327,15 @@ def plot_analysis(result: Mapping[str, Any], out_dir: Path, figure_format: str, 
             label = task if title == "task vectors" else f"{task} ({title})"
             ax.plot(xs, ys, style, marker="o", ms=4, color=colors[t % len(colors)], label=label)
     _log_scale_if_spread(ax, [v for _, s, _ in stages for k in layers for v in s["layer_norms"][k]])
-    ax.set_xticks(xs, layers)
-    ax.set_xlabel("transformer block")
-    ax.set_ylabel("L2 norm of the task vector")
-    ax.set_title("task-vector norm per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    atomic_save_figure(fig, out_dir / f"layer_norms.{figure_format}")
-    plt.close(fig)
+    _save_per_layer(
+        fig,
+        ax,
+        xs,
+        layers,
+        "L2 norm of the task vector",
+        "task-vector norm per layer",
+        out_dir / f"layer_norms.{figure_format}",
+    )
 
     fig, ax = plt.subplots(figsize=(width, 4.2))
     for title, stage, style in stages:
@@ -347,13 +348,28 @@ def plot_analysis(result: Mapping[str, Any], out_dir: Path, figure_format: str, 
         ax.plot(xs, ys, style, marker="s", ms=4, color=colors[1], label=f"vs elected sign (TIES){suffix}")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(bottom=0)
+    _save_per_layer(
+        fig,
+        ax,
+        xs,
+        layers,
+        "share of coordinates",
+        "sign conflicts per layer",
+        out_dir / f"sign_conflicts.{figure_format}",
+    )
+
+
+def _save_per_layer(fig: Any, ax: Any, xs: Any, layers: Any, ylabel: str, title: str, path: Path) -> None:
+    """The axes every per-layer plot shares (blocks on x, legend outside), then write and close the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xticks(xs, layers)
     ax.set_xlabel("transformer block")
-    ax.set_ylabel("share of coordinates")
-    ax.set_title("sign conflicts per layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    atomic_save_figure(fig, out_dir / f"sign_conflicts.{figure_format}")
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
