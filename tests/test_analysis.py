@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mergelab.analyze_cli import command_line
+from mergelab.locations import CONFIG_DIR
 from mergelab.methods import DARE, TIES
-from mergelab.reports.analysis import analyze_pool
+from mergelab.reports.analysis import analyze_pool, figure_format_of
 from tests.conftest import ListPool
 
 SCRIPT = Path(sys.executable).parent / "mergelab-analyze"
@@ -224,12 +227,16 @@ def test_dare_after_statistics_and_svg_plots(pool_dirs: dict[str, Path], tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".svg")) == [f"{p}.svg" for p in PLOTS]
 
 
-def test_awd_after_statistics_are_those_of_tau_minus_its_fitted_delta(
+def test_awd_after_statistics_are_those_of_tau_minus_its_fitted_delta_and_every_plot_follows_the_format(
     pool_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    proc = analyze_cli([*overrides(pool_dirs), "method=awd", "method.steps=3"], out)
+    proc = analyze_cli([*overrides(pool_dirs), "method=awd", "method.steps=3", "--format=svg"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every figure is svg, AWD's own plots (saved with its delta) included; no png anywhere.
+    figures = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.suffix in (".png", ".svg", ".pdf"))
+    awd_plots = [f"artifacts/analysis-awd/{p}.svg" for p in ("cosine_before_after", "delta_norms_and_losses")]
+    assert figures == sorted([*awd_plots, *(f"{p}.svg" for p in PLOTS)])
     result = json.loads((out / "analysis.json").read_text())
     delta_dir = out / "artifacts" / "analysis-awd" / "delta"  # written as it is fitted, tensor by tensor
     delta: State = {}
@@ -276,6 +283,21 @@ def test_bad_input_is_one_line_naming_the_key(
     [line] = error_lines(proc)
     assert line.startswith("mergelab: error: ") and message in line, line
     assert not (out / "analysis.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "png"),
+        (["figure_format=pdf"], "pdf"),  # the run's option, as for mergelab
+        (["figure_format=pdf", "--format", "svg"], "svg"),  # --format (analysis.figure_format) wins
+        (["--format=SVG"], "svg"),
+    ],
+)
+def test_the_plot_format_comes_from_format_or_the_runs_figure_format(args: list[str], expected: str) -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("analyze", overrides=command_line(args))
+    assert figure_format_of(cfg) == expected
 
 
 def test_a_sweep_is_refused_before_hydra_starts(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """A merged classifier pool's per-task exports (``merged_model/classifiers/<task>``) load with transformers alone
-(``AutoModelForSequenceClassification``, ``pipeline``) and score exactly as mergelab scores the merged model."""
+(``AutoModelForSequenceClassification``, ``pipeline``) and score exactly as mergelab scores the merged model; with
+``model.export_classifiers=false`` they are left out."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from mergelab.run import run
-from mergelab.text.pool import CLASSIFIERS_DIR, load_merged
+from mergelab.provenance.recipe import CARD_FILE, RECIPE_FILE
+from mergelab.run import build, run
+from mergelab.text.pool import CLASSIFIERS_DIR, HEADS_FILE, load_merged
 from tests.conftest import make_cfg
 
 TASKS = ["tweet_sentiment", "food_review"]  # the tasks of conftest's TINY overrides
@@ -72,3 +74,21 @@ def test_exported_classifier_scores_as_mergelab(merged_run: Path, task: str) -> 
     acc = sum(r["label"] == labels[y] for r, y in zip(top, test["label"], strict=True)) / len(test)
     metrics = json.loads((merged_run / "metrics.json").read_text())
     assert acc == pytest.approx(metrics["rows"]["task_arithmetic"]["scores"][task]["acc"], abs=1e-6)
+
+
+def test_export_classifiers_false_saves_the_merged_model_without_them(tmp_path: Path) -> None:
+    run(make_cfg(tmp_path, ["method=task_arithmetic", "save_merged=true", "model.export_classifiers=false"]))
+    merged = tmp_path / "merged_model"
+    assert not (merged / CLASSIFIERS_DIR).exists()
+    files = {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors", HEADS_FILE, RECIPE_FILE, CARD_FILE} <= files, files
+    assert sorted(load_merged(merged).task_models) == sorted(TASKS)  # the multi-task model is all there
+    recipe = json.loads((merged / RECIPE_FILE).read_text())
+    assert recipe["config"]["model"]["export_classifiers"] is False  # the choice is recorded with the merge
+    for name in (RECIPE_FILE, CARD_FILE):  # and nothing points at the dirs that were not written
+        assert f"{CLASSIFIERS_DIR}/" not in (merged / name).read_text(), name
+
+
+def test_export_classifiers_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model.export_classifiers must be true or false, got 'sometimes'"):
+        build(make_cfg(tmp_path, ["model.export_classifiers=sometimes"]).model)

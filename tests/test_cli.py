@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,18 @@ def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> Non
     assert sum(lambdas.values()) == pytest.approx(1.0)
 
 
+def wandb_record(run_dir: Path, keys: Sequence[bytes]) -> bytes:
+    """The record log of an offline wandb run, once it holds every one of ``keys`` (or after 60 s).
+
+    wandb-core writes the record log from its own service process, and wandb.finish() can return before that write
+    reaches the file (seen with a busy machine: only the 7-byte header was there). Wait for it, bounded."""
+    record_file = next(run_dir.glob("run-*.wandb"))
+    deadline = time.monotonic() + 60
+    while not all(k in record_file.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return record_file.read_bytes()
+
+
 def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -159,8 +172,6 @@ def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest
     assert [r[0] for r in table["data"]] == ["pretrained", "experts", "task_arithmetic"]
     # ...and the metrics, the tuning curve, timings, the full config and the run's identity (name, tags, job type)
     # go into the run's record log.
-    # wandb-core writes the record log from its own service process, and wandb.finish() can return before that
-    # write reaches the file (seen with a busy machine: only the 7-byte header was there). Wait for it, bounded.
     keys = (
         b"test/task_arithmetic/avg_acc",
         b"test/experts/food_review/f1",
@@ -172,15 +183,35 @@ def test_wandb_offline_logging(tmp_path: Path, ta_run: Path, monkeypatch: pytest
         b"embedded",
         b"tune",
     )
-    record_file = next(runs[0].glob("run-*.wandb"))
-    deadline = time.monotonic() + 60
-    while not all(k in record_file.read_bytes() for k in keys) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    record = record_file.read_bytes()
+    record = wandb_record(runs[0], keys)
     for key in keys:
         assert key in record, key
     csv_metrics = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
     assert "test/task_arithmetic/avg_acc" in csv_metrics and "tuning/task_arithmetic/scaling" in csv_metrics
+
+
+@pytest.mark.parametrize("fmt", ["svg", "pdf"])
+def test_wandb_keeps_the_chart_in_the_figure_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """wandb.Image reads neither svg nor pdf: the chart goes to the run as a file (and an svg as an HTML panel)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run(make_cfg(tmp_path, ["method=task_arithmetic", "plot=true", f"figure_format={fmt}", "logger=wandb"]))
+    chart = tmp_path / f"results.{fmt}"
+    assert chart.is_file() and not (tmp_path / "results.png").exists()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    # A copy in the run's files (what `wandb sync` uploads), not a link into the output dir.
+    kept = run_dir / "files" / chart.name
+    assert kept.is_file() and not kept.is_symlink()
+    assert kept.read_bytes() == chart.read_bytes()
+    assert chart.name.encode() in wandb_record(run_dir, [chart.name.encode()])  # the upload is recorded
+    panels = list((run_dir / "files" / "media").rglob("results_chart_*"))
+    if fmt == "svg":
+        (panel,) = panels
+        assert panel.suffix == ".html"
+        html = panel.read_text()
+        assert "<svg" in html and "accuracy (%)" in html  # the chart itself, its text kept as text
+    else:
+        assert panels == []  # nothing wandb can draw from a pdf
 
 
 def test_multirun_sweep_writes_jobs_and_summary(tmp_path: Path, ta_run: Path) -> None:

@@ -36,6 +36,7 @@ from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block
 from mergelab.engine.passes import SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.io.atomic import FIGURE_FORMATS, atomic_save_figure, atomic_write_json, guard_output_dir
+from mergelab.io.atomic import figure_format as figures_in
 from mergelab.methods.awd import LAYER_INDEX
 from mergelab.methods.awd_fit import cosines, tau_gram
 from mergelab.methods.base import MergeMethod, WrappedMethod
@@ -444,10 +445,13 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         "overrides": list(cfg.get("overrides") or []),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_analysis(record, out_dir, figure_format, after_label=f"after {name}")
-    if learns:
-        assert method is not None
-        method.save_artifacts(out_dir / artifacts)  # e.g. AWD's delta: reusable with method.delta_path
+    # Methods save their own plots (AWD's cosine_before_after, delta_norms_and_losses) in the format in force, as in
+    # a run: without this block they would be png whatever analysis.figure_format says.
+    with figures_in(figure_format):
+        plot_analysis(record, out_dir, figure_format, after_label=f"after {name}")
+        if learns:
+            assert method is not None
+            method.save_artifacts(out_dir / artifacts)  # e.g. AWD's delta: reusable with method.delta_path
     atomic_write_json(out_dir / ANALYSIS_FILE, record)  # last: marks a finished analysis
     log.info("analysis of %d task vectors (%s) in %s", len(result["tasks"]), name or "no method", out_dir)
     return record

@@ -1,9 +1,10 @@
-"""Sending a run's config, metrics and results table to Lightning loggers (wandb, CSV)."""
+"""Sending a run's config, metrics, results table and chart to Lightning loggers (wandb, CSV)."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,11 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from mergelab.io.atomic import figure_format
 from mergelab.reports.tables import table_records
+
+#: The wandb key of the results chart (an image for a png, an HTML panel for an svg).
+CHART_KEY = "results_chart"
 
 
 def wandb_offline() -> bool:
@@ -72,6 +77,25 @@ def tuning_series(results: Mapping[str, Any]) -> list[dict[str, float]]:
     return steps
 
 
+def log_chart(logger: WandbLogger, chart: Path) -> None:
+    """Send the results chart to a wandb run in its own format: a png as an image; an svg or pdf (which
+    ``wandb.Image`` cannot read) as a file of the run (under ``files/``, uploaded now, or by ``wandb sync`` for an
+    offline run), an svg also as an HTML panel that the wandb UI draws."""
+    run = logger.experiment
+    if chart.suffix == ".png":
+        logger.log_image(key=CHART_KEY, images=[str(chart)])
+        return
+    # A copy inside the run's files dir rather than wandb's default symlink to it: an offline run synced later, after
+    # the output dir was moved or copied, still holds the chart.
+    files = Path(run.dir)
+    shutil.copyfile(chart, files / chart.name)
+    run.save(str(files / chart.name), base_path=str(files), policy="now")
+    if chart.suffix == ".svg":
+        import wandb
+
+        run.log({CHART_KEY: wandb.Html(chart.read_text(encoding="utf-8"))})
+
+
 def send(
     loggers: Sequence[Logger],
     cfg: DictConfig,
@@ -81,7 +105,7 @@ def send(
     series: Sequence[Mapping[str, float]] = (),
 ) -> None:
     """Log the resolved config, the step ``series`` (tuning curves), the metrics and (to wandb) a results table and
-    chart; close every logger."""
+    ``chart`` (png, svg or pdf: see :func:`log_chart`); close every logger."""
     if not loggers:
         return
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -94,7 +118,7 @@ def send(
             if table is not None:
                 lg.log_table(key="results", columns=table[0], data=table[1])
             if chart is not None and chart.is_file():
-                lg.log_image(key="results_chart", images=[str(chart)])
+                log_chart(lg, chart)
         lg.finalize("success")
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
@@ -103,7 +127,10 @@ def send(
 
 
 def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
-    """Log everything an evaluated run produced to each logger and close it."""
+    """Log everything an evaluated run produced to each logger and close it; the chart is the run's
+    ``results.<figure_format>``."""
     scored = all("scores" in row for row in results["rows"].values())
     table = table_records(results["rows"], results["tasks"]) if scored else None
-    send(loggers, cfg, flat_metrics(results), table, out_dir / "results.png", tuning_series(results))
+    with figure_format(cfg.get("figure_format")) as fmt:  # checked and normalised as the run wrote it
+        chart = out_dir / f"results.{fmt}"
+    send(loggers, cfg, flat_metrics(results), table, chart, tuning_series(results))

@@ -94,6 +94,8 @@ class ClassifierPool(ModelPool):
         finetune: the recipe for experts built on demand.
         cache_dir: where built experts and cached reference scores live.
         trust_remote_code: passed to transformers; off unless the user turns it on.
+        export_classifiers: write each task's standalone classifier under :data:`CLASSIFIERS_DIR` of a merged dir
+            (see :meth:`save_merged`); false writes no such dir, saving one full copy of the backbone per task.
     """
 
     task_data = True
@@ -106,10 +108,14 @@ class ClassifierPool(ModelPool):
         finetune: Mapping[str, Any] | None = None,
         cache_dir: str = "~/.cache/mergelab",
         trust_remote_code: bool = False,
+        export_classifiers: bool = True,
     ) -> None:
         super().__init__(experts, exclude, cache_dir, trust_remote_code)
         self.pretrained_path = str(pretrained)
         self.finetune = dict(finetune or {})
+        if not isinstance(export_classifiers, bool):  # a string (e.g. a typo) would count as true
+            raise ValueError(f"model.export_classifiers must be true or false, got {export_classifiers!r}")
+        self.export_classifiers = export_classifiers
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -276,8 +282,8 @@ class ClassifierPool(ModelPool):
 
     def save_merged(self, state: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
         """Write the merged model: an HF backbone dir (``AutoModel.from_pretrained`` loads it) plus task heads
-        (:func:`load_merged` rebuilds the multi-task classifier), and under :data:`CLASSIFIERS_DIR` one standalone
-        classifier per task (see :func:`save_task_classifier`).
+        (:func:`load_merged` rebuilds the multi-task classifier), and, with ``export_classifiers``, under
+        :data:`CLASSIFIERS_DIR` one standalone classifier per task (see :func:`save_task_classifier`).
 
         Written to a temporary dir and renamed into place when complete.
         """
@@ -295,8 +301,10 @@ class ClassifierPool(ModelPool):
             self.tokenizer.save_pretrained(tmp)
             save_file(heads, str(tmp / HEADS_FILE))
             atomic_write_json(tmp / HEADS_META, meta)
-            for task, model in clf.task_models.items():
-                save_task_classifier(model, self.suite.tasks[task].labels, self.tokenizer, tmp / CLASSIFIERS_DIR / task)
+            if self.export_classifiers:
+                for task, model in clf.task_models.items():
+                    labels = self.suite.tasks[task].labels
+                    save_task_classifier(model, labels, self.tokenizer, tmp / CLASSIFIERS_DIR / task)
         return Path(out_dir)
 
 
