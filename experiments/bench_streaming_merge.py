@@ -8,7 +8,11 @@ CPU time (user + system, all threads, imports excluded), the process's peak RSS 
 CPU time is less sensitive to them).
 
     python experiments/bench_streaming_merge.py [--workdir /tmp/mergelab-bench] [--methods ta,metagpt,ties]
-        [--repeat 3]
+        [--repeat 3] [--layers N]
+
+``--layers N`` builds the same model with N decoder layers (under <workdir>/layersN): every tensor shape is kept, so
+the peak memory of a per-tensor method is the full model's, and the spectral methods (TSV-M, Iso-C, Iso-CTS: SVDs
+per matrix, hours on 2 cores at 22 layers) can be timed end to end; two values of N give the per-layer cost.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
+def build_checkpoint(path: Path, seed: int, base_seed: int | None, cfg: dict = LLAMA_1B) -> None:
     """Random bf16 weights; an expert is the base plus a small random task vector."""
     import torch
 
@@ -74,7 +78,7 @@ def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
 
     if (path / "model.safetensors.index.json").is_file():
         return
-    shapes = llama_shapes(LLAMA_1B)
+    shapes = llama_shapes(cfg)
     layout = [(name, shape, torch.bfloat16) for name, shape in shapes.items()]
     writer = ShardedWriter(path, layout, max_shard_bytes=1 << 30, overwrite=True)
     for n, (name, shape) in enumerate(shapes.items()):
@@ -86,9 +90,7 @@ def build_checkpoint(path: Path, seed: int, base_seed: int | None) -> None:
         writer.add(name, w.to(torch.bfloat16))
         del w
     (writer.tmp / "config.json").write_text(
-        json.dumps(
-            {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **LLAMA_1B}
-        )
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **cfg})
     )
     writer.close()
 
@@ -170,6 +172,13 @@ def main() -> None:
         action="store_true",
         help="only time one task matrix's SVD per distinct matrix shape of the pool: full vs randomized (lowrank)",
     )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers of the pool (default: TinyLlama's 22); fewer keep every tensor shape, embeddings and "
+        "head included, so peak memory is the full model's, and time the per-tensor methods at a fraction of the cost",
+    )
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -179,13 +188,14 @@ def main() -> None:
     if args.svd_costs:
         svd_costs(LLAMA_1B, tasks=3)
         return
-    work = Path(args.workdir)
+    cfg = LLAMA_1B if args.layers is None else {**LLAMA_1B, "num_hidden_layers": args.layers}
+    work = Path(args.workdir) if args.layers is None else Path(args.workdir) / f"layers{args.layers}"
     base = work / "base"
     experts = [work / f"expert{i}" for i in range(3)]
     t0 = time.perf_counter()
-    build_checkpoint(base, seed=1, base_seed=None)
+    build_checkpoint(base, seed=1, base_seed=None, cfg=cfg)
     for i, e in enumerate(experts):
-        build_checkpoint(e, seed=10 + i, base_seed=1)
+        build_checkpoint(e, seed=10 + i, base_seed=1, cfg=cfg)
     print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
     size = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
     print(f"{size / 2**30:.1f} GiB of input files; 'read' = seconds to read them all just before the merge")

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from mergelab.callbacks import MergeCallback
-from mergelab.causal_lm.model import GenerativeEvaluator
+from mergelab.causal_lm.model import GenerativeEvaluator, StopStrings
 from mergelab.causal_lm.pool import CausalLMPool, convert_gguf, untied_state
-from mergelab.causal_lm.suite import SPLITS, GenerativeSuite, collate_choices, pad_id
+from mergelab.causal_lm.suite import SPLITS, GenerativeSuite, collate_choices, cut_at_stop, pad_id
 from mergelab.cli import smollm2_dir
 from mergelab.methods import TaskArithmetic
 from mergelab.run import run
@@ -135,6 +135,39 @@ def test_exact_match_equals_one_by_one_greedy_decoding(tmp_path: Path, tokenizer
     assert scores == {"echo": {"acc": pytest.approx(expected)}}
 
 
+def test_generation_stops_at_stop_strings_without_changing_the_cut_answers(tmp_path: Path, tokenizer: Any) -> None:
+    lm = tiny_lm(tokenizer)
+    root = write_suite(tmp_path / "s", {"echo": ECHO}, {"echo": [{"text": t, "answer": "x"} for t in TEXTS]})
+    suite = GenerativeSuite("s", str(root), ["echo"], batch_size=len(TEXTS))
+    module = GenerativeEvaluator(lm, suite.tasks, tokenizer)
+    batch = next(iter(suite.eval_loader("echo", "test", tokenizer)))
+    with torch.inference_mode():
+        full = module.generate(batch, 12)
+    # Stop strings taken from the model's own continuations: the 3rd character of the longest ones.
+    stop = sorted({t.lstrip()[2] for t in full if len(t.lstrip()) > 4})[:2]
+    assert stop
+    with torch.inference_mode():
+        stopped = module.generate(batch, 12, stop)
+    assert [cut_at_stop(t, stop) for t in stopped] == [cut_at_stop(t, stop) for t in full]
+    for short, long in zip(stopped, full, strict=True):
+        assert long.startswith(short)
+    assert sum(map(len, stopped)) < sum(map(len, full))  # rows stopped early
+
+
+def test_stop_strings_look_at_the_generated_text_only(tokenizer: Any) -> None:
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids("Answer:\n")
+    rows = [prompt + ids(g) for g in ["\nnone", "a, b\n\nmore", "x\n"]]
+    width = max(map(len, rows))
+    batch = torch.tensor([r + [pad_id(tokenizer)] * (width - len(r)) for r in rows])
+    criterion = StopStrings(tokenizer, ["\n\n", "\n"], len(prompt))
+    # "\nnone": the prompt's "\n" + the leading "\n" would be a stop, but leading whitespace is not read (as in
+    # cut_at_stop); the other two hold a stop in what was generated.
+    assert criterion(batch, torch.zeros(3, 1)).tolist() == [False, True, True]
+
+
 def test_choice_accuracy_equals_one_by_one_log_likelihoods(tmp_path: Path, tokenizer: Any) -> None:
     lm = tiny_lm(tokenizer)
     choices = COLOUR["choices"]
@@ -165,7 +198,7 @@ def test_choice_accuracy_equals_one_by_one_log_likelihoods(tmp_path: Path, token
     # The batched, left-padded log-likelihoods themselves match the one-by-one ones.
     batch = collate_choices([{"prompt": p, "label": 0} for p in prompts], targets, pad_id(tokenizer))
     with torch.inference_mode():
-        batched = module.target_logprobs(batch).view(len(prompts), len(choices))
+        batched = module.target_logprobs(batch)
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
 
 

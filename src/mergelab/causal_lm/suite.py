@@ -269,9 +269,8 @@ class GenerativeSuite(SuiteOptions):
     def eval_loader(self, task: str, split: str, tokenizer: Any) -> DataLoader:
         """Evaluation batches, length-sorted (less padding), left-padded so every answer starts at the end.
 
-        ``exact_match`` batches hold the prompts and the reference ``answers``; ``choice`` batches hold, for each
-        example, one sequence per choice (prompt + choice target), its ``target_len`` and the answer's index
-        in ``labels``.
+        ``exact_match`` batches hold the prompts and the reference ``answers``; ``choice`` batches hold the prompts,
+        the choices' tokens once (:func:`collate_choices`) and the answer's index in ``labels``.
         """
         info = self.tasks[task]
         examples = [
@@ -334,9 +333,12 @@ def collate_prompts(rows: Sequence[Mapping[str, Any]], pad: int) -> dict[str, An
 
 
 def collate_choices(rows: Sequence[Mapping[str, Any]], targets: Sequence[list[int]], pad: int) -> dict[str, Any]:
-    """One left-padded sequence per (example, choice), example-major, with each target's length."""
-    seqs = [{"input_ids": r["prompt"] + t} for r in rows for t in targets]
-    batch: dict[str, Any] = pad_sequences(seqs, pad, left=True)
-    batch["target_len"] = torch.tensor([len(t) for _ in rows for t in targets], dtype=torch.long)
+    """The examples' prompts once (left-padded) and the task's choice targets once (right-padded, ``targets`` with
+    ``target_len``), with each answer's index in ``labels``: the prompt is scored once and its key/value cache shared
+    by every choice (:meth:`mergelab.causal_lm.model.GenerativeEvaluator.target_logprobs`)."""
+    batch: dict[str, Any] = pad_sequences([{"input_ids": r["prompt"]} for r in rows], pad, left=True)
+    width = max(len(t) for t in targets)
+    batch["targets"] = torch.tensor([list(t) + [pad] * (width - len(t)) for t in targets], dtype=torch.long)
+    batch["target_len"] = torch.tensor([len(t) for t in targets], dtype=torch.long)
     batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
     return batch
