@@ -157,6 +157,49 @@ def test_iso_cts_matches_the_paper(shape: tuple[int, int], alpha: float, fractio
     assert torch.allclose(s, s.mean().expand_as(s), rtol=1e-5), "the spectrum must be isotropic"
 
 
+def failing_svd(fail_dtypes: tuple[torch.dtype, ...]) -> Any:
+    """torch.linalg.svd that fails to converge, as LAPACK's gesdd can, on inputs of ``fail_dtypes``."""
+    real = torch.linalg.svd
+
+    def svd(a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if a.dtype in fail_dtypes:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1).")
+        return real(a, *args, **kwargs)
+
+    return svd
+
+
+@pytest.mark.parametrize(
+    "fail", [(torch.float32,), (torch.float32, torch.float64)], ids=["float32 fails", "float32 and float64 fail"]
+)
+@pytest.mark.parametrize("make", [lambda: TSVM(), lambda: IsoC(), lambda: IsoCTS()], ids=["tsv_m", "iso_c", "iso_cts"])
+def test_svd_convergence_failures_fall_back_to_the_same_merge(
+    monkeypatch: pytest.MonkeyPatch, fail: tuple[torch.dtype, ...], make: Any
+) -> None:
+    # gesdd failed in float32 on a real SmolLM2 attention matrix inside Iso-CTS (the stacked bases it orthogonalises
+    # have clustered singular values), which stopped a whole table: the decomposition is redone in float64, then by
+    # QR iteration (scipy's gesvd), and the merge is the one the paper defines.
+    vectors = task_vectors((16, 12), 3, seed=11)
+    expected = make().combine(vectors)["w"]
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd(fail))
+    merged = make().combine(vectors)["w"]
+    assert merged.dtype == torch.float32
+    assert_close(merged, expected.double().numpy())
+
+
+def test_an_svd_that_never_converges_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scipy.linalg
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd((torch.float32, torch.float64)))
+
+    def gesvd_fails(*args: Any, **kwargs: Any) -> Any:
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(scipy.linalg, "svd", gesvd_fails)
+    with pytest.raises(ValueError, match=r"SVD of a \(16, 12\) matrix did not converge"):
+        IsoC().combine(task_vectors((16, 12), 3, seed=11))
+
+
 def test_iso_cts_with_only_a_common_space_is_iso_c() -> None:
     vectors = task_vectors((14, 10), 4, seed=8)
     cts = IsoCTS(alpha=1.2, common_space_fraction=1.0).combine(vectors)["w"]

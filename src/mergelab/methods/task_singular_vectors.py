@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,6 +64,34 @@ def tensor_generator(name: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) << 32) ^ zlib.crc32(name.encode()))
 
 
+def stable_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``U, S, Vh`` of a float matrix, computed so that LAPACK's convergence failures do not stop a merge.
+
+    ``torch.linalg.svd`` uses divide and conquer (gesdd), which can fail to converge in float32 on matrices with
+    clustered singular values: the stacked near-orthonormal bases the spectral methods orthogonalise are such
+    matrices (Iso-CTS failed this way on a SmolLM2 attention matrix). Such a matrix is decomposed again in float64;
+    if that fails too, by QR iteration (LAPACK gesvd, through scipy when it is installed). The result has ``a``'s
+    dtype. ValueError naming the shape when every way fails.
+    """
+    try:
+        return tuple(torch.linalg.svd(a, full_matrices=False))  # type: ignore[return-value]
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    except torch.linalg.LinAlgError as err:
+        try:
+            import scipy.linalg
+        except ImportError:
+            raise ValueError(f"the SVD of a {tuple(a.shape)} matrix did not converge (float32 and float64)") from err
+        try:
+            un, sn, vhn = scipy.linalg.svd(a.double().cpu().numpy(), full_matrices=False, lapack_driver="gesvd")
+        except (ValueError, np.linalg.LinAlgError) as err2:
+            raise ValueError(f"the SVD of a {tuple(a.shape)} matrix did not converge (gesdd and gesvd)") from err2
+        u, s, vh = (torch.from_numpy(x).to(a.device) for x in (un, sn, vhn))
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def randomized_svd(a: Tensor, k: int, oversample: int, niter: int, generator: torch.Generator) -> tuple[Tensor, ...]:
     """Top-``k`` SVD of ``a`` by a randomized range finder with ``niter`` power iterations (Halko et al. 2011).
 
@@ -76,7 +105,7 @@ def randomized_svd(a: Tensor, k: int, oversample: int, niter: int, generator: to
     basis = torch.linalg.qr(a @ omega).Q
     for _ in range(niter):  # re-orthonormalise between products so small singular directions are not lost
         basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+    u, s, vh = stable_svd(basis.mT @ a)
     return (basis @ u)[:, :k], s[:k], vh[:k]
 
 
@@ -90,13 +119,13 @@ def top_svd(
     if svd == "lowrank" and k + oversample < min(a.shape):
         u, s, vh = randomized_svd(a, k, oversample, niter, generator)
         return u, s, vh
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = stable_svd(a)
     return u[:, :k], s[:k], vh[:k]
 
 
 def polar_factor(a: Tensor) -> Tensor:
     """The semi-orthogonal matrix nearest to ``a`` (orthogonal Procrustes): P Q^T for a = P Sigma Q^T."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = stable_svd(a)
     return p @ qh
 
 
