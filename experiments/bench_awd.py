@@ -56,7 +56,13 @@ def embedded_loader() -> tuple[list[str], dict, object, int]:
     from mergelab.methods.awd import AWD
 
     cache = Path.home() / ".cache" / "mergelab" / "experts"
-    dirs = sorted(p for p in cache.iterdir() if (p / "model.safetensors").is_file())
+    base_type = json.loads((Path(minilm_path()) / "config.json").read_text())["model_type"]
+
+    def is_embedded_expert(p: Path) -> bool:  # the cache also holds other pools' experts (e.g. SmolLM2's)
+        cfg = p / "config.json"
+        return (p / "model.safetensors").is_file() and json.loads(cfg.read_text()).get("model_type") == base_type
+
+    dirs = sorted(p for p in cache.iterdir() if is_embedded_expert(p))
     if len(dirs) < 2:
         sys.exit(f"no cached experts under {cache}: run `mergelab` once to build them")
     base = LazyCheckpoint(minilm_path())
