@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,3 +141,15 @@ class TaskDataPool(ListPool):
 
     def task_data_key(self, task):
         return None if self.cache_dir is None else {"expert": f"{task}-{id(self)}", "data": "test"}
+
+
+def run_states(pretrained: str, experts: Iterable[str], merged_dir: Path) -> tuple[dict, list[dict], dict]:
+    """State dicts of a classifier run's inputs and output, loaded independently of mergelab: the pretrained
+    backbone, each expert's backbone and the merged backbone a run saved (``save_merged``)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    return (
+        AutoModel.from_pretrained(pretrained).state_dict(),
+        [AutoModelForSequenceClassification.from_pretrained(p).base_model.state_dict() for p in experts],
+        AutoModel.from_pretrained(merged_dir).state_dict(),
+    )

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from mergelab.run import run
 from mergelab.text.model import evaluate
 from mergelab.text.pool import load_merged
-from tests.conftest import TINY, make_cfg
+from tests.conftest import TINY, make_cfg, run_states
 from tests.test_run_flow import SCHEMA
 
 
@@ -77,12 +77,7 @@ def test_experts_are_real_cached_hf_dirs(ta_run: Path, cache_dir: Path) -> None:
 def test_saved_merged_model_is_task_arithmetic_and_reloads(ta_run: Path) -> None:
     metrics = json.loads((ta_run / "metrics.json").read_text())
     cfg = make_cfg(ta_run)
-    pretrained = AutoModel.from_pretrained(cfg.model.pretrained).state_dict()
-    experts = [
-        AutoModelForSequenceClassification.from_pretrained(p).base_model.state_dict()
-        for p in metrics["experts"].values()
-    ]
-    merged = AutoModel.from_pretrained(ta_run / "merged_model").state_dict()
+    pretrained, experts, merged = run_states(cfg.model.pretrained, metrics["experts"].values(), ta_run / "merged_model")
     for k, v in pretrained.items():
         if not v.is_floating_point():
             continue

@@ -25,9 +25,8 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from transformers import AutoModel, AutoModelForSequenceClassification
 
-from tests.conftest import TINY
+from tests.conftest import TINY, run_states
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -136,12 +135,9 @@ def test_method_guide_runs_and_merges_the_median(median_run: Path) -> None:
     # The saved merge is theta_0 + scaling * median(tau_t), computed here from the run's own inputs.
     scaling = metrics["params"]["scaling"]
     config = yaml.safe_load((median_run / "config.yaml").read_text())
-    pretrained = AutoModel.from_pretrained(config["model"]["pretrained"]).state_dict()
-    experts = [
-        AutoModelForSequenceClassification.from_pretrained(p).base_model.state_dict()
-        for p in metrics["experts"].values()
-    ]
-    merged = AutoModel.from_pretrained(median_run / "merged_model").state_dict()
+    pretrained, experts, merged = run_states(
+        config["model"]["pretrained"], metrics["experts"].values(), median_run / "merged_model"
+    )
     for k, v in pretrained.items():
         if not v.is_floating_point():
             continue
