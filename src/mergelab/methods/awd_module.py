@@ -25,6 +25,7 @@ from mergelab.methods.awd_fit import (
     fixed_sum,
     mean_abs_cos,
     objective_terms,
+    stack_rows,
     tau_gram,
 )
 from mergelab.training.distributed import trainer_arguments
@@ -82,8 +83,9 @@ class AWDModule(L.LightningModule):
                 raise ValueError(f"AWD: task vectors of {n} have shape {tuple(v.shape[1:])}, expected {shapes[n]}")
             if v.shape[0] < 2:
                 raise ValueError(f"AWD needs at least two task vectors, got {v.shape[0]}")
-            self.register_buffer(f"tau_{i}", v, persistent=False)
             self.register_buffer(f"gram_{i}", tau_gram(v, rowwise), persistent=False)
+            # Row granularity reads each row's T task-vector rows together (awd_fit.RowProducts): laid out so once.
+            self.register_buffer(f"tau_{i}", stack_rows(v) if rowwise else v, persistent=False)
             # float64 and a fixed order: the step size must not depend on the thread count either.
             self.tau_rms.append(math.sqrt(float(fixed_sum(v.double().pow(2))) / max(v.numel(), 1)))
             self.register_buffer(f"best_{i}", torch.zeros(tuple(shapes[n])), persistent=False)
@@ -106,7 +108,9 @@ class AWDModule(L.LightningModule):
     def terms(self) -> dict[str, Tensor]:
         """The loss terms at the current delta (in float32 even under mixed precision: the Gram algebra cancels)."""
         with torch.autocast(self.device.type, enabled=False):
-            return objective_terms(self.objective, self._buffers_of("tau"), self._buffers_of("gram"), list(self.delta))
+            return objective_terms(
+                self.objective, self._buffers_of("tau"), self._buffers_of("gram"), list(self.delta), rows_stacked=True
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         step = int(batch_idx)
