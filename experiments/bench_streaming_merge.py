@@ -8,7 +8,15 @@ CPU time (user + system, all threads, imports excluded), the process's peak RSS 
 CPU time is less sensitive to them).
 
     python experiments/bench_streaming_merge.py [--workdir /tmp/mergelab-bench] [--methods ta,metagpt,ties]
-        [--repeat 3] [--layers N]
+        [--repeat 3] [--layers N] [--end-to-end [--mergekit-venv /tmp/mkvenv]]
+
+``--end-to-end [--mergekit-venv VENV]`` times whole processes instead, as a user runs them: ``mergelab
+model=checkpoints ... eval=none`` per method (start-up, config, merge, writing), and, given a venv where MergeKit is
+installed (never a dependency of mergelab: ``python -m venv VENV && VENV/bin/pip install torch==2.13.0 mergekit``),
+``mergekit-yaml`` with its default options on the same pool (task arithmetic and TIES at the same weight 0.3 and
+density 0.2, bf16). Each process's wall time, CPU time (user + system) and peak RSS are taken from the kernel
+(``wait4``), after the inputs were read once to warm the page cache; the ratios to MergeKit's task arithmetic and
+TIES are printed with them.
 
 ``--layers N`` builds the same model with N decoder layers (under <workdir>/layersN): every tensor shape is kept, so
 the peak memory of a per-tensor method is the full model's, and the spectral methods (TSV-M, Iso-C, Iso-CTS: SVDs
@@ -162,6 +170,89 @@ def svd_costs(cfg: dict, tasks: int) -> None:
         print(f"{shape!s:<16}{count:>8}{full:>10.2f}{low:>12.2f}", flush=True)
 
 
+#: mergelab's method config (conf/method) and overrides for each benchmarked method, as METHODS above.
+CLI_METHODS = {
+    "ta": ["method=task_arithmetic", "method.scaling=0.3"],
+    "metagpt": ["method=metagpt"],
+    "ties": ["method=ties", "method.k=20", "method.prune=global", "method.scaling=0.3"],
+    "ties_per_tensor": ["method=ties", "method.k=20", "method.prune=per_tensor", "method.scaling=0.3"],
+}
+
+#: MergeKit's counterparts (its merge_method and per-model parameters; everything else its defaults).
+MERGEKIT_METHODS = {
+    "mergekit_ta": ("task_arithmetic", {"weight": 0.3}),
+    "mergekit_ties": ("ties", {"weight": 0.3, "density": 0.2}),
+}
+
+
+def timed_process(cmd: list[str], cwd: Path) -> dict:
+    """Run ``cmd`` to completion; its wall time, and CPU time and peak RSS as the kernel accounts them."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "rc": proc.returncode,
+        "tail": out[-3000:],
+    }
+
+
+def end_to_end(work: Path, base: Path, experts: list[Path], methods: list[str], mergekit_venv: Path | None) -> None:
+    """Whole processes, mergelab's methods then MergeKit's, each after warming the page cache (see the docstring)."""
+    import shutil
+
+    mergelab_bin = Path(sys.executable).parent / "mergelab"
+    runs: list[tuple[str, list[str], Path]] = []
+    pool = [
+        f"model.pretrained={base}",
+        "model.experts={" + ", ".join(f"e{i}: {e}" for i, e in enumerate(experts)) + "}",
+    ]
+    for m in methods:
+        if m not in CLI_METHODS:
+            sys.exit(f"--end-to-end: no command line for method {m!r} (known: {', '.join(CLI_METHODS)})")
+        out = work / "e2e" / m
+        cmd = [str(mergelab_bin), "model=checkpoints", *pool, *CLI_METHODS[m], "eval=none", "logger=none"]
+        runs.append((m, [*cmd, f"hydra.run.dir={out}"], out))
+    if mergekit_venv is not None:
+        import yaml
+
+        for name, (merge_method, params) in MERGEKIT_METHODS.items():
+            out = work / "e2e" / name
+            config = {
+                "merge_method": merge_method,
+                "base_model": str(base),
+                "models": [{"model": str(e), "parameters": params} for e in experts],
+                "dtype": "bfloat16",
+            }
+            config_file = work / "e2e" / f"{name}.yml"
+            config_file.parent.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(yaml.safe_dump(config))
+            runs.append((name, [str(mergekit_venv / "bin" / "mergekit-yaml"), str(config_file), str(out)], out))
+    print(f"{'process':<18}{'wall (s)':>10}{'CPU (s)':>10}{'peak RSS (MiB)':>16}{'load before':>13}", flush=True)
+    walls: dict[str, float] = {}
+    for name, cmd, out in runs:
+        shutil.rmtree(out, ignore_errors=True)  # the bench's own output from a previous run
+        os.sync()
+        read_files([base, *experts])
+        load0 = load_average()
+        r = timed_process(cmd, cwd=work)
+        if r["rc"] != 0:
+            print(f"{name:<18} failed (exit {r['rc']}):\n{r['tail']}", flush=True)
+            continue
+        walls[name] = r["wall_s"]
+        print(f"{name:<18}{r['wall_s']:>10.1f}{r['cpu_s']:>10.1f}{r['peak_rss_mib']:>16.0f}{load0:>13.1f}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    for ref in ("mergekit_ta", "mergekit_ties"):
+        if ref in walls:
+            ratios = ", ".join(f"{n} {w / walls[ref]:.2f}x" for n, w in walls.items() if not n.startswith("mergekit"))
+            print(f"wall time / {ref}: {ratios}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/mergelab-bench")
@@ -179,6 +270,12 @@ def main() -> None:
         help="decoder layers of the pool (default: TinyLlama's 22); fewer keep every tensor shape, embeddings and "
         "head included, so peak memory is the full model's, and time the per-tensor methods at a fraction of the cost",
     )
+    ap.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time whole `mergelab` processes (and MergeKit's, with --mergekit-venv) instead of the merge alone",
+    )
+    ap.add_argument("--mergekit-venv", type=Path, default=None, help="a venv with mergekit installed (measuring only)")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -199,6 +296,10 @@ def main() -> None:
     print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
     size = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
     print(f"{size / 2**30:.1f} GiB of input files; 'read' = seconds to read them all just before the merge")
+    if args.end_to_end:
+        for _ in range(args.repeat):
+            end_to_end(work, base, experts, args.methods.split(","), args.mergekit_venv)
+        return
     cols = ("method", "read (s)", "wall (s)", "CPU (s)", "peak RSS", "RSS before", "load before", "load after")
     print(f"{cols[0]:<16}" + "".join(f"{c:>12}" for c in cols[1:]), flush=True)
     for _ in range(args.repeat):

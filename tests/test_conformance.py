@@ -195,11 +195,14 @@ def test_composes_inside_dare_and_awd(name: str, pool: dict[str, Any]) -> None:
 
 
 def bad_values(node: dict[str, Any]) -> list[tuple[str, Any]]:
-    """For each scalar option of a method config: a value no option of that type accepts."""
+    """For each scalar option of a method config: values no option of that type accepts (for a number also a word,
+    as a mistyped command-line override gives one)."""
     out = []
     for key, value in node.items():
         if key in NOT_METHOD_OPTIONS or key.startswith("_") or isinstance(value, bool):
             continue
+        if isinstance(value, int | float):
+            out.append((key, "abc"))
         if isinstance(value, float):
             out.append((key, math.nan))
         elif isinstance(value, str) and not value.startswith("/"):
@@ -229,3 +232,24 @@ def test_the_matrix_covers_every_method_yaml() -> None:
     assert {"task_arithmetic", "ties", "dare", "metagpt", "awd", "consensus", "magnitude_pruned_ta"} <= set(
         METHOD_YAMLS
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value", "message"),
+    [
+        ("awd", "steps", 2.5, "option 'steps' must be a whole number, got 2.5"),
+        ("awd", "merge.scaling", "abc", "option 'merge.scaling' must be a number, got 'abc'"),
+        ("dare", "seed", None, "option 'seed' must be a number, got None"),
+        ("ties", "scaling", True, "option 'scaling' must be a number, got True"),
+    ],
+)
+def test_option_types_follow_the_constructor(name: str, key: str, value: Any, message: str) -> None:
+    """The types come from each method's ``__init__`` annotations, nested methods included (``merge.*``)."""
+    node = method_config(name)
+    *path, leaf = key.split(".")
+    target = node
+    for part in path:
+        target = target[part]
+    target[leaf] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        method_candidates(OmegaConf.create(node), False)

@@ -10,8 +10,11 @@ method, including one added later, composes with them.
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -270,11 +273,47 @@ def grid_candidates(
         try:
             for k, v in point.items():
                 set_option(cfg, k, v)
+            check_option_types(cfg)
             method = build(strip_config_keys(cfg))
         except ValueError as e:
             raise ValueError(f"method '{node.get('name')}': {e}") from e
         out.append((point if grid else option_summary(cfg), method))
     return out
+
+
+def check_option_types(node: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse, naming the option, a value of a type the method's constructor does not take: a word for a number (a
+    mistyped override such as ``method.scaling=abc``), a fraction for a whole number. The types are the annotations
+    of ``_target_``'s ``__init__``, so every method is checked, nested ones (``method.merge``) included; the
+    method's own checks (ranges, choices) then see values of the right type."""
+    target = node.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        return
+    module, _, attr = target.rpartition(".")
+    try:
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), attr).__init__)
+    except Exception:  # an unknown target or unresolvable annotations: instantiation reports its own error
+        return
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            check_option_types(value, f"{prefix}{key}.")
+            continue
+        hint = hints.get(key)
+        if hint is None or key.startswith("_"):
+            continue
+        origin = typing.get_origin(hint)
+        if origin is typing.Union or origin is types.UnionType:
+            allowed = set(typing.get_args(hint))
+        elif origin is None:
+            allowed = {hint}
+        else:  # a container (tuple[float, float], ...): left to the method's own checks
+            continue
+        if (value is None and type(None) in allowed) or str in allowed or Any in allowed:
+            continue
+        if {int, float} & allowed and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"method option '{prefix}{key}' must be a number, got {value!r}")
+        if int in allowed and float not in allowed and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"method option '{prefix}{key}' must be a whole number, got {value!r}")
 
 
 def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
@@ -312,8 +351,17 @@ def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
 # ----------------------------------------------------------------------------------------------- option checks
 
 
+def check_number(name: str, value: object) -> None:
+    """Raise a ValueError naming the option when ``value`` is not a real number (a word from a mistyped override,
+    None, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"method option '{name}' must be a number, got {value!r}")
+
+
 def check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    """Raise a ValueError naming the option when ``value`` lies outside the interval (NaN is never inside)."""
+    """Raise a ValueError naming the option when ``value`` is not a number or lies outside the interval (NaN is
+    never inside)."""
+    check_number(name, value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above or math.isnan(value):
