@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file, save_file
 from transformers import (
     BertConfig,
@@ -21,8 +22,9 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from mergelab.run import run
-from tests.conftest import TINY, make_cfg
+from mergelab.config_types import constructor_hints
+from mergelab.run import build, run
+from tests.conftest import CONFIG_DIR, TINY, make_cfg
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
@@ -183,3 +185,42 @@ def test_classification_pool_needs_a_suite(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="eval=none only applies to checkpoint pools"):
         run(make_cfg(tmp_path / "out", ["eval=none", "logger=none"], tiny=False))
     assert_nothing_written(tmp_path / "out")
+
+
+def numeric_options(group: str, name: str, tmp_path: Path) -> tuple[DictConfig, list[str]]:
+    """The composed ``group=name`` config and its number-valued keys that its constructor annotates."""
+    cfg = make_cfg(tmp_path, [f"{group}={name}"], tiny=False)
+    node = OmegaConf.to_container(cfg[group], resolve=False)
+    hints = constructor_hints(node["_target_"])
+    keys = [k for k, v in node.items() if k in hints and isinstance(v, int | float) and not isinstance(v, bool)]
+    return cfg, keys
+
+
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [("model", p.stem) for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))]
+    + [("eval", p.stem) for p in sorted((CONFIG_DIR / "eval").glob("*.yaml")) if p.stem != "none"],
+)
+def test_a_word_for_a_number_is_named_before_the_component_is_built(group: str, name: str, tmp_path: Path) -> None:
+    """``model.chunk_elems=abc`` or ``eval.batch_size=abc`` (a mistyped override) is refused naming the key, for
+    every pool and suite config: the check reads the constructor's annotations, not a list kept by hand."""
+    cfg, keys = numeric_options(group, name, tmp_path)
+    for key in keys:
+        bad = cfg.copy()
+        with open_dict(bad):
+            bad[group][key] = "abc"
+        with pytest.raises(ValueError, match=rf"^{group}\.{key} must be a number, got 'abc'$"):
+            build(bad[group], group=group)
+
+
+def test_every_pool_and_suite_config_has_a_checked_number(tmp_path: Path) -> None:
+    """The table above is not vacuous: the configs with numbers each have at least one checked."""
+    assert numeric_options("model", "checkpoints", tmp_path)[1] == ["max_shard_bytes", "chunk_elems"]
+    assert "batch_size" in numeric_options("eval", "embedded", tmp_path)[1]
+
+
+def test_a_word_for_the_seed_is_refused_before_the_run_dir_is_claimed(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "run", ["seed=abc"])
+    with pytest.raises(ValueError, match="seed must be a whole number, got 'abc'"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

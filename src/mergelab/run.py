@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import check_option_types
 from mergelab.io.atomic import (
     RESULT_FILES,
     atomic_write_json,
@@ -50,8 +51,13 @@ log = logging.getLogger(__name__)
 CANDIDATES_DIR = ".candidates"
 
 
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising the component's own error (it names the key or value at fault)."""
+def build(node: Any, group: str | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the component's own error (it names the key or value at fault).
+
+    With ``group`` (the config group, e.g. ``model``) the values are first checked against the constructor's types,
+    so a mistyped override is named as ``model.chunk_elems`` rather than failing inside the component."""
+    if group is not None:
+        check_option_types(OmegaConf.to_container(node, resolve=True), label=lambda key: f"{group}.{key}")
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
@@ -343,12 +349,14 @@ def _run(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     overrides = list(cfg.get("overrides") or [])
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
     done = claim_output_dir(out_dir, bool(cfg.overwrite), bool(cfg.get("resume", False)), overrides, multirun)
     if done is not None:
         value = (done.get("objective") or {}).get("value")
         log.info("resume: %s already holds this job's result; skipped", out_dir)
         return float(value) if value is not None else float("nan")
-    seed_everything(int(cfg.seed))
+    seed_everything(cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     distributed.check_launch(trainer_kwargs, multirun)
 
@@ -364,7 +372,7 @@ def _run(cfg: DictConfig) -> float:
             raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
         if any(len(c) > 1 for c in candidates.values()):
             raise ValueError("tune=true picks a grid point on the suite's tune split: it needs a suite, not eval=none")
-    pool = check_pool(build(cfg.model))
+    pool = check_pool(build(cfg.model, group="model"))
     for name, cands in candidates.items():
         for _, method in cands:
             pool.check_method(method, f"method '{name}'")
@@ -374,7 +382,7 @@ def _run(cfg: DictConfig) -> float:
             f"{pool.kind} merges in one process ({type(pool).__name__}: multi_process=False); use trainer=gpu or "
             "trainer=cpu"
         )
-    suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
+    suite: EvalSuite | None = build(cfg.eval, group="eval") if cfg.get("eval") else None
     pool.check_suite(suite)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 

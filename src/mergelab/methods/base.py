@@ -10,11 +10,8 @@ method, including one added later, composes with them.
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 import math
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import check_option_types
 from mergelab.engine.chunks import Block
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
@@ -273,47 +271,12 @@ def grid_candidates(
         try:
             for k, v in point.items():
                 set_option(cfg, k, v)
-            check_option_types(cfg)
+            check_option_types(cfg, label=lambda key: f"method option '{key}'")
             method = build(strip_config_keys(cfg))
         except ValueError as e:
             raise ValueError(f"method '{node.get('name')}': {e}") from e
         out.append((point if grid else option_summary(cfg), method))
     return out
-
-
-def check_option_types(node: Mapping[str, Any], prefix: str = "") -> None:
-    """Refuse, naming the option, a value of a type the method's constructor does not take: a word for a number (a
-    mistyped override such as ``method.scaling=abc``), a fraction for a whole number. The types are the annotations
-    of ``_target_``'s ``__init__``, so every method is checked, nested ones (``method.merge``) included; the
-    method's own checks (ranges, choices) then see values of the right type."""
-    target = node.get("_target_")
-    if not isinstance(target, str) or "." not in target:
-        return
-    module, _, attr = target.rpartition(".")
-    try:
-        hints = typing.get_type_hints(getattr(importlib.import_module(module), attr).__init__)
-    except Exception:  # an unknown target or unresolvable annotations: instantiation reports its own error
-        return
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            check_option_types(value, f"{prefix}{key}.")
-            continue
-        hint = hints.get(key)
-        if hint is None or key.startswith("_"):
-            continue
-        origin = typing.get_origin(hint)
-        if origin is typing.Union or origin is types.UnionType:
-            allowed = set(typing.get_args(hint))
-        elif origin is None:
-            allowed = {hint}
-        else:  # a container (tuple[float, float], ...): left to the method's own checks
-            continue
-        if (value is None and type(None) in allowed) or str in allowed or Any in allowed:
-            continue
-        if {int, float} & allowed and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"method option '{prefix}{key}' must be a number, got {value!r}")
-        if int in allowed and float not in allowed and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"method option '{prefix}{key}' must be a whole number, got {value!r}")
 
 
 def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
