@@ -44,6 +44,7 @@ SCHEMA = {
     "scores",
     "avg_acc",
     "merged_model",
+    "failed_rows",  # table rows whose method raised (empty when none did)
 }
 
 

@@ -158,3 +158,45 @@ def test_help_presents_mergelab_and_its_groups() -> None:
     for group in ("model", "method", "eval", "experiment", "trainer", "logger"):
         assert f"\n  {group} " in proc.stdout, group  # one line describing each group
     assert "method: adamerging, awd," in proc.stdout and "ties" in proc.stdout  # and its options
+
+
+def test_a_failed_table_row_keeps_the_other_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row that raises is recorded and left out; the rows after it still run, and a failed last row leaves the
+    last finished one as the run's merge. The run then ends with an error naming the rows, and ``resume=true``
+    runs the job again (a table with failed rows is not done)."""
+    from mergelab.methods import DARE, TaskArithmetic
+
+    def boom(self, *args, **kwargs) -> None:
+        raise ValueError("boom")
+
+    # a row in the middle fails, and the last one
+    monkeypatch.setattr(TaskArithmetic, "prepare", boom)
+    monkeypatch.setattr(DARE, "prepare", boom)
+    overrides = [
+        "experiment=embedded_table",
+        "logger=none",
+        "table.methods.task_arithmetic.grid.scaling=[0.3]",
+        "table.methods.ties.grid.scaling=[0.3]",
+        "table.methods.dare.grid={merge.scaling:[0.3]}",
+        *(
+            f"~table.methods.{m}"
+            for m in (
+                *("metagpt", "awd_ta", "awd_ties", "awd_adamerging", "tsv_m", "iso_c", "iso_cts"),
+                *("consensus", "fisher", "regmean", "adamerging"),
+            )
+        ),
+    ]
+    with pytest.raises(RuntimeError, match=r"table rows failed: task_arithmetic \(ValueError: boom\); dare \("):
+        run(make_cfg(tmp_path, overrides))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["rows"]) == ["pretrained", "experts", "weight_averaging", "ties"]
+    assert list(metrics["failed_rows"]) == ["task_arithmetic", "dare"]
+    assert set(metrics["failed_rows"].values()) == {"ValueError: boom"}
+    assert metrics["method"] == "ties"  # the last row that finished is the run's merge
+    assert "task_arithmetic" not in (tmp_path / "results.csv").read_text()
+
+    monkeypatch.undo()
+    run(make_cfg(tmp_path, [*overrides, "resume=true"]))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["rows"]) == ["pretrained", "experts", "weight_averaging", "task_arithmetic", "ties", "dare"]
+    assert metrics["failed_rows"] == {}

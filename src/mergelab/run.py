@@ -122,7 +122,7 @@ def job_overrides(overrides: list[str]) -> list[str]:
 
 def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: list[str], multirun: bool) -> Any:
     """Make ``out_dir`` ready for this run; returns the finished run's ``metrics.json`` when ``resume`` finds one
-    (the job is then skipped), else None.
+    (the job is then skipped; a table whose ``failed_rows`` is not empty is run again), else None.
 
     ``metrics.json`` is written last, so it marks a finished run: one is never overwritten unless ``overwrite``.
     Result files without it, beside :data:`RESULTS_MARKER`, are an unfinished run's leftovers (e.g. a merged model
@@ -146,7 +146,15 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
                 f"resume=true: {out_dir} holds a run with overrides {done.get('overrides')}, not {overrides}: "
                 f"resume with the same command and {where}"
             )
-        return done
+        if not done.get("failed_rows"):
+            return done
+        # A table that finished with failed rows is not done: resume runs the job again, whole.
+        log.warning("resume: %s finished with failed rows %s: running it again", out_dir, list(done["failed_rows"]))
+        for n in RESULT_FILES:
+            path = out_dir / n
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
     if not metrics.exists():
         (out_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failure of this job: it is being rerun
         leftovers = [n for n in RESULT_FILES if (out_dir / n).exists()]
@@ -430,103 +438,125 @@ def _run(cfg: DictConfig) -> float:
 
     objective = float("nan")
     kept: InMemoryMerge | OnDiskMerge | None = None  # the last row's merge: the run's merged model
-    last = ""
+    last = last_done = ""
     chosen: dict[str, MergeMethod] = {}
+    failed: dict[str, str] = {}  # table rows that raised: name -> the error
     timings: dict[str, float] = {"setup_s": round(t_setup, 1)}
     try:
         for name, cands in candidates.items():
             t1 = time.perf_counter()
             if kept is not None:  # an earlier row's merge: only the last row's is the run's merged model
                 kept.discard()
-            tried: list[dict[str, Any]] = []
-            best: tuple[float, dict[str, Any], InMemoryMerge | OnDiskMerge, ev.Scores | None] | None = None
+                kept = None
+            try:
+                tried: list[dict[str, Any]] = []
+                best: tuple[float, dict[str, Any], InMemoryMerge | OnDiskMerge, ev.Scores | None] | None = None
 
-            def prepared(i: int, method: MergeMethod, name: str = name) -> InMemoryMerge | OnDiskMerge:
-                # Trained methods (AWD) fit here, under trainer.fit; a pool not in memory has them write to work_dir.
-                method.prepare(pool, trainer_kwargs, loggers, work_dir=out_dir / "artifacts" / name)
-                return candidate(method, name, i)
+                def prepared(i: int, method: MergeMethod, name: str = name) -> InMemoryMerge | OnDiskMerge:
+                    # Trained methods (AWD) fit here, under trainer.fit; a pool not in memory has them write to
+                    # work_dir.
+                    method.prepare(pool, trainer_kwargs, loggers, work_dir=out_dir / "artifacts" / name)
+                    return candidate(method, name, i)
 
-            points: list[tuple[dict[str, Any], Any]] = [(p, (i, m)) for i, (p, m) in enumerate(cands)]
-            if len(cands) > tuning.keep and tuning.strategy == "halving":
-                # Successive halving: every point on a seeded subset of the tune split, the best `keep` on all of it.
-                assert suite is not None and tune_split is not None
-                short: list[tuple[float, int, dict[str, Any], InMemoryMerge | OnDiskMerge]] = []
-                for i, (params, method) in enumerate(cands):
-                    merge = prepared(i, method)
-                    with suite.scoring_subset(tuning.subset):
-                        val = ev.average(merge.score(tune_split, kwargs=tune_kwargs))
-                    tried.append({"params": params, f"{tune_split}_subset_avg_acc": val})
-                    log.info("%s %s: %s subset (%d) avg acc %.4f", name, params, tune_split, tuning.subset, val)
-                    short = sorted([*short, (val, i, params, merge)], key=lambda x: (-x[0], x[1]))
-                    for dropped in short[tuning.keep :]:
-                        dropped[3].discard()
-                    short = short[: tuning.keep]
-                points = [(params, merge) for _, _, params, merge in sorted(short, key=lambda x: x[1])]
-            for params, point in points:
-                merge = prepared(*point) if isinstance(point, tuple) else point
-                tune_scores = None
-                if len(cands) > 1:
-                    assert tune_split is not None
-                    tune_scores = merge.score(tune_split, kwargs=tune_kwargs)
-                    val = ev.average(tune_scores)
-                    record = next((r for r in tried if r["params"] == params), None)
-                    if record is None:
-                        tried.append(record := {"params": params})
-                    record[f"{tune_split}_avg_acc"] = val
-                    log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
+                points: list[tuple[dict[str, Any], Any]] = [(p, (i, m)) for i, (p, m) in enumerate(cands)]
+                if len(cands) > tuning.keep and tuning.strategy == "halving":
+                    # Successive halving: every point on a seeded subset of the tune split, the best `keep` on all
+                    # of it.
+                    assert suite is not None and tune_split is not None
+                    short: list[tuple[float, int, dict[str, Any], InMemoryMerge | OnDiskMerge]] = []
+                    for i, (params, method) in enumerate(cands):
+                        merge = prepared(i, method)
+                        with suite.scoring_subset(tuning.subset):
+                            val = ev.average(merge.score(tune_split, kwargs=tune_kwargs))
+                        tried.append({"params": params, f"{tune_split}_subset_avg_acc": val})
+                        log.info("%s %s: %s subset (%d) avg acc %.4f", name, params, tune_split, tuning.subset, val)
+                        short = sorted([*short, (val, i, params, merge)], key=lambda x: (-x[0], x[1]))
+                        for dropped in short[tuning.keep :]:
+                            dropped[3].discard()
+                        short = short[: tuning.keep]
+                    points = [(params, merge) for _, _, params, merge in sorted(short, key=lambda x: x[1])]
+                for params, point in points:
+                    merge = prepared(*point) if isinstance(point, tuple) else point
+                    tune_scores = None
+                    if len(cands) > 1:
+                        assert tune_split is not None
+                        tune_scores = merge.score(tune_split, kwargs=tune_kwargs)
+                        val = ev.average(tune_scores)
+                        record = next((r for r in tried if r["params"] == params), None)
+                        if record is None:
+                            tried.append(record := {"params": params})
+                        record[f"{tune_split}_avg_acc"] = val
+                        log.info("%s %s: %s avg acc %.4f", name, params, tune_split, val)
+                    else:
+                        val = float("nan")
+                    if best is None or val > best[0]:
+                        if best is not None:
+                            best[2].discard()
+                        best = (val, params, merge, tune_scores)
+                    else:
+                        merge.discard()
+                assert best is not None
+                val, params, merge, tune_scores = best
+                kept, last = merge, name  # kept as the run's merged model unless the row fails below
+                if suite is None:  # merge only
+                    merge.realize()
+                    rows[name] = {"params": dict(params), "method_report": merge.method.report()}
                 else:
-                    val = float("nan")
-                if best is None or val > best[0]:
-                    if best is not None:
-                        best[2].discard()
-                    best = (val, params, merge, tune_scores)
-                else:
-                    merge.discard()
-            assert best is not None
-            val, params, merge, tune_scores = best
-            kept, last = merge, name
-            if suite is None:  # merge only
-                merge.realize()
-                rows[name] = {"params": dict(params), "method_report": merge.method.report()}
-            else:
-                assert report is not None and tune_split is not None
-                # One split only (lm-eval's): the tuned candidate's scores are the report's (in the same precision).
-                same = tune_scores is not None and tune_split == report and tune_kwargs is trainer_kwargs
-                test_scores = tune_scores if same else merge.score(report)
-                if len(cands) > 1:
-                    objective = val
-                elif tune_split == report:
-                    objective = ev.average(test_scores)
-                else:
-                    objective = ev.average(merge.score(tune_split))
-                rows[name] = row(test_scores, expert_scores, params)
-                if merge.raw is not None:  # the harness's own results (standard errors, configs, samples) kept
-                    atomic_write_json(out_dir / "artifacts" / name / "lm_eval_results.json", merge.raw)
-                rows[name][f"{tune_split}_avg_acc"] = objective
-                if tried:
-                    rows[name]["tuning"] = tried
-                if merge.method.report():
-                    rows[name]["method_report"] = merge.method.report()
-                single = merge.method.single_task_states(pool) if pool.scorable else {}
-                for t, state in single.items():
-                    for tensor, value in state.items():
-                        tv.require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
-                if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
-                    own = {t: pool.columns_of(t) for t in single}
-                    rows[f"{name} (single-task)"] = row(
-                        {
-                            c: v
-                            for t, s in single.items()
-                            if own[t]
-                            for c, v in score(
-                                f"{name} (single-task {t})", pool.model(s, own[t]), report, own[t]
-                            ).items()
-                        },
-                        expert_scores,
-                    )
-            chosen[name] = merge.method
+                    assert report is not None and tune_split is not None
+                    # One split only (lm-eval's): the tuned candidate's scores are the report's (in the same precision).
+                    same = tune_scores is not None and tune_split == report and tune_kwargs is trainer_kwargs
+                    test_scores = tune_scores if same else merge.score(report)
+                    if len(cands) > 1:
+                        objective = val
+                    elif tune_split == report:
+                        objective = ev.average(test_scores)
+                    else:
+                        objective = ev.average(merge.score(tune_split))
+                    rows[name] = row(test_scores, expert_scores, params)
+                    if merge.raw is not None:  # the harness's own results (standard errors, configs, samples) kept
+                        atomic_write_json(out_dir / "artifacts" / name / "lm_eval_results.json", merge.raw)
+                    rows[name][f"{tune_split}_avg_acc"] = objective
+                    if tried:
+                        rows[name]["tuning"] = tried
+                    if merge.method.report():
+                        rows[name]["method_report"] = merge.method.report()
+                    single = merge.method.single_task_states(pool) if pool.scorable else {}
+                    for t, state in single.items():
+                        for tensor, value in state.items():
+                            tv.require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
+                    if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
+                        own = {t: pool.columns_of(t) for t in single}
+                        rows[f"{name} (single-task)"] = row(
+                            {
+                                c: v
+                                for t, s in single.items()
+                                if own[t]
+                                for c, v in score(
+                                    f"{name} (single-task {t})", pool.model(s, own[t]), report, own[t]
+                                ).items()
+                            },
+                            expert_scores,
+                        )
+                chosen[name] = merge.method
+            except Exception as e:
+                # A table keeps its finished rows: the failed row is recorded and the run exits with an error at
+                # the end. One method, or several processes (whose ranks must stay in step), fail at once.
+                if len(candidates) == 1 or distributed.multi_process(cfg.trainer):
+                    raise
+                log.exception("table row '%s' failed; the other rows go on and the run ends with an error", name)
+                failed[name] = f"{type(e).__name__}: {e}"
+                rows.pop(name, None)
+                rows.pop(f"{name} (single-task)", None)
+                if last == name:
+                    assert kept is not None
+                    kept.discard()
+                    kept, last = None, last_done
+                continue
+            last_done = last
             timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
 
+        if not chosen:
+            raise RuntimeError("every table row failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
         if not distributed.is_global_zero():
             return objective  # rank 0 writes the results and sends them to the loggers
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -584,6 +614,8 @@ def _run(cfg: DictConfig) -> float:
         "scores": merged_row.get("scores"),
         "avg_acc": merged_row.get("avg_acc"),
         "merged_model": str(merged_path) if merged_path is not None else None,
+        # Table rows whose method raised (name -> error): left out of the rows, the run then exits with an error.
+        "failed_rows": failed,
     }
     for name, method in chosen.items():
         method.save_artifacts(out_dir / "artifacts" / name)
@@ -603,4 +635,9 @@ def _run(cfg: DictConfig) -> float:
         log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
     else:
         log.info("merged with %s into %s (%s)", last, merged_path, chosen[last].report())
+    if failed:
+        raise RuntimeError(
+            f"table rows failed: {'; '.join(f'{n} ({e})' for n, e in failed.items())}; the other rows are in "
+            f"{out_dir / 'metrics.json'}"
+        )
     return objective
