@@ -67,6 +67,31 @@ def test_padding_and_sorting_do_not_change_logits(
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
 
 
+def test_evaluation_batches_are_tokenized_once_per_split_and_subset(
+    pool_and_suite: tuple[ClassifierPool, TextClassificationSuite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every model of a run is scored on the same examples: they are tokenized once per (task, split, subset size),
+    and the cached batches are those :meth:`dataloader` builds from :meth:`eval_dataset`."""
+    pool, suite = pool_and_suite
+    suite._eval_rows.clear()
+    calls = []
+    tokenize = suite.tokenize
+    monkeypatch.setattr(suite, "tokenize", lambda ds, tok: calls.append(len(ds)) or tokenize(ds, tok))
+
+    def batches(loader: torch.utils.data.DataLoader) -> list[dict[str, list]]:
+        return [{k: v.tolist() for k, v in b.items()} for b in loader]
+
+    first = batches(suite.eval_loader("food_review", "validation", pool.tokenizer))
+    again = batches(suite.eval_loader("food_review", "validation", pool.tokenizer))
+    assert first == again and len(calls) == 1
+    with suite.scoring_subset(5):  # another subset: its own examples
+        subset = batches(suite.eval_loader("food_review", "validation", pool.tokenizer))
+    assert sum(len(b["labels"]) for b in subset) == 5 and len(calls) == 2
+    assert batches(suite.eval_loader("food_review", "validation", pool.tokenizer)) == first and len(calls) == 2
+    direct = batches(suite.dataloader(suite.eval_dataset("food_review", "validation"), pool.tokenizer))
+    assert direct == first
+
+
 def test_pretrained_classifier_has_pretrained_backbone(
     pool_and_suite: tuple[ClassifierPool, TextClassificationSuite],
 ) -> None:

@@ -94,5 +94,5 @@ def evaluate(
     merges into the backbone when testing starts).
     """
     model.eval_tasks = list(tasks or model.task_models.keys())
-    loaders = [suite.dataloader(suite.eval_dataset(t, split), tokenizer) for t in model.eval_tasks]
+    loaders = [suite.eval_loader(t, split, tokenizer) for t in model.eval_tasks]
     return run_test(model, loaders, trainer_kwargs, callbacks)
