@@ -17,15 +17,15 @@ GRID = ["method=task_arithmetic", "tune=true", "method.grid.scaling=[0.1,0.4,0.7
 def test_halving_scores_every_point_on_a_subset_and_the_best_on_the_whole_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sizes: list[tuple[str, int]] = []
-    original = TextClassificationSuite.eval_dataset
+    sizes: list[tuple[str, int]] = []  # (split, examples) of every task scored
+    original = TextClassificationSuite.eval_loader
 
-    def recording(self: TextClassificationSuite, task: str, split: str):  # type: ignore[no-untyped-def]
-        ds = original(self, task, split)
-        sizes.append((split, len(ds)))
-        return ds
+    def recording(self: TextClassificationSuite, task: str, split: str, tokenizer):  # type: ignore[no-untyped-def]
+        loader = original(self, task, split, tokenizer)
+        sizes.append((split, len(loader.dataset)))
+        return loader
 
-    monkeypatch.setattr(TextClassificationSuite, "eval_dataset", recording)
+    monkeypatch.setattr(TextClassificationSuite, "eval_loader", recording)
     out = tmp_path / "halving"
     objective = run(make_cfg(out, [*GRID, "tuning.strategy=halving", "tuning.subset=8", "tuning.keep=2"]))
     metrics = json.loads((out / "metrics.json").read_text())
