@@ -60,7 +60,7 @@ def test_padding_and_sorting_do_not_change_logits(
     pool, suite = pool_and_suite
     clf = pool.expert_classifier("food_review").eval()
     ds = suite.eval_dataset("food_review", "test").select(range(6))
-    rows = suite.tokenize(ds, pool.tokenizer).to_list()
+    rows = suite.tokenize(ds, pool.tokenizer)
     with torch.inference_mode():
         batched = clf("food_review", pad_batch(rows, pool.tokenizer.pad_token_id))
         single = torch.cat([clf("food_review", pad_batch([r], pool.tokenizer.pad_token_id)) for r in rows])

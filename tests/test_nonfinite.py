@@ -140,7 +140,10 @@ def test_a_run_with_a_non_finite_merge_fails_and_writes_no_result(tmp_path: Path
     with pytest.raises(tv.NonFiniteMergeError, match=match):
         run(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
-    assert not (tmp_path / "run" / "results.md").exists()
+    # The table written as rows finished holds the reference rows only, titled as unfinished: no merged row.
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "0 of 1 methods done" in table.splitlines()[0]
+    assert "| task_arithmetic |" not in table and "| experts |" in table
 
 
 def test_reports_never_print_a_non_finite_score() -> None:

@@ -1,9 +1,12 @@
-"""The README's "Adding a method" and "Adding a task or a suite" guides, run as written.
+"""The guides of docs/extending.md, run as written: "Adding a method", "Adding a task or a suite" and "Outside the
+repository".
 
-Their code blocks that are files (named by the path comment on their first line) are written into a copy of the
-checkout under tmp_path (the real src/ and conf/ are never written), their shell steps run there, and their
-``mergelab`` commands run from there with the copy's src/ first on PYTHONPATH, so that the installed console script
-imports the copy (``mergelab.locations`` then finds the copy's conf/ and data/), with conftest's tiny overrides.
+Their code blocks that are files (named by the path comment on their first line, after any ``# @package`` header)
+are written into a copy of the checkout under tmp_path (the real src/ and conf/ are never written), their shell steps
+run there, and their ``mergelab`` commands run from there with the copy's src/ first on PYTHONPATH, so that the
+installed console script imports the copy (``mergelab.locations`` then finds the copy's conf/ and data/), with
+conftest's tiny overrides. The outside guide's files go to temp dirs standing for its ``/my/...`` placeholders, and
+its commands run from a directory outside any checkout, on the real tree.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from hydra.utils import instantiate
 from tests.conftest import TINY, run_states
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-METHOD_GUIDE, TASK_GUIDE = "Adding a method", "Adding a task or a suite"
+GUIDES = (ROOT / "docs" / "extending.md").read_text()
+METHOD_GUIDE, TASK_GUIDE, OUTSIDE_GUIDE = "Adding a method", "Adding a task or a suite", "Outside the repository"
 SUITE, GENERATIVE_SUITE = "/path/to/suite", "/path/to/generative_suite"  # the guides' placeholders
+MY_CODE, MY_CONFS, MY_SUITE = "/my/code", "/my/confs", "/my/suite"  # the outside guide's placeholders
 # A top-level fenced block: its language and body.
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 
 def section(title: str) -> str:
-    """The README's text under ``## <title>``, up to the next heading of that level."""
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start : end if end != -1 else len(README)]
+    """docs/extending.md's text under ``## <title>``, up to the next heading of that level."""
+    start = GUIDES.index(f"\n## {title}\n")
+    end = GUIDES.find("\n## ", start + 1)
+    return GUIDES[start : end if end != -1 else len(GUIDES)]
 
 
 def blocks(text: str, language: str) -> list[str]:
@@ -52,7 +56,8 @@ def guide_files(text: str) -> dict[str, str]:
     """The code blocks of ``text`` that are files: the path their first line's comment names -> the block."""
     files = {}
     for body in [*blocks(text, "python"), *blocks(text, "yaml")]:
-        first = body.splitlines()[0]
+        # Hydra reads a `# @package` header only on the first lines, so the path comment may come after it.
+        first = next(line for line in body.splitlines() if not line.startswith("# @"))
         if first.startswith("# "):
             files[first[2:].split()[0]] = body
     return files
@@ -236,3 +241,86 @@ def test_generative_suite_config_composes_and_reads_the_new_task(checkout: Path,
     built = instantiate(cfg.eval, _convert_="all")
     assert built.name == "my_generative" and built.task_names == ["my_task", "sentiment_words"]
     assert len(built.dataset("my_task", "test")) > 0  # read and checked against its tasks.yaml entry
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The outside guide's files written to temp dirs standing for its placeholders; placeholder -> real path.
+
+    ``/my/suite`` stands for the checkout's embedded suite (read only); ``/my/code`` gets the module and the empty
+    ``__init__.py`` the guide asks for next to it.
+    """
+    base = tmp_path_factory.mktemp("outside")
+    real = {MY_CODE: str(base / "code"), MY_CONFS: str(base / "confs"), MY_SUITE: str(ROOT / "data" / "embedded")}
+    files = guide_files(section(OUTSIDE_GUIDE))
+    assert sorted(files) == [
+        "/my/code/my_methods/median.py",
+        "/my/confs/eval/my_suite.yaml",
+        "/my/confs/experiment/my_table.yaml",
+        "/my/confs/method/my_median.yaml",
+        "/my/confs/model/my_experts.yaml",
+    ]
+    for path, body in files.items():
+        target = Path(path.replace(MY_CODE, real[MY_CODE]).replace(MY_CONFS, real[MY_CONFS]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body.replace(MY_SUITE, real[MY_SUITE]))
+    (base / "code" / "my_methods" / "__init__.py").write_text("")
+    return real
+
+
+def outside_commands() -> list[list[str]]:
+    """The outside guide's ``mergelab`` commands; its bash block must export the module's dir first."""
+    text = section(OUTSIDE_GUIDE)
+    assert f"export PYTHONPATH={MY_CODE}" in blocks(text, "bash")[0]
+    return mergelab_commands(text)
+
+
+def run_outside(args: Sequence[str], real: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A guide command run from ``cwd`` (outside any checkout) on the real tree, the guide's module dir on
+    PYTHONPATH, placeholders replaced."""
+    for placeholder, path in real.items():
+        args = [a.replace(f"file://{placeholder}", f"file://{path}").replace(placeholder, path) for a in args]
+    exe = str(Path(sys.executable).with_name("mergelab"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([real[MY_CODE], *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.run([exe, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_outside_guide_runs_a_method_and_a_suite_from_a_searchpath(outside: dict[str, str], tmp_path: Path) -> None:
+    command = outside_commands()[0]
+    assert command == ["mergelab", "hydra.searchpath=[file:///my/confs]", "method=my_median", "eval=my_suite"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny = [o for o in TINY if not o.startswith("eval.tasks=")]  # the suite's own tasks
+    out = tmp_path / "run"
+    proc = run_outside([*command, *tiny, f"hydra.run.dir={out}"], outside, elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "my_median" and list(metrics["rows"]) == ["pretrained", "experts", "my_median"]
+    assert metrics["suite"] == "my_suite" and metrics["tasks"] == ["tweet_sentiment", "food_review"]
+    # The guide's warning: the short form names only mergelab's own conf/method.
+    short = ["mergelab", command[1], "method=dare", "method.merge=my_median", *TINY, f"hydra.run.dir={tmp_path / 'r2'}"]
+    proc = run_outside(short, outside, elsewhere)
+    assert proc.returncode == 1 and "no method config 'my_median'" in proc.stderr, proc.stderr[-3000:]
+
+
+def composed(args: Sequence[str], real: dict[str, str], cwd: Path, package: str) -> dict:
+    """The ``package`` node of the config ``args`` compose (``--cfg job``: nothing runs)."""
+    proc = run_outside([*args, "--cfg", "job", "--package", package], real, cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return yaml.safe_load(proc.stdout)
+
+
+def test_outside_guide_inner_method_preset_pool_and_sweep_compose(outside: dict[str, str], tmp_path: Path) -> None:
+    inner, table, pool, sweep = outside_commands()[1:]
+    method = composed(inner, outside, tmp_path, "method")
+    assert method["name"] == "dare" and method["merge"]["_target_"] == "my_methods.median.Median"
+    root = composed(table, outside, tmp_path, "_global_")
+    assert root["tune"] is True and root["eval"]["name"] == "my_suite"
+    assert sorted(root["table"]["methods"]) == ["my_median", "task_arithmetic"]
+    model = composed(pool, outside, tmp_path, "model")
+    assert model["_target_"] == "mergelab.text.pool.ClassifierPool"  # from mergelab's local_experts, extended
+    assert model["pretrained"] == "/ckpt/roberta-base" and sorted(model["experts"]) == ["cola", "sst2"]
+    # The sweep's first job (Hydra refuses --cfg with -m): the same overrides with the first swept value.
+    assert sweep[:2] == ["mergelab", "-m"] and sweep[-1] == "method.scaling=0.5,1.0"
+    job = composed(["mergelab", *sweep[2:-1], "method.scaling=0.5"], outside, tmp_path, "method")
+    assert job["name"] == "my_median" and job["scaling"] == 0.5

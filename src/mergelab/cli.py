@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mergelab.locations import CONFIG_DIR, ROOT_DIR
+from mergelab.locations import CONFIG_DIR, ROOT_DIR, output_root
 from mergelab.reports.sweep import FAILED_FILE
 
 log = logging.getLogger("mergelab")
@@ -82,10 +82,11 @@ def wandb_identity(key: str, *, _root_: DictConfig) -> Any:
 
 
 def register_resolvers() -> None:
-    """``${mergelab.root:}``, ``${mergelab.minilm:}``, ``${mergelab.smollm2:}``, ``${mergelab.wandb_offline:}`` and
-    ``${mergelab.wandb:<key>}``."""
+    """``${mergelab.root:}``, ``${mergelab.outputs:}``, ``${mergelab.minilm:}``, ``${mergelab.smollm2:}``,
+    ``${mergelab.wandb_offline:}`` and ``${mergelab.wandb:<key>}``."""
     for name, fn in (
         ("mergelab.root", lambda: str(ROOT_DIR)),
+        ("mergelab.outputs", lambda: str(output_root())),
         ("mergelab.minilm", minilm_path),
         ("mergelab.smollm2", smollm2_dir),
         ("mergelab.wandb_offline", wandb_offline),

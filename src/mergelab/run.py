@@ -36,8 +36,8 @@ from mergelab.io.atomic import (
 from mergelab.methods.base import MergeMethod, grid_candidates
 from mergelab.pools.base import ModelPool, check_pool
 from mergelab.provenance.recipe import MergeRecord, write_provenance
+from mergelab.reports.live import RESULTS_MARKER, LiveTable
 from mergelab.reports.sweep import FAILED_FILE
-from mergelab.reports.tables import write_reports
 from mergelab.suites import scoring as ev
 from mergelab.suites.base import EvalSuite
 from mergelab.training import distributed as distributed
@@ -106,10 +106,6 @@ def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any
         out["params"] = dict(params)
     return out
 
-
-#: Created in an output dir before the first result is written: result files beside it without ``metrics.json``
-#: are an unfinished mergelab run's, which its rerun replaces (anything else in the way is refused, never deleted).
-RESULTS_MARKER = ".mergelab-results"
 
 #: Overrides that say how to run, not what: a job resumed with them is the same job.
 RUN_CONTROL_KEYS = ("resume", "overwrite")
@@ -314,7 +310,7 @@ class TuningOptions:
     """
 
     def __init__(
-        self, strategy: str = "exhaustive", subset: int = 64, keep: int = 3, precision: str | None = None
+        self, strategy: str = "halving", subset: int = 64, keep: int = 3, precision: str | None = None
     ) -> None:
         if strategy not in ("exhaustive", "halving"):
             raise ValueError(f"tuning.strategy must be 'exhaustive' or 'halving', got {strategy!r}")
@@ -335,6 +331,14 @@ class TuningOptions:
         return cls(**options)
 
 
+def table_title(suite: EvalSuite, trainer_kwargs: Mapping[str, Any], exhaustive: bool = False) -> str:
+    """The results table's title: the suite and split, the precision when it is not fp32, and ``exhaustive``
+    tuning when a grid was searched that way (successive halving is the default)."""
+    precision = str(trainer_kwargs.get("precision") or "32-true")
+    stated = "" if precision in ("32-true", "32") else f", {precision}"  # the table says when it is not fp32
+    return f"{suite.name}: {suite.report_split} accuracy (%){stated}" + (", exhaustive tuning" if exhaustive else "")
+
+
 def run(cfg: DictConfig) -> float:
     """Run the configured job; returns the objective (mean accuracy of the last method on the tune split; NaN for a
     merge-only run).
@@ -353,6 +357,7 @@ def run(cfg: DictConfig) -> float:
 
 def _run(cfg: DictConfig) -> float:
     """:func:`run` inside its figure format."""
+    started = time.perf_counter()
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -394,11 +399,37 @@ def _run(cfg: DictConfig) -> float:
     pool.check_suite(suite)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
+    zero = distributed.is_global_zero()  # rank 0 writes the results and sends them to the loggers
     t0 = time.perf_counter()
-    pool.setup(suite, trainer_kwargs)
+    if loggers and zero:
+        from mergelab.reports.loggers import start
+        from mergelab.training.experts import logging_to  # Lightning's: loggers are Lightning's already
+
+        start(loggers, cfg)
+        with logging_to(loggers):  # experts fine-tuned now log their loss curves as they train
+            pool.setup(suite, trainer_kwargs)
+    else:
+        pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
     report, tune_split = (suite.report_split, suite.tune_split) if suite is not None else (None, None)
     columns = list(suite.task_names) if suite is not None else list(pool.tasks)  # the table's columns
+    live = LiveTable(
+        out_dir,
+        list(candidates),
+        columns,
+        table_title(
+            suite, trainer_kwargs, tuning.strategy == "exhaustive" and any(len(c) > 1 for c in candidates.values())
+        )
+        if suite is not None
+        else "",
+        getattr(suite, "max_eval_examples", getattr(suite, "limit", None)),  # lm-eval's subset is its limit
+        chart=bool(cfg.plot),
+        files=suite is not None and zero,
+        loggers=loggers if zero else [],
+        split=report,
+        started=started,
+    )
+    rows = live.rows
 
     def score(what: str, model: L.LightningModule, split: str, tasks: list[str] | None = None) -> ev.Scores:
         """Scores of an in-memory model of a ``scorable`` pool (pretrained, an expert, a single-task state), named
@@ -406,7 +437,6 @@ def _run(cfg: DictConfig) -> float:
         with ev.scoring(what, split):
             return pool.evaluate(model, split, trainer_kwargs, tasks, callbacks=[])
 
-    rows: dict[str, dict[str, Any]] = {}
     expert_scores: ev.Scores | None = None
     if suite is not None and pool.scorable:
         # Each expert is scored on the suite tasks it is the reference of (its own task, unless the suite's tasks
@@ -427,8 +457,8 @@ def _run(cfg: DictConfig) -> float:
                     )
                 )
         expert_scores = {c: expert_scores[c] for c in columns}
-        rows["pretrained"] = row(pre_scores, expert_scores)
-        rows["experts"] = row(expert_scores, expert_scores)
+        live.add("pretrained", row(pre_scores, expert_scores))
+        live.add("experts", row(expert_scores, expert_scores))
 
     def candidate(method: MergeMethod, name: str, i: int) -> InMemoryMerge | OnDiskMerge:
         label = point_label(name, candidates[name][i][0])
@@ -498,9 +528,10 @@ def _run(cfg: DictConfig) -> float:
                 assert best is not None
                 val, params, merge, tune_scores = best
                 kept, last = merge, name  # kept as the run's merged model unless the row fails below
+                extra: dict[str, dict[str, Any]] = {}  # rows that come with this one (its single-task row)
                 if suite is None:  # merge only
                     merge.realize()
-                    rows[name] = {"params": dict(params), "method_report": merge.method.report()}
+                    done_row: dict[str, Any] = {"params": dict(params), "method_report": merge.method.report()}
                 else:
                     assert report is not None and tune_split is not None
                     # One split only (lm-eval's): the tuned candidate's scores are the report's (in the same precision).
@@ -512,21 +543,21 @@ def _run(cfg: DictConfig) -> float:
                         objective = ev.average(test_scores)
                     else:
                         objective = ev.average(merge.score(tune_split))
-                    rows[name] = row(test_scores, expert_scores, params)
+                    done_row = row(test_scores, expert_scores, params)
                     if merge.raw is not None:  # the harness's own results (standard errors, configs, samples) kept
                         atomic_write_json(out_dir / "artifacts" / name / "lm_eval_results.json", merge.raw)
-                    rows[name][f"{tune_split}_avg_acc"] = objective
+                    done_row[f"{tune_split}_avg_acc"] = objective
                     if tried:
-                        rows[name]["tuning"] = tried
+                        done_row["tuning"] = tried
                     if merge.method.report():
-                        rows[name]["method_report"] = merge.method.report()
+                        done_row["method_report"] = merge.method.report()
                     single = merge.method.single_task_states(pool) if pool.scorable else {}
                     for t, state in single.items():
                         for tensor, value in state.items():
                             tv.require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
                     if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
                         own = {t: pool.columns_of(t) for t in single}
-                        rows[f"{name} (single-task)"] = row(
+                        extra[f"{name} (single-task)"] = row(
                             {
                                 c: v
                                 for t, s in single.items()
@@ -545,8 +576,10 @@ def _run(cfg: DictConfig) -> float:
                     raise
                 log.exception("table row '%s' failed; the other rows go on and the run ends with an error", name)
                 failed[name] = f"{type(e).__name__}: {e}"
+                chosen.pop(name, None)
                 rows.pop(name, None)
                 rows.pop(f"{name} (single-task)", None)
+                live.finish_row(name, None, time.perf_counter() - t1)
                 if last == name:
                     assert kept is not None
                     kept.discard()
@@ -554,10 +587,11 @@ def _run(cfg: DictConfig) -> float:
                 continue
             last_done = last
             timings[f"{name}_s"] = round(time.perf_counter() - t1, 1)
+            live.finish_row(name, done_row, time.perf_counter() - t1, extra)
 
         if not chosen:
             raise RuntimeError("every table row failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
-        if not distributed.is_global_zero():
+        if not zero:
             return objective  # rank 0 writes the results and sends them to the loggers
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULTS_MARKER).touch()  # results are mergelab's from here on: a rerun may replace leftovers
@@ -620,17 +654,12 @@ def _run(cfg: DictConfig) -> float:
     for name, method in chosen.items():
         method.save_artifacts(out_dir / "artifacts" / name)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    if suite is not None:
-        precision = str(trainer_kwargs.get("precision") or "32-true")
-        stated = "" if precision in ("32-true", "32") else f", {precision}"  # the table says when it is not fp32
-        subset = getattr(suite, "max_eval_examples", getattr(suite, "limit", None))  # lm-eval's is its limit
-        title = f"{suite.name}: {report} accuracy (%){stated}"
-        write_reports(rows, columns, out_dir, title, chart=bool(cfg.plot), subset=subset)
+    live.write(final=True)
     atomic_write_json(out_dir / "metrics.json", results)
     if loggers:
         from mergelab.reports.loggers import log_run
 
-        log_run(loggers, cfg, results, out_dir)
+        log_run(loggers, cfg, results, out_dir, step=live.steps)
     if suite is not None:
         log.info("results in %s\n%s", out_dir, (out_dir / "results.md").read_text())
     else:

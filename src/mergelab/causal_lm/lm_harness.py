@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mergelab.locations import DATA_DIR
 from mergelab.pools.base import Scores
 from mergelab.suites.base import file_digest
 from mergelab.suites.scoring import run_test
 
 log = logging.getLogger(__name__)
 
-LOCAL_TASKS_DIR = Path(__file__).resolve().parents[3] / "data" / "lm_harness"
+LOCAL_TASKS_DIR = DATA_DIR / "lm_harness"  # the checkout's data/, or the installed package's resources
 
 
 #: The MetaGPT paper's benchmarks and shots (WinoGrande 0, AGIEval 5, GSM8K 4, MATH 4, MBPP 3, HumanEval 0). MATH is

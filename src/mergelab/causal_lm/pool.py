@@ -121,7 +121,9 @@ def build_causal_expert(
         loader = suite.train_loader(
             task, tokenizer, int(ft["batch_size"]), ft.get("max_train_examples"), seed=int(ft["seed"])
         )
-        module = ExpertFinetuner(model, float(ft["lr"]), float(ft["weight_decay"]), float(ft["warmup_ratio"]))
+        module = ExpertFinetuner(
+            model, float(ft["lr"]), float(ft["weight_decay"]), float(ft["warmup_ratio"]), name=task
+        )
         seconds, loss = fit(module, loader, int(ft["epochs"]), trainer_kwargs)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -34,24 +34,29 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """``row/task/metric`` scalars, plus averages and the objective; a missing or non-finite value is left out."""
+def row_metrics(split: str, name: str, row: Mapping[str, Any]) -> dict[str, float]:
+    """One table row's ``split/row/task/metric`` scalars, averages, chosen grid point and method report; a missing
+    or non-finite value is left out."""
     out: dict[str, float] = {}
-    split = results["report_split"]
-    for name, row in results["rows"].items():
-        for task, scores in (row.get("scores") or {}).items():  # a merge-only run's rows have none
-            for metric, value in scores.items():
-                if _finite(value):
-                    out[f"{split}/{name}/{task}/{metric}"] = value
-        for key in ("avg_acc", "avg_f1", "avg_norm_acc"):
-            if _finite(row.get(key)):
-                out[f"{split}/{name}/{key}"] = row[key]
-        for pname, value in (row.get("params") or {}).items():
+    for task, scores in (row.get("scores") or {}).items():  # a merge-only run's rows have none
+        for metric, value in scores.items():
             if _finite(value):
-                out[f"chosen/{name}/{pname}"] = float(value)
-        for key, value in (row.get("method_report") or {}).items():
-            if _finite(value):
-                out[f"method/{name}/{key}"] = float(value)
+                out[f"{split}/{name}/{task}/{metric}"] = value
+    for key in ("avg_acc", "avg_f1", "avg_norm_acc"):
+        if _finite(row.get(key)):
+            out[f"{split}/{name}/{key}"] = row[key]
+    for pname, value in (row.get("params") or {}).items():
+        if _finite(value):
+            out[f"chosen/{name}/{pname}"] = float(value)
+    for key, value in (row.get("method_report") or {}).items():
+        if _finite(value):
+            out[f"method/{name}/{key}"] = float(value)
+    return out
+
+
+def run_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """What a run knows only once it ends: its timings and objective (the rows are logged as they finish)."""
+    out: dict[str, float] = {}
     for key, value in (results.get("timings") or {}).items():
         if _finite(value):
             out[f"timings/{key}"] = float(value)
@@ -61,19 +66,32 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """Every row's :func:`row_metrics` plus :func:`run_metrics`: all a finished run's scalars."""
+    out: dict[str, float] = {}
+    for name, row in results["rows"].items():
+        out.update(row_metrics(results["report_split"], name, row))
+    return {**out, **run_metrics(results)}
+
+
 def tuning_series(results: Mapping[str, Any]) -> list[dict[str, float]]:
     """The tuning curve as step series: step i holds each row's i-th grid point (its numeric options and scores)."""
     steps: list[dict[str, float]] = []
     for name, row in results["rows"].items():
-        for i, point in enumerate(row.get("tuning") or []):
+        for i, values in enumerate(row_tuning_series(name, row)):
             while len(steps) <= i:
                 steps.append({})
-            for pname, value in (point.get("params") or {}).items():
-                if _finite(value):
-                    steps[i][f"tuning/{name}/{pname}"] = float(value)
-            for key, value in point.items():
-                if key != "params" and _finite(value):
-                    steps[i][f"tuning/{name}/{key}"] = float(value)
+            steps[i].update(values)
+    return steps
+
+
+def row_tuning_series(name: str, row: Mapping[str, Any]) -> list[dict[str, float]]:
+    """One row's tuning curve: step i holds its i-th grid point's numeric options and scores."""
+    steps: list[dict[str, float]] = []
+    for point in row.get("tuning") or []:
+        values = {f"tuning/{name}/{p}": float(v) for p, v in (point.get("params") or {}).items() if _finite(v)}
+        values.update({f"tuning/{name}/{k}": float(v) for k, v in point.items() if k != "params" and _finite(v)})
+        steps.append(values)
     return steps
 
 
@@ -96,24 +114,42 @@ def log_chart(logger: WandbLogger, chart: Path) -> None:
         run.log({CHART_KEY: wandb.Html(chart.read_text(encoding="utf-8"))})
 
 
-def send(
-    loggers: Sequence[Logger],
-    cfg: DictConfig,
-    metrics: Mapping[str, float],
-    table: tuple[list[str], list[list[Any]]] | None = None,
-    chart: Path | None = None,
-    series: Sequence[Mapping[str, float]] = (),
-) -> None:
-    """Log the resolved config, the step ``series`` (tuning curves), the metrics and (to wandb) a results table and
-    ``chart`` (png, svg or pdf: see :func:`log_chart`); close every logger."""
-    if not loggers:
-        return
+def start(loggers: Sequence[Logger], cfg: DictConfig) -> None:
+    """Log the resolved config to each logger, when the run starts (so a live run shows what it runs)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(container)  # type: ignore[arg-type]
-        for step, values in enumerate(series):
-            lg.log_metrics(values, step=step)
-        lg.log_metrics(dict(metrics))
+        lg.save()
+
+
+def log_row(loggers: Sequence[Logger], split: str | None, name: str, row: Mapping[str, Any], step: int) -> None:
+    """Log one finished table row (its scores, averages, chosen point and method report as step ``step``; its tuning
+    curve as steps 0, 1, ..., one per grid point) and flush each logger (the CSV logger writes its file on save), so
+    a live run's rows show as they come."""
+    metrics = row_metrics(split or "merge", name, row)
+    for lg in loggers:
+        for i, values in enumerate(row_tuning_series(name, row)):
+            lg.log_metrics(values, step=i)
+        if metrics:
+            lg.log_metrics(metrics, step=step)
+        lg.save()
+
+
+def finish(
+    loggers: Sequence[Logger],
+    results: Mapping[str, Any],
+    table: tuple[list[str], list[list[Any]]] | None = None,
+    chart: Path | None = None,
+    step: int = 0,
+) -> None:
+    """Log what is known only at the end (timings, objective) and, to wandb, the results table and ``chart`` (png,
+    svg or pdf: see :func:`log_chart`); close every logger."""
+    if not loggers:
+        return
+    for lg in loggers:
+        metrics = run_metrics(results)
+        if metrics:
+            lg.log_metrics(metrics, step=step)
         if isinstance(lg, WandbLogger):
             if table is not None:
                 lg.log_table(key="results", columns=table[0], data=table[1])
@@ -126,11 +162,13 @@ def send(
         wandb.finish()
 
 
-def log_run(loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path) -> None:
-    """Log everything an evaluated run produced to each logger and close it; the chart is the run's
-    ``results.<figure_format>``."""
+def log_run(
+    loggers: Sequence[Logger], cfg: DictConfig, results: Mapping[str, Any], out_dir: Path, step: int = 0
+) -> None:
+    """Close a run's loggers with what only its end knows (:func:`finish`; its rows went out as they finished,
+    :func:`log_row`): the table and the run's chart ``results.<figure_format>``."""
     scored = all("scores" in row for row in results["rows"].values())
     table = table_records(results["rows"], results["tasks"]) if scored else None
     with figure_format(cfg.get("figure_format")) as fmt:  # checked and normalised as the run wrote it
         chart = out_dir / f"results.{fmt}"
-    send(loggers, cfg, flat_metrics(results), table, chart, tuning_series(results))
+    finish(loggers, results, table, chart, step)

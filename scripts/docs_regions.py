@@ -1,0 +1,406 @@
+"""Rewrite the generated regions of the project's markdown files (README.md and docs/**/*.md).
+
+A region is everything between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; its text is rendered
+from the files it documents, so the docs cannot drift from them:
+
+- ``methods``: one section per ``conf/method/*.yaml``: its header comment, then each option with its default as
+  written in the YAML and the YAML's comment on it;
+- ``methods_table``: the README's one-line-per-method table (what it is, its scalar options and defaults);
+- ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
+- ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
+  ``experiments/<name>/metrics.json``.
+
+A region whose source file does not exist (``first_hour`` until that benchmark is committed) keeps its text.
+
+    python scripts/docs_regions.py            # rewrite every region
+    python scripts/docs_regions.py --check    # exit 1 naming each stale region's file and name; rewrite nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+#: An opening marker, its body and its matching closing marker, each marker on a line of its own (so that prose
+#: may quote the syntax in a code span).
+REGION = re.compile(
+    r"^<!-- generated:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /generated:(?P=name) -->$",
+    re.S | re.M,
+)
+OPENING = re.compile(r"^<!-- generated:([\w-]+) -->$", re.M)
+#: Option keys of a method YAML that are the config's own, not the method's options.
+NOT_OPTIONS = {"_target_", "name", "defaults"}
+
+
+class RegionError(ValueError):
+    """A markdown file or a region's source that cannot be rendered (names the file and what is wrong)."""
+
+
+# ----------------------------------------------------------------------------------------------- method YAMLs
+
+
+@dataclass
+class Option:
+    """One top-level option of a method YAML: its default as written and the comments on it."""
+
+    key: str
+    default: str
+    comment: str = ""
+    note: str = ""  # a comment block of its own just above the option (a note on it and the ones after)
+
+
+@dataclass
+class MethodDoc:
+    """What a method YAML says about itself."""
+
+    name: str
+    target: str
+    summary: str  # the header comment, its lines joined
+    options: list[Option]
+
+    @property
+    def title(self) -> str:
+        """What the method is, in a few words: the header comment up to its first colon or sentence end."""
+        text = self.summary
+        colon = text.find(": ")
+        # "Yadav et al. 2023" must not end the sentence, so only a period after a non-abbreviation counts.
+        period = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", text)
+        ends = [i for i in (colon, period.start() if period else -1) if i >= 0]
+        return (text[: min(ends)] if ends else text).strip() or self.name
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """``line`` split into its YAML text and its ``#`` comment (a ``#`` inside quotes is not a comment)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip(), line[i + 1 :].strip()
+    return line.rstrip(), ""
+
+
+def flow(value: Any) -> str:
+    """A parsed YAML value written on one line (for options whose default spans several lines)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("...")
+
+
+def read_method(path: Path) -> MethodDoc:
+    """The options, defaults and comments of the method YAML ``path``."""
+    text = path.read_text()
+    try:
+        parsed = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RegionError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(parsed, dict) or "_target_" not in parsed:
+        raise RegionError(f"{path}: a method config needs a '_target_' key")
+    lines = text.splitlines()
+    header: list[str] = []
+    i = 0
+    while i < len(lines) and lines[i].startswith("#"):
+        if not lines[i].startswith("# @package"):
+            header.append(lines[i][1:].strip())
+        i += 1
+    options: list[Option] = []
+    note: list[str] = []
+    last: Option | None = None
+    for line in lines[i:]:
+        code, comment = split_comment(line)
+        if not code.strip():
+            if comment and line[0] == "#":  # a comment block at column 0: a note on the option below
+                note.append(comment)
+                last = None
+            elif comment and last is not None:  # an indented comment continues the option's comment
+                last.comment = f"{last.comment} {comment}".strip()
+            continue
+        top = re.match(r"([A-Za-z_][\w.]*):(.*)$", code)
+        if top is None:  # a nested line of the option above (its value spans lines), or a defaults entry
+            entry = re.match(r"\s*-\s*/method@([\w.]+):\s*(\S+)", code)
+            if entry is not None:
+                inner = f"the inner method: any conf/method config, chosen with `method@method.{entry[1]}=<name>`"
+                options.append(Option(entry[1], entry[2], inner))
+            last = None
+            continue
+        key = top[1]
+        last = None
+        if key in NOT_OPTIONS:
+            note = []
+            continue
+        raw = top[2].strip()
+        default = raw if raw else flow(parsed.get(key))
+        last = Option(key, default, comment, " ".join(note))
+        options.append(last)
+        note = []
+    return MethodDoc(
+        name=str(parsed.get("name", path.stem)),
+        target=str(parsed["_target_"]),
+        summary=" ".join(header),
+        options=options,
+    )
+
+
+def method_docs(root: Path) -> list[MethodDoc]:
+    """Every ``conf/method/*.yaml`` under ``root``, by file name."""
+    paths = sorted((root / "conf" / "method").glob("*.yaml"))
+    if not paths:
+        raise RegionError(f"{root / 'conf' / 'method'}: no method YAML")
+    return [read_method(p) for p in paths]
+
+
+def prose(text: str) -> str:
+    """A YAML comment as markdown: code spans kept, other emphasis characters and ``<`` escaped."""
+    parts = re.split(r"(`[^`]*`)", text)
+    for i in range(0, len(parts), 2):  # the even parts are outside code spans
+        parts[i] = re.sub(r"([*_\\])", r"\\\1", parts[i]).replace("<", "&lt;")
+    return "".join(parts)
+
+
+def code(text: str) -> str:
+    """``text`` as an inline code span (longer fences when it holds backticks)."""
+    fence = "``" if "`" in text else "`"
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def render_methods(root: Path) -> str:
+    """The methods page's reference: one section per method YAML, its options with defaults and comments."""
+    out: list[str] = []
+    for doc in method_docs(root):
+        out += [f"### {doc.name}", "", prose(doc.summary) if doc.summary else doc.title, ""]
+        out += [f"`method={doc.name}` · class {code(doc.target)}", ""]
+        if not doc.options:
+            out += ["No options.", ""]
+            continue
+        for opt in doc.options:
+            if opt.note:
+                out += ["", prose(opt.note), ""]
+            line = f"- {code(opt.key)} = {code(opt.default)}"
+            out.append(f"{line} — {prose(opt.comment)}" if opt.comment else line)
+        out.append("")
+    return "\n".join(out).strip()
+
+
+def scalar(default: str) -> bool:
+    """Whether a default as written is one short value (not a list, a mapping or a long pattern)."""
+    return not default.startswith(("[", "{")) and len(default) <= 16 and "|" not in default
+
+
+def render_methods_table(root: Path) -> str:
+    """The README's table: each method (linked to its section), what it is, its scalar options and defaults."""
+    rows = ["| `method=` | what | options (defaults) |", "|---|---|---|"]
+    for doc in method_docs(root):
+        opts = ", ".join(
+            f"`{o.key}` ({o.default})" for o in doc.options if o.key not in ("grid", "trainer") and scalar(o.default)
+        )
+        what = prose(doc.title).replace("|", "\\|")
+        rows.append(f"| [`{doc.name}`](docs/methods.md#{doc.name}) | {what} | {opts or '-'} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+
+
+def load_json(path: Path) -> Any:
+    """``path`` parsed, or a RegionError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RegionError(f"{path}: not valid JSON: {e}") from None
+
+
+def field(data: dict[str, Any], dotted: str, path: Path, kinds: tuple[type, ...]) -> Any:
+    """``data``'s value at ``dotted`` (``a.b``), checked to be one of ``kinds``; a RegionError names the key."""
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise RegionError(f"{path}: missing key '{dotted}'")
+        value = value[part]
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise RegionError(f"{path}: '{dotted}' must be {names}, got {value!r}")
+    return value
+
+
+def seconds(value: float | None) -> str:
+    """A duration in seconds for the table; a figure that was not measured says so."""
+    return "not measured" if value is None else f"{value:.1f} s"
+
+
+def render_first_hour(root: Path) -> str | None:
+    """The first-hour benchmark (``experiments/first_hour.json``) as a short table; None when not there yet."""
+    path = root / "experiments" / "first_hour.json"
+    if not path.is_file():
+        return None
+    data = load_json(path)
+    num, opt = (int, float), (int, float, type(None))
+    date, machine = field(data, "date", path, (str,)), field(data, "machine", path, (str,))
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+        raise RegionError(f"{path}: 'date' must be YYYY-MM-DD, got {date!r}")
+    rows = field(data, "warm_table.rows", path, (int,))
+    examples = field(data, "eval.examples", path, (int,))
+    same = field(data, "eval.identical_predictions", path, (bool,))
+    lines = [
+        f"Measured on {date} ({prose(machine)}); `experiments/first_hour.json`.",
+        "",
+        "| step | measured |",
+        "|---|---:|",
+        f"| warm table: first row written | {seconds(field(data, 'warm_table.first_row_s', path, num))} |",
+        f"| warm table: all {rows} rows | {seconds(field(data, 'warm_table.total_s', path, num))} |",
+        f"| cold: the first set-up command | {seconds(field(data, 'cold.command1_s', path, opt))} |",
+        f"| cold: one expert fine-tuned | {seconds(field(data, 'cold.expert_s', path, opt))} |",
+        f"| evaluation before | {field(data, 'eval.before_examples_per_s', path, num):.1f} examples/s |",
+        f"| evaluation after | {field(data, 'eval.after_examples_per_s', path, num):.1f} examples/s |",
+        f"| evaluation speed-up | {field(data, 'eval.speedup', path, num):.2f}x |",
+        f"| identical predictions ({examples} examples) | {'yes' if same else 'no'} |",
+    ]
+    if isinstance(data.get("eval"), dict) and "profile" in data["eval"]:  # where a scoring's time goes
+        share = field(data, "eval.profile.matrix_products_share", path, num)
+        rate = field(data, "eval.profile.matrix_products_gflops", path, num)
+        lines.append(f"| evaluation time in matrix products (profiled) | {100 * share:.0f}% |")
+        lines.append(f"| matrix products' rate (fp32, all threads) | {rate:.0f} GFLOP/s |")
+    return "\n".join(lines)
+
+
+def percent(value: Any) -> str:
+    """A score in [0, 1] as a percentage with two decimals, or ``-`` when there is none (null)."""
+    return "-" if not isinstance(value, int | float) else f"{100 * value:.2f}"
+
+
+def render_run_table(name: str) -> Callable[[Path], str | None]:
+    """A renderer of the results table of the measured run ``experiments/<name>/metrics.json``."""
+
+    def render(root: Path) -> str | None:
+        path = root / "experiments" / name / "metrics.json"
+        if not path.is_file():
+            return None
+        data = load_json(path)
+        tasks = field(data, "tasks", path, (list,))
+        split = field(data, "report_split", path, (str,))
+        rows = field(data, "rows", path, (dict,))
+        head = ["Method", *tasks, "Avg acc", "Norm acc"]
+        lines = [
+            f"{split.capitalize()} accuracy (%), from `experiments/{name}/metrics.json`:",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1),
+        ]
+        for row, result in rows.items():
+            scores = [percent((result.get("scores") or {}).get(t, {}).get("acc")) for t in tasks]
+            cells = [row, *scores, percent(result.get("avg_acc")), percent(result.get("avg_norm_acc"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    return render
+
+
+#: Region name -> its renderer (None: the source does not exist yet, the region keeps its text).
+RENDERERS: dict[str, Callable[[Path], str | None]] = {
+    "methods": render_methods,
+    "methods_table": render_methods_table,
+    "first_hour": render_first_hour,
+    **{n: render_run_table(n) for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+}
+#: The source each region is rendered from (named when a region is skipped).
+SOURCES = {
+    "methods": "conf/method/*.yaml",
+    "methods_table": "conf/method/*.yaml",
+    "first_hour": "experiments/first_hour.json",
+    **{n: f"experiments/{n}/metrics.json" for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+}
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+@dataclass
+class Outcome:
+    """What happened to one region of one file."""
+
+    file: Path
+    name: str
+    status: str  # "current", "stale" (rewritten unless checking) or "skipped" (source not there yet)
+
+
+def markdown_files(root: Path) -> list[Path]:
+    """The files whose regions are kept current: README.md and every markdown file under docs/."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").rglob("*.md"))] if p.is_file()]
+
+
+def update_file(path: Path, root: Path, check: bool) -> list[Outcome]:
+    """Render every region of ``path``; rewrite the file when one changed, unless ``check``."""
+    text = path.read_text()
+    opened = OPENING.findall(text)
+    closed = [m["name"] for m in REGION.finditer(text)]
+    if sorted(opened) != sorted(closed):
+        unmatched = sorted(set(opened) - set(closed)) or sorted(opened)
+        raise RegionError(f"{path}: region(s) {unmatched} have no matching '<!-- /generated:NAME -->'")
+    outcomes: list[Outcome] = []
+    rendered: dict[str, str | None] = {}  # a region used twice in a file is rendered once
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise RegionError(f"{path}: unknown region '{name}' (known: {sorted(RENDERERS)})")
+        if name not in rendered:
+            rendered[name] = RENDERERS[name](root)
+        body = rendered[name]
+        if body is None:
+            outcomes.append(Outcome(path, name, "skipped"))
+            return match[0]
+        new = f"<!-- generated:{name} -->\n\n{body}\n\n<!-- /generated:{name} -->"
+        outcomes.append(Outcome(path, name, "current" if new == match[0] else "stale"))
+        return new
+
+    new_text = REGION.sub(replace, text)
+    if not check and new_text != text:
+        path.write_text(new_text)
+    return outcomes
+
+
+def run(root: Path, files: Iterable[Path], check: bool) -> int:
+    """Update (or, with ``check``, only compare) the regions of ``files``; the exit status."""
+    stale = 0
+    for path in files:
+        try:
+            outcomes = update_file(path, root, check)
+        except (RegionError, OSError) as e:
+            print(f"docs_regions: error: {e}", file=sys.stderr)
+            return 2
+        for o in outcomes:
+            rel = o.file.relative_to(root) if o.file.is_relative_to(root) else o.file
+            if o.status == "skipped":
+                print(f"{rel}: region '{o.name}' skipped ({SOURCES[o.name]} does not exist yet)")
+            elif o.status == "stale":
+                stale += 1
+                if check:
+                    print(f"{rel}: region '{o.name}' is stale (run: python scripts/docs_regions.py)", file=sys.stderr)
+                else:
+                    print(f"{rel}: region '{o.name}' rewritten")
+    return 1 if check and stale else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``[--check] [--root DIR] [FILE ...]`` (default files: README.md and docs/**/*.md)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a region is stale; write nothing")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose conf/ and experiments/ are read")
+    parser.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/**/*.md)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    files = [p.resolve() for p in args.files] or markdown_files(root)
+    return run(root, files, args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
