@@ -304,12 +304,50 @@ def render_run_table(name: str) -> Callable[[Path], str | None]:
     return render
 
 
+#: The embedded table before the first-hour changes (experts of format 1), kept to show what moved.
+PREVIOUS_EMBEDDED = "experiments/embedded_table/previous_2026-11-29/metrics.json"
+
+
+def render_embedded_moved(root: Path) -> str | None:
+    """Each row's average accuracy in the previous and the current embedded table, and how many of its task scores
+    moved; None while either JSON is missing."""
+    old_path, new_path = root / PREVIOUS_EMBEDDED, root / "experiments" / "embedded_table" / "metrics.json"
+    if not old_path.is_file() or not new_path.is_file():
+        return None
+    old = field(load_json(old_path), "rows", old_path, (dict,))
+    new_data = load_json(new_path)
+    new, tasks = field(new_data, "rows", new_path, (dict,)), field(new_data, "tasks", new_path, (list,))
+    lines = [
+        f"Average test accuracy (%) of each row, `{PREVIOUS_EMBEDDED}` against `experiments/embedded_table/"
+        "metrics.json`, and how many of its task scores moved:",
+        "",
+        "| row | before | now | task scores moved |",
+        "|---|---:|---:|---:|",
+    ]
+    for row, result in new.items():
+        before = old.get(row) or {}
+        scores = [
+            (
+                percent((before.get("scores") or {}).get(t, {}).get("acc")),
+                percent((result.get("scores") or {}).get(t, {}).get("acc")),
+            )
+            for t in tasks
+        ]
+        moved = sum(a != b for a, b in scores if a != "-" or b != "-")
+        scored = sum(1 for a, b in scores if a != "-" or b != "-")
+        lines.append(
+            f"| {row} | {percent(before.get('avg_acc'))} | {percent(result.get('avg_acc'))} | {moved} of {scored} |"
+        )
+    return "\n".join(lines)
+
+
 #: Region name -> its renderer (None: the source does not exist yet, the region keeps its text).
 RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "methods": render_methods,
     "methods_table": render_methods_table,
     "first_hour": render_first_hour,
     **{n: render_run_table(n) for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+    "embedded_moved": render_embedded_moved,
 }
 #: The source each region is rendered from (named when a region is skipped).
 SOURCES = {
@@ -317,6 +355,7 @@ SOURCES = {
     "methods_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
     **{n: f"experiments/{n}/metrics.json" for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+    "embedded_moved": PREVIOUS_EMBEDDED,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("MERGELAB_CACHE", None)
     else:
         os.environ["MERGELAB_CACHE"] = old
+
+
+def embedded_table_rows(*keep: str) -> list[str]:
+    """``experiment=embedded_table`` with only the rows ``keep`` (in the experiment's order): the overrides."""
+    preset = (Path(CONFIG_DIR) / "experiment" / "embedded_table.yaml").read_text()
+    rows = dict.fromkeys(re.findall(r"^  - /method@table\.methods\.(\w+):", preset, re.M))
+    unknown = set(keep) - set(rows)
+    assert not unknown, f"not rows of the embedded table: {sorted(unknown)}"
+    return ["experiment=embedded_table", *(f"~table.methods.{m}" for m in rows if m not in keep)]
 
 
 def make_cfg(output_dir: Path, overrides: Sequence[str] = (), tiny: bool = True) -> DictConfig:

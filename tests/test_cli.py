@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from mergelab.run import run
 from mergelab.text.model import evaluate
 from mergelab.text.pool import load_merged
-from tests.conftest import TINY, make_cfg, run_states
+from tests.conftest import TINY, embedded_table_rows, make_cfg, run_states
 from tests.test_run_flow import SCHEMA
 
 
@@ -98,30 +98,15 @@ def test_existing_result_is_not_overwritten(ta_run: Path) -> None:
 
 
 def test_table_experiment_tunes_each_method(tmp_path: Path, ta_run: Path) -> None:
+    # AWD rows are covered by tests/test_awd.py (here they would add a 300-step fit), the spectral and data-using
+    # methods by their own tests.
     overrides = [
-        "experiment=embedded_table",
+        *embedded_table_rows("weight_averaging", "task_arithmetic", "ties", "dare", "metagpt"),
         "logger=none",
         "plot=true",
         "table.methods.task_arithmetic.grid.scaling=[0.2,0.6]",
         "table.methods.ties.grid.scaling=[0.5]",
         "table.methods.dare.grid={merge.scaling:[0.3]}",  # DARE's inner task arithmetic
-        # AWD rows are covered by tests/test_awd.py (here they would add a 300-step fit), the spectral and
-        # data-using methods by their own tests.
-        *(
-            f"~table.methods.{m}"
-            for m in (
-                "awd_ta",
-                "awd_ties",
-                "awd_adamerging",
-                "tsv_m",
-                "iso_c",
-                "iso_cts",
-                "consensus",
-                "fisher",
-                "regmean",
-                "adamerging",
-            )
-        ),
     ]
     run(make_cfg(tmp_path, overrides))
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -14,31 +14,10 @@ import torch
 from mergelab.reports.live import LiveTable, clock
 from mergelab.run import run
 from mergelab.text.suite import LengthGroupedBatches
-from tests.conftest import make_cfg
+from tests.conftest import embedded_table_rows, make_cfg
 
 # Two cheap rows of the embedded table: enough to see a row appear before the next one is scored.
-TWO_ROWS = [
-    "experiment=embedded_table",
-    "tune=false",
-    *(
-        f"~table.methods.{m}"
-        for m in (
-            "ties",
-            "dare",
-            "metagpt",
-            "tsv_m",
-            "iso_c",
-            "iso_cts",
-            "consensus",
-            "fisher",
-            "regmean",
-            "adamerging",
-            "awd_ta",
-            "awd_ties",
-            "awd_adamerging",
-        )
-    ),
-]
+TWO_ROWS = [*embedded_table_rows("weight_averaging", "task_arithmetic"), "tune=false"]
 
 
 def test_a_table_writes_each_row_as_it_finishes(
