@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -401,14 +402,14 @@ def _run(cfg: DictConfig) -> float:
 
     zero = distributed.is_global_zero()  # rank 0 writes the results and sends them to the loggers
     t0 = time.perf_counter()
+    expert_logging: AbstractContextManager[Any] = nullcontext()
     if loggers and zero:
         from mergelab.reports.loggers import start
         from mergelab.training.experts import logging_to  # Lightning's: loggers are Lightning's already
 
         start(loggers, cfg)
-        with logging_to(loggers):  # experts fine-tuned now log their loss curves as they train
-            pool.setup(suite, trainer_kwargs)
-    else:
+        expert_logging = logging_to(loggers)  # experts fine-tuned in setup log their loss curves as they train
+    with expert_logging:
         pool.setup(suite, trainer_kwargs)
     t_setup = time.perf_counter() - t0
     report, tune_split = (suite.report_split, suite.tune_split) if suite is not None else (None, None)
