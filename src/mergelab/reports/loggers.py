@@ -74,17 +74,6 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return {**out, **run_metrics(results)}
 
 
-def tuning_series(results: Mapping[str, Any]) -> list[dict[str, float]]:
-    """The tuning curve as step series: step i holds each row's i-th grid point (its numeric options and scores)."""
-    steps: list[dict[str, float]] = []
-    for name, row in results["rows"].items():
-        for i, values in enumerate(row_tuning_series(name, row)):
-            while len(steps) <= i:
-                steps.append({})
-            steps[i].update(values)
-    return steps
-
-
 def row_tuning_series(name: str, row: Mapping[str, Any]) -> list[dict[str, float]]:
     """One row's tuning curve: step i holds its i-th grid point's numeric options and scores."""
     steps: list[dict[str, float]] = []
@@ -146,8 +135,8 @@ def finish(
     svg or pdf: see :func:`log_chart`); close every logger."""
     if not loggers:
         return
+    metrics = run_metrics(results)
     for lg in loggers:
-        metrics = run_metrics(results)
         if metrics:
             lg.log_metrics(metrics, step=step)
         if isinstance(lg, WandbLogger):
