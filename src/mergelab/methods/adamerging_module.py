@@ -90,7 +90,7 @@ class AdaMergingModule(L.LightningModule):
 
         sum_t c_t tau_t as one [1, T] x [T, n] product: one pass over the task vectors forward and one backward (the
         gradient of c), where broadcasting c over [T, *shape] first would write and read a T-times larger
-        temporary each way (a third of a step on MiniLM)."""
+        temporary each way (on MiniLM's shapes, 0.36 -> 0.10 s a step for the merge and its gradient)."""
         lam = self.coefficients()
         out = {}
         for col, name in enumerate(self.names):
