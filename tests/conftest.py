@@ -153,6 +153,27 @@ class TaskDataPool(ListPool):
         return None if self.cache_dir is None else {"expert": f"{task}-{id(self)}", "data": "test"}
 
 
+def small_checkpoint_pool(root: Path) -> list[str]:
+    """A checkpoint pool of two experts of two small random tensors (plumbing only, never evidence a method works):
+    the overrides of a merge-only run over it."""
+    import json
+
+    import torch
+
+    from mergelab.io.writer import write_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(8, 4, generator=g), "b.bias": torch.randn(8, generator=g)}
+    config = json.dumps({"model_type": "bert", "architectures": ["BertModel"]})
+    experts = {}
+    for i, name in enumerate(("base", "e1", "e2")):
+        d = write_checkpoint({k: v + 0.1 * i for k, v in base.items()}, root / name)
+        (d / "config.json").write_text(config)
+        experts[name] = str(d)
+    mapping = "{" + ", ".join(f"{k}: '{v}'" for k, v in experts.items() if k != "base") + "}"
+    return ["model=checkpoints", f"model.pretrained='{experts['base']}'", f"model.experts={mapping}", "eval=none"]
+
+
 def run_states(pretrained: str, experts: Iterable[str], merged_dir: Path) -> tuple[dict, list[dict], dict]:
     """State dicts of a classifier run's inputs and output, loaded independently of mergelab: the pretrained
     backbone, each expert's backbone and the merged backbone a run saved (``save_merged``)."""

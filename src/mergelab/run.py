@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mergelab import task_vectors as tv
 from mergelab.config_types import check_option_types
+from mergelab.errors import TableRowsFailed
 from mergelab.io.atomic import (
     RESULT_FILES,
     atomic_write_json,
@@ -34,7 +35,9 @@ from mergelab.io.atomic import (
     figure_format,
     move_dir_into_place,
 )
+from mergelab.io.run_lock import run_dir_lock
 from mergelab.methods.base import MergeMethod, grid_candidates
+from mergelab.overrides import job_overrides, same_job
 from mergelab.pools.base import ModelPool, check_pool
 from mergelab.provenance.recipe import MergeRecord, write_provenance
 from mergelab.reports.live import RESULTS_MARKER, LiveTable
@@ -81,12 +84,48 @@ def point_label(name: str, params: Mapping[str, Any]) -> str:
     return f"{name} {{{', '.join(f'{k}: {v}' for k, v in params.items())}}}" if params else name
 
 
-def cached_scores(cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[], ev.Scores]) -> ev.Scores:
-    """Scores of a model that does not change between runs (pretrained, experts), cached on disk."""
+def reference_score_key(
+    suite: EvalSuite,
+    pool: ModelPool,
+    split: str,
+    trainer_kwargs: Mapping[str, Any],
+    task: str | None = None,
+    columns: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything the cached scores of the pretrained model (``task=None``) or ``task``'s expert depend on: the
+    suite's data, subset, seed and formatting (its fingerprint), the split, truncation, batch size, the precision
+    they are computed in, the metrics and the scoring code's version, the model (and the heads it is scored with),
+    and the columns scored when they are not the expert's own task."""
+    return {
+        "suite": suite.fingerprint,
+        "split": split,
+        "max_length": suite.max_length,
+        "batch_size": getattr(suite, "batch_size", None),
+        "precision": str(trainer_kwargs.get("precision") or "32-true"),
+        "metrics": list(pool.metric_names),
+        "scorer": ev.SCORER_VERSION,
+        **pool.reference_key(task),
+        **({"columns": columns} if columns is not None and columns != [task] else {}),
+    }
+
+
+def cached_scores(
+    cache_dir: Path, parts: Mapping[str, Any], compute: Callable[[], ev.Scores], metrics: Sequence[str] = ()
+) -> ev.Scores:
+    """Scores of a model that does not change between runs (pretrained, experts), cached on disk under a hash of
+    ``parts`` (:func:`reference_score_key`). An entry is used only if it records the same ``parts`` and has every
+    one of ``metrics`` for every task; otherwise the scores are computed again (and the entry replaced)."""
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / "scores" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["scores"]
+    try:
+        entry = json.loads(path.read_text())
+        scores = entry["scores"]
+        if entry.get("key") == json.loads(json.dumps(dict(parts))) and all(
+            m in s for s in scores.values() for m in metrics
+        ):
+            return scores
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no entry, or an unreadable one: computed again
     scores = compute()  # under DDP every rank computes (the same scores); rank 0 writes them
     if distributed.is_global_zero():
         atomic_write_json(path, {"key": dict(parts), "scores": scores})
@@ -106,15 +145,6 @@ def row(scores: ev.Scores, reference: ev.Scores | None, params: Mapping[str, Any
     if params:
         out["params"] = dict(params)
     return out
-
-
-#: Overrides that say how to run, not what: a job resumed with them is the same job.
-RUN_CONTROL_KEYS = ("resume", "overwrite")
-
-
-def job_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that define a job's result (without :data:`RUN_CONTROL_KEYS`)."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_CONTROL_KEYS]
 
 
 def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: list[str], multirun: bool) -> Any:
@@ -138,7 +168,7 @@ def claim_output_dir(out_dir: Path, overwrite: bool, resume: bool, overrides: li
             done = json.loads(metrics.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"resume=true: cannot read {metrics} ({e}); remove it to rerun that job") from None
-        if job_overrides(done.get("overrides") or []) != job_overrides(overrides):
+        if not same_job(done.get("overrides") or [], overrides):
             raise ValueError(
                 f"resume=true: {out_dir} holds a run with overrides {done.get('overrides')}, not {overrides}: "
                 f"resume with the same command and {where}"
@@ -352,8 +382,16 @@ def run(cfg: DictConfig) -> float:
     ``merged_model`` (always written by a pool not held in memory, else with ``save_merged=true``). Figures (the
     results chart, methods' plots) are written in ``figure_format``.
     """
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
     with figure_format(cfg.get("figure_format")):  # checked here, before any work
-        return _run(cfg)
+        # One live run per dir: a second one is refused at once rather than deleting the first one's candidates.
+        owned = distributed.is_global_zero()  # other ranks work in rank 0's dir, under its lock
+        lock = run_dir_lock(cfg.paths.output_dir, where, (CANDIDATES_DIR,)) if owned else nullcontext()
+        with lock:
+            return _run(cfg)
 
 
 def _run(cfg: DictConfig) -> float:
@@ -363,8 +401,6 @@ def _run(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     overrides = list(cfg.get("overrides") or [])
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be a whole number, got {cfg.seed!r}")
     done = claim_output_dir(out_dir, bool(cfg.overwrite), bool(cfg.get("resume", False)), overrides, multirun)
     if done is not None:
         value = (done.get("objective") or {}).get("value")
@@ -379,6 +415,8 @@ def _run(cfg: DictConfig) -> float:
     tune = bool(cfg.tune)
     candidates = {name: method_candidates(m, tune) for name, m in method_cfgs.items()}
     tuning = TuningOptions.from_config(cfg.get("tuning"))
+    distributed.check_precision("tuning.precision", tuning.precision)
+    distributed.check_precision("trainer.precision", trainer_kwargs.get("precision"))
     # Tuning may score in another precision than the report (which is always trainer.precision).
     tune_kwargs = {**trainer_kwargs, "precision": tuning.precision} if tuning.precision else trainer_kwargs
     if not cfg.get("eval"):  # merge only: one method, one candidate (whatever the pool)
@@ -398,6 +436,7 @@ def _run(cfg: DictConfig) -> float:
         )
     suite: EvalSuite | None = build(cfg.eval, group="eval") if cfg.get("eval") else None
     pool.check_suite(suite)
+    pool.check_inputs(suite)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 
     zero = distributed.is_global_zero()  # rank 0 writes the results and sends them to the loggers
@@ -442,9 +481,12 @@ def _run(cfg: DictConfig) -> float:
     if suite is not None and pool.scorable:
         # Each expert is scored on the suite tasks it is the reference of (its own task, unless the suite's tasks
         # are benchmarks matched with experts, as lm-eval's are).
-        base_key = {"suite": suite.fingerprint, "split": report, "max_length": suite.max_length}
+        metrics = pool.metric_names
         pre_scores = cached_scores(
-            pool.cache_dir, {**base_key, **pool.reference_key()}, lambda: score("pretrained", pool.model(), report)
+            pool.cache_dir,
+            reference_score_key(suite, pool, report, trainer_kwargs),
+            lambda: score("pretrained", pool.model(), report),
+            metrics,
         )
         expert_scores = {}
         for t in pool.tasks:
@@ -453,8 +495,9 @@ def _run(cfg: DictConfig) -> float:
                 expert_scores.update(
                     cached_scores(
                         pool.cache_dir,
-                        {**base_key, **pool.reference_key(t), **({} if own == [t] else {"columns": own})},
+                        reference_score_key(suite, pool, report, trainer_kwargs, t, own),
                         lambda t=t, own=own: score(f"expert {t}", pool.expert_model(t), report, own),
+                        metrics,
                     )
                 )
         expert_scores = {c: expert_scores[c] for c in columns}
@@ -591,7 +634,7 @@ def _run(cfg: DictConfig) -> float:
             live.finish_row(name, done_row, time.perf_counter() - t1, extra)
 
         if not chosen:
-            raise RuntimeError("every table row failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+            raise TableRowsFailed("every table row failed: " + "; ".join(f"{n} ({e})" for n, e in failed.items()))
         if not zero:
             return objective  # rank 0 writes the results and sends them to the loggers
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -666,7 +709,7 @@ def _run(cfg: DictConfig) -> float:
     else:
         log.info("merged with %s into %s (%s)", last, merged_path, chosen[last].report())
     if failed:
-        raise RuntimeError(
+        raise TableRowsFailed(
             f"table rows failed: {'; '.join(f'{n} ({e})' for n, e in failed.items())}; the other rows are in "
             f"{out_dir / 'metrics.json'}"
         )

@@ -29,7 +29,7 @@ from mergelab.pools.base import ModelPool, Scores, copy_with_state
 from mergelab.suites.base import file_digest
 from mergelab.suites.scoring import run_test
 from mergelab.text.pool import adapter_location, checkpoint_location, load_model
-from mergelab.training.experts import ExpertFinetuner, cached_build, fit, model_fingerprint
+from mergelab.training.experts import ExpertFinetuner, cached_build, fit, model_fingerprint, training_precision
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def build_causal_expert(
         "train_data": file_digest(info.files["train"]),
         "max_length": suite.max_length,
         "finetune": dict(sorted(finetune.items())),
+        **training_precision(trainer_kwargs),
     }
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -209,7 +210,7 @@ class CausalLMPool(ModelPool):
         self.model_type = self._pretrained.config.model_type
         self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained_path, trust_remote_code=self.trust_remote_code)
         base = self.pretrained_state()
-        tv.check_finite(base, f"pretrained model '{self.source}'")
+        self.check_pretrained(base, f"pretrained model '{self.source}'")
         for task in self.tasks:
             path = paths[task]
             if path is None:

@@ -85,6 +85,11 @@ def plan_tensors(
         if any(p.search(name) for p in exc):
             continue
         merged.append(name)
+    if not merged and len(base):
+        raise ValueError(
+            f"model.include={list(include)} / model.exclude={list(exclude)} leave no floating-point tensor of the "
+            f"pretrained model ({base.dir}) to merge: nothing would be merged"
+        )
     return merged, extended
 
 

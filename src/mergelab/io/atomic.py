@@ -284,6 +284,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         move_dir_into_place(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = naming(e, final)
+        if error is e:
+            raise
+        raise error from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,9 +312,37 @@ def build_into_place(
         if finish is not None:
             finish(built)
         move_dir_into_place(built, final)
+    except Exception as e:
+        error = naming(e, final)
+        if error is e:
+            raise
+        raise error from e
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return final
+
+
+def naming(e: Exception, final: Path) -> Exception:
+    """``e`` to re-raise from writing ``final``: an OS error that names no path (e.g. a full disk under a library's
+    writer) re-made to name ``final``; any other error as it is."""
+    os_error = unnamed_os_error(e)
+    return e if os_error is None else named_os_error(os_error, final)
+
+
+# How libraries that are not Python's own I/O report an OS error: safetensors' "(os error 28)", Rust's "code: 28".
+_FOREIGN_ERRNO = re.compile(r"\(os error (\d+)\)|\bcode: (\d+)\b")
+
+
+def unnamed_os_error(e: BaseException) -> OSError | None:
+    """The OS error inside ``e`` when it names no path (None otherwise): an ``OSError`` without a filename, or a
+    library's own exception carrying an errno in its text (safetensors, torch's serialization)."""
+    if isinstance(e, OSError):
+        return e if e.filename is None and e.errno is not None else None
+    m = _FOREIGN_ERRNO.search(str(e))
+    if m is None:
+        return None
+    errno = int(m.group(1) or m.group(2))
+    return OSError(errno, os.strerror(errno))
 
 
 def guard_output_dir(out_dir: str | Path, overwrite: bool, names: Iterable[str] = RESULT_FILES) -> None:

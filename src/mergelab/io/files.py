@@ -137,6 +137,10 @@ def resolve_model_dir(path_or_id: str) -> Path:
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p
+    if p.exists():  # a weights file, say: the pool needs its dir (config.json, tokenizer, shards)
+        raise NotADirectoryError(
+            f"checkpoint '{path_or_id}' is a file, not a model dir; give the dir that holds config.json and the weights"
+        )
     if looks_local(path_or_id):
         raise FileNotFoundError(f"checkpoint dir '{path_or_id}' does not exist")
     from huggingface_hub import snapshot_download

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block, DictSource, load_chunk, read_bounds
+from mergelab.io.artifacts import check_artifact
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
@@ -42,7 +43,7 @@ DELTA_DIR = "delta"  # a streaming run's delta: sharded safetensors, written ten
 
 # Fitted deltas of this process, so that the candidates of a coefficient grid (and AWD rows that differ only in
 # the merge method) fit once. Keyed by the pool's identity and every option that determines delta.
-_FITS: dict[tuple[int, str], tuple[Any, FitResult]] = {}
+_FITS: dict[tuple[int, str, str], tuple[Any, FitResult]] = {}
 
 
 class AWD(WrappedMethod):
@@ -109,6 +110,8 @@ class AWD(WrappedMethod):
         self.score_single_task = bool(score_single_task)
         self.trainer_options = dict(trainer or {})
         self.fit: FitResult | None = None
+        #: The delta file given as ``delta_path`` until it is checked against the pool (in :meth:`prepare_wrapper`).
+        self.unchecked_delta: Path | None = None
         if delta_path is not None:
             path = Path(delta_path)
             if path.is_dir():
@@ -118,6 +121,7 @@ class AWD(WrappedMethod):
             else:
                 raise FileNotFoundError(f"method option 'delta_path': no file or dir {path}")
             self.fit = FitResult(delta, History(), torch.zeros(0), torch.zeros(0))
+            self.unchecked_delta = path
 
     # ------------------------------------------------------------------------------------------- fitting
 
@@ -162,12 +166,15 @@ class AWD(WrappedMethod):
         holds one tensor's task vectors whatever the model's size.
         """
         if self.fit is not None:
+            if self.unchecked_delta is not None:
+                self.check_loaded_delta(pool)
             return
-        key = (id(pool), self.fit_signature())
+        trainer_kwargs = {**dict(trainer_kwargs or {}), **self.trainer_options}
+        # The trainer's settings (precision, devices, ...) are inputs of the fit like its options.
+        key = (id(pool), self.fit_signature(), json.dumps(trainer_kwargs, sort_keys=True, default=str))
         if key in _FITS and _FITS[key][0] is pool:
             self.fit = _FITS[key][1]
             return
-        trainer_kwargs = {**dict(trainer_kwargs or {}), **self.trainer_options}
         with pool.tensor_sources() as src:
             names = [n for n in src.names if self.disentangles(n, src.base.shape(n))]
             if not names:
@@ -190,6 +197,17 @@ class AWD(WrappedMethod):
             else:
                 self.fit = self._fit_to_disk(fit, names, shapes, loggers, work_dir)
         _FITS[key] = (pool, self.fit)
+
+    def check_loaded_delta(self, pool: ModelPool) -> None:
+        """Refuse a ``delta_path`` delta that is not one for this pool: its tensors must be exactly those the options
+        select (``include``/``exclude``/``matrices_only``) in the pool, with their shapes, finite. A delta of
+        another model would otherwise leave every tensor unchanged and the row would be task arithmetic labelled AWD."""
+        assert self.fit is not None and self.unchecked_delta is not None
+        with pool.tensor_sources() as src:
+            expected = {n: tuple(src.base.shape(n)) for n in src.names if self.disentangles(n, src.base.shape(n))}
+        label = f"method option 'delta_path' ({self.unchecked_delta})"
+        check_artifact(self.fit.delta, expected, label, "tensor this AWD disentangles in the pool")
+        self.unchecked_delta = None
 
     def _fit_to_disk(
         self,

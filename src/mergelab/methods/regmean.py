@@ -126,7 +126,8 @@ class RegMean(TaskVectorMethod):
             return
         require_task_data(pool, "regmean")
         self.task_names = list(pool.tasks)
-        options = {"num_examples": self.num_examples, "split": self.split, "seed": self.seed}
+        # The batch size sets how the Gram sums are grouped (their rounding): part of what they depend on.
+        options = {"num_examples": self.num_examples, "split": self.split, "seed": self.seed, "batch": self.batch_size}
         self.grams = [
             cached_statistics(
                 pool,

@@ -16,10 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergelab.io.artifacts import check_artifact
 from mergelab.io.files import SINGLE_FILE
 
 #: Where statistics live under the pool's cache dir.
 STATISTICS_DIR = "statistics"
+
+#: Version of how statistics are computed, in their cache key: bump it when a definition changes.
+STATISTICS_FORMAT = 2
 
 # Statistics opened in this process, so that the candidates of a grid (and rows sharing them) read them once.
 _OPENED: dict[str, Mapping[str, Tensor]] = {}
@@ -82,7 +86,7 @@ def cached_statistics(
     key = pool.task_data_key(task)
     if key is None:  # e.g. a wrapper's transformed experts: nothing identifies them across runs
         return compute()
-    spec = {"kind": kind, "task": task, "options": dict(options), **key}
+    spec = {"format": STATISTICS_FORMAT, "kind": kind, "task": task, "options": dict(options), **key}
     memo = json.dumps(spec, sort_keys=True, default=str)
     if memo in _OPENED:
         return _OPENED[memo]
@@ -97,8 +101,11 @@ def cached_statistics(
         return {"kind": kind, "task": task, "tensors": len(stats)}
 
     path = cached_build(pool.cache_dir / STATISTICS_DIR, f"{kind}-{task}", json.loads(memo), build)
-    _OPENED[memo] = LazyCheckpoint(path, name=f"{kind} statistics of task '{task}' ({path})")
-    return _OPENED[memo]
+    stats = LazyCheckpoint(path, name=f"{kind} statistics of task '{task}' ({path})")
+    # A cached file is an input like any checkpoint: a damaged or foreign one is refused, never used.
+    check_artifact(stats, {n: stats.shape(n) for n in stats}, f"{kind} statistics of task '{task}' ({path})")
+    _OPENED[memo] = stats
+    return stats
 
 
 def check_task_weights(option: Any) -> Any:

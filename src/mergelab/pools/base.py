@@ -107,6 +107,10 @@ class ModelPool(ABC):
     #: How messages name this kind of pool.
     kind: str = "model pool"
 
+    #: The scores each task gets from :meth:`evaluate` (part of the cached reference scores' key, and checked when
+    #: one is read: a metric added misses the entries that lack it).
+    metric_names: tuple[str, ...] = ("acc",)
+
     #: Whether the pool holds its weights in memory (a checkpoint pool streams them from disk instead): methods
     #: that learn something per tensor (AWD) then keep it in memory rather than writing it to disk. In memory:
     #: :meth:`pretrained_state`, :meth:`expert_states` and :meth:`save_merged` work, and ``MergeMethod.run(pool)``.
@@ -177,6 +181,10 @@ class ModelPool(ABC):
         ``suite`` is None for a merge-only run (``eval=none``), which only pools with ``needs_suite = False``
         accept (see :meth:`check_suite`).
         """
+
+    def check_inputs(self, suite: Any) -> None:  # noqa: B027 - optional hook
+        """Checks of the pool's inputs that are cheap (headers, configs, tokenizer files), run before the run starts
+        its loggers; a pool whose checks need its models loaded makes them in :meth:`setup`."""
 
     def check_suite(self, suite: Any) -> None:
         """Refuse ``suite=None`` (``eval=none``) unless the pool merges without one; a one-line ValueError."""
@@ -264,6 +272,16 @@ class ModelPool(ABC):
     def mergeable(self, state: Mapping[str, torch.Tensor]) -> tv.StateDict:
         """The subset of a state dict that merge methods operate on."""
         return {k: v for k, v in state.items() if self.is_mergeable(k, v)}
+
+    def check_pretrained(self, base: Mapping[str, torch.Tensor], where: str) -> None:
+        """Refuse pretrained weights holding NaN/inf, or of which the pool's selection (``exclude``) merges nothing
+        (a run would then report the pretrained model as a merge); called by ``setup`` before experts are built."""
+        tv.check_finite(base, where)
+        if base and not self.mergeable(base):
+            raise ValueError(
+                f"model.exclude={[p.pattern for p in self.exclude]} leaves no floating-point tensor of the {where} to "
+                f"merge (of {len(base)}, e.g. '{next(iter(base))}'): nothing would be merged"
+            )
 
     # ------------------------------------------------------------------------------ in_memory pools only
 

@@ -7,14 +7,20 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from mergelab.config_types import Range
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS
 from mergelab.engine.streaming import VOCAB_POLICIES, plan_tensors, stream_merge
 from mergelab.io.files import DTYPE_NAMES, CheckpointReader, is_adapter_dir, resolve_model_dir
 from mergelab.io.reader import open_checkpoint
 from mergelab.methods.base import TaskVectorMethod
 from mergelab.pools.base import ModelPool, PoolSources
+
+#: Files that hold a tokenizer's vocabulary (one of them must be in the pretrained dir for a suite to score a merge).
+TOKENIZER_FILES = (
+    *("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model"),
+)
 
 
 def read_config(model_dir: Path, where: str) -> dict[str, Any] | None:
@@ -86,8 +92,8 @@ class CheckpointPool(ModelPool):
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         vocab: str = "extend",
-        max_shard_bytes: int = 2**30,
-        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        max_shard_bytes: Annotated[int, Range(low=1)] = 2**30,
+        chunk_elems: Annotated[int, Range(low=1)] = DEFAULT_CHUNK_ELEMS,
         trust_remote_code: bool = False,
     ) -> None:
         if not experts:
@@ -115,17 +121,44 @@ class CheckpointPool(ModelPool):
         suite names for it (``eval.experts``, default: the expert of its own name) where the pool has that expert,
         for the record only: the experts are not scored here.
         """
+        self.check_inputs(suite)
         if suite is not None:
-            if not callable(getattr(suite, "evaluate_checkpoint", None)):
-                raise ValueError(
-                    f"{self.describe()} is merged to disk, then scored from there by a suite that evaluates "
-                    f"checkpoints (eval=lm_harness); eval '{suite.name}' cannot: set eval=none or eval=lm_harness"
-                )
             matched = dict(getattr(suite, "experts", None) or {})
             self.expert_of = {t: matched.get(t, t) for t in suite.task_names if matched.get(t, t) in self.experts}
         self.suite = suite
-        with self.tensor_sources():  # unreadable or mismatched checkpoints fail before any work
+
+    def check_inputs(self, suite: Any) -> None:
+        """A suite that cannot score a checkpoint dir, unreadable or mismatched checkpoints, a selection that merges
+        nothing, and a pretrained dir without the tokenizer a suite needs fail here, from headers and configs,
+        before any work."""
+        if suite is not None and not callable(getattr(suite, "evaluate_checkpoint", None)):
+            raise ValueError(
+                f"{self.describe()} is merged to disk, then scored from there by a suite that evaluates "
+                f"checkpoints (eval=lm_harness); eval '{suite.name}' cannot: set eval=none or eval=lm_harness"
+            )
+        with self.tensor_sources():
             pass
+        if suite is not None:
+            self.check_tokenizer(suite.name)
+
+    def check_tokenizer(self, suite: str) -> None:
+        """Refuse a pretrained dir without a tokenizer transformers can load before merging: the merged checkpoint
+        copies the pretrained's tokenizer files, and the suite scores it with them."""
+        from transformers import AutoTokenizer
+
+        base_dir = self._resolve("pretrained model", self.pretrained)
+        try:
+            if not any((base_dir / f).is_file() for f in TOKENIZER_FILES):
+                # transformers would build an empty tokenizer from config.json alone (a vocabulary of its specials)
+                raise FileNotFoundError(f"none of {list(TOKENIZER_FILES)}")
+            AutoTokenizer.from_pretrained(base_dir, trust_remote_code=self.trust_remote_code)
+        except Exception as e:
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(
+                f"eval={suite} scores the merged checkpoint with the tokenizer copied from the pretrained model dir "
+                f"{base_dir}, which has none that transformers can load ({type(e).__name__}: {reason}); add its "
+                "tokenizer files (tokenizer.json, tokenizer_config.json, ...) to that dir"
+            ) from None
 
     def check_method(self, method: Any, where: str) -> None:
         """Only task-vector methods stream (their merge is computed row block by row block)."""

@@ -114,6 +114,11 @@ def run_test(
     return dict(model.scores)
 
 
+#: Version of what mergelab's scores mean (the scoring loops and metric definitions), in every cached score's key:
+#: bump it when a score's definition changes, so no cache serves numbers computed the old way.
+SCORER_VERSION = 2
+
+
 def average(scores: Scores, key: str = "acc") -> float:
     """Unweighted mean of one metric over tasks."""
     return sum(s[key] for s in scores.values()) / len(scores)

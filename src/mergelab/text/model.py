@@ -31,6 +31,18 @@ def attach_backbone(head_shell: nn.Module, backbone: nn.Module) -> nn.Module:
     return model
 
 
+def task_metrics(num_labels: int) -> dict[str, nn.Module]:
+    """The metrics every task is scored with: accuracy and macro-F1 (their names are :data:`METRICS`)."""
+    return {
+        "acc": MulticlassAccuracy(num_labels, average="micro"),
+        "f1": MulticlassF1Score(num_labels, average="macro"),
+    }
+
+
+#: The scores of each task (part of every cached score's key: a metric added here misses the old entries).
+METRICS = tuple(task_metrics(2))
+
+
 class MultiTaskClassifier(L.LightningModule):
     """One shared backbone, one classification model per task built around it.
 
@@ -52,17 +64,9 @@ class MultiTaskClassifier(L.LightningModule):
         return self.task_models[task](**inputs).logits
 
     def on_test_epoch_start(self) -> None:
-        self.metrics = nn.ModuleDict(
-            {
-                t: nn.ModuleDict(
-                    {
-                        "acc": MulticlassAccuracy(self.num_labels(t), average="micro"),
-                        "f1": MulticlassF1Score(self.num_labels(t), average="macro"),
-                    }
-                )
-                for t in self.eval_tasks
-            }
-        ).to(self.device)
+        self.metrics = nn.ModuleDict({t: nn.ModuleDict(task_metrics(self.num_labels(t))) for t in self.eval_tasks}).to(
+            self.device
+        )
 
     def num_labels(self, task: str) -> int:
         return int(self.task_models[task].config.num_labels)

@@ -21,7 +21,7 @@ from mergelab.io.files import checkpoint_format, is_adapter_dir, looks_local
 from mergelab.io.reader import adapter_expert
 from mergelab.pools.base import ModelPool, Scores, copy_with_state
 from mergelab.suites.base import subsample
-from mergelab.text.model import MultiTaskClassifier, evaluate, split_backbone
+from mergelab.text.model import METRICS, MultiTaskClassifier, evaluate, split_backbone
 from mergelab.text.suite import TextClassificationSuite
 from mergelab.training.experts import build_expert, model_fingerprint
 
@@ -99,6 +99,7 @@ class ClassifierPool(ModelPool):
     """
 
     task_data = True
+    metric_names = METRICS
 
     def __init__(
         self,
@@ -137,7 +138,7 @@ class ClassifierPool(ModelPool):
             checkpoint_location("pretrained model", self.pretrained_path), trust_remote_code=self.trust_remote_code
         )
         base = self.pretrained_state()
-        tv.check_finite(base, f"pretrained model '{self.pretrained_path}'")
+        self.check_pretrained(base, f"pretrained model '{self.pretrained_path}'")
         self._shells: dict[str, nn.Module] = {}
         for task in self.tasks:
             path = paths[task]

@@ -113,7 +113,7 @@ class TextClassificationSuite(SuiteOptions):
         self.tasks = self._read_tasks()
         # (task, split, max examples) -> (tokenizer, length-sorted tokenized rows): every model of a run is scored
         # on the same examples, so they are read and tokenized once (10% of an evaluation on MiniLM).
-        self._eval_rows: dict[tuple[str, str, int | None], tuple[Any, list[dict[str, Any]]]] = {}
+        self._eval_rows: dict[tuple[Any, ...], tuple[Any, list[dict[str, Any]]]] = {}
 
     def _read_tasks(self) -> dict[str, TaskInfo]:
         entries = read_tasks_yaml(self.data_dir, self.name, self.task_names)
@@ -153,8 +153,8 @@ class TextClassificationSuite(SuiteOptions):
 
     def eval_loader(self, task: str, split: str, tokenizer: Any) -> DataLoader:
         """:meth:`dataloader` of :meth:`eval_dataset`, the batches every model is scored on; the examples are read
-        and tokenized once per task, split, subset size (:meth:`scoring_subset`) and tokenizer."""
-        key = (task, split, self.max_eval_examples)
+        and tokenized once per task, split, subset size (:meth:`scoring_subset`), truncation, seed and tokenizer."""
+        key = (task, split, self.max_eval_examples, self.max_length, self.seed)  # all the rows depend on
         cached = self._eval_rows.get(key)
         if cached is None or cached[0] is not tokenizer:
             cached = (tokenizer, self._rows(self.eval_dataset(task, split), tokenizer, shuffle=False))

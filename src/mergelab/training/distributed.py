@@ -173,3 +173,30 @@ def trainer_arguments(trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         k: instantiate(v, _convert_="all") if isinstance(v, Mapping) and "_target_" in v else v
         for k, v in trainer_kwargs.items()
     }
+
+
+def lightning_precisions() -> list[str]:
+    """Every precision value Lightning's Trainer accepts (``32-true``, ``bf16-mixed``, ``16``, ``64``, ...)."""
+    import typing
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    values: list[Any] = []
+    pending: list[Any] = [_PRECISION_INPUT]
+    while pending:
+        hint = pending.pop(0)
+        args = typing.get_args(hint)
+        if args:
+            pending += list(args)
+        else:
+            values.append(hint)
+    return list(dict.fromkeys(str(v) for v in values))
+
+
+def check_precision(key: str, value: Any) -> None:
+    """Refuse a precision Lightning would refuse only when its first Trainer starts, naming ``key``."""
+    if value is None:
+        return
+    accepted = lightning_precisions()
+    if isinstance(value, bool) or str(value) not in accepted:
+        raise ValueError(f"{key} must be one of {accepted}, got {value!r}")

@@ -131,16 +131,29 @@ def legacy_spec(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return json.loads(text) if text != old else None
 
 
+def training_precision(trainer_kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """The trainer's precision as part of a built expert's key: ``{}`` for full precision (the default, so entries
+    built before it was part of the key keep their key), else ``{"precision": ...}``: a bf16-trained expert is
+    another expert."""
+    precision = str(trainer_kwargs.get("precision") or "32-true")
+    return {} if precision in ("32-true", "32") else {"precision": precision}
+
+
 def spec_key(spec: Mapping[str, Any]) -> str:
     """A short hash of a JSON-able spec (everything that determines a built artefact)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def expert_spec(
-    pretrained: str, suite: TextClassificationSuite, task: str, finetune: Mapping[str, Any]
+    pretrained: str,
+    suite: TextClassificationSuite,
+    task: str,
+    finetune: Mapping[str, Any],
+    trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What determines a classification expert: base weights, training data, labels and recipe."""
+    """What determines a classification expert: base weights, training data, labels, recipe and precision."""
     return {
+        **training_precision(trainer_kwargs or {}),
         "format": CLASSIFIER_EXPERT_FORMAT,
         "pretrained": model_fingerprint(pretrained),
         "task": task,
@@ -240,7 +253,7 @@ def build_expert(
     trainer_kwargs: Mapping[str, Any],
 ) -> Path:
     """Return the cached expert dir for ``task``, fine-tuning it first if it is not cached yet."""
-    spec = expert_spec(pretrained, suite, task, finetune)
+    spec = expert_spec(pretrained, suite, task, finetune, trainer_kwargs)
 
     def build(tmp: Path) -> dict[str, Any]:
         info = suite.tasks[task]

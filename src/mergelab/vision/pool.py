@@ -98,7 +98,7 @@ class CLIPVisionPool(ModelPool):
         )
         self.tokenizer = AutoTokenizer.from_pretrained(self.pretrained_path, trust_remote_code=self.trust_remote_code)
         base = self.pretrained_state()
-        tv.check_finite(base, f"pretrained model '{self.source}'")
+        self.check_pretrained(base, f"pretrained model '{self.source}'")
         for task in self.tasks:
             adapter = adapter_location(f"expert '{task}'", str(paths[task]))
             if adapter is not None:
