@@ -92,9 +92,7 @@ def test_two_cli_runs_into_one_dir(tmp_path: Path) -> None:
     overrides = [*small_checkpoint_pool(tmp_path / "pool"), f"hydra.run.dir={out}", "logger=none"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mergelab.cli", *overrides], stderr=subprocess.PIPE, text=True, env=env
-        )
+        subprocess.Popen([sys.executable, "-m", "mergelab.cli", *overrides], stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
     ]
     results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
