@@ -27,7 +27,13 @@ from mergelab.methods.base import NOT_METHOD_OPTIONS
 from mergelab.run import method_candidates
 from tests.conftest import CONFIG_DIR, TaskDataPool, make_cfg
 
-METHOD_YAMLS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+# Options that change what a method computes, run through the whole matrix as rows of their own:
+# "<yaml>+<variant>" -> overrides of that YAML.
+VARIANTS = {
+    "task_arithmetic+weights": ["method.weights=[-1.0, 0.5, 2.0]"],  # task negation among them
+    "weight_averaging+weights": ["method.weights=[1.0, 0.0, 3.0]"],
+}
+METHOD_YAMLS = sorted([*(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")), *VARIANTS])
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
 
 # Odd sizes, so row blocks of every chunk size cut tensors unevenly; names that AWD's default include matches.
@@ -61,7 +67,7 @@ class TinyNet(torch.nn.Module):
 
 def method_config(name: str) -> dict[str, Any]:
     """``conf/method/<name>.yaml`` composed as the app composes it (nested defaults, ``${seed}`` resolved)."""
-    cfg = make_cfg(Path("/unused"), [f"method={name}"], tiny=False)
+    cfg = make_cfg(Path("/unused"), [f"method={name.split('+')[0]}", *VARIANTS.get(name, [])], tiny=False)
     return OmegaConf.to_container(cfg.method, resolve=True)  # type: ignore[return-value]
 
 

@@ -141,9 +141,9 @@ def test_fisher_options_are_checked() -> None:
     ]:
         with pytest.raises(ValueError, match=key):
             FisherMerging(**kwargs)
-    with pytest.raises(ValueError, match="3 tasks"):
+    with pytest.raises(ValueError, match="3 experts"):
         FisherMerging(task_weights=[1.0, 2.0]).prepare(softmax_pool())
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown expert"):
         FisherMerging(task_weights={"nope": 1.0}).prepare(softmax_pool())
 
 

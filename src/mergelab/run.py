@@ -436,6 +436,13 @@ def _run(cfg: DictConfig) -> float:
         )
     suite: EvalSuite | None = build(cfg.eval, group="eval") if cfg.get("eval") else None
     pool.check_suite(suite)
+    experts = pool.tasks or (list(suite.task_names) if suite is not None else [])  # a suite's pool: its tasks
+    for name, cands in candidates.items():
+        for _, method in cands:
+            try:
+                method.check_experts(experts)
+            except ValueError as e:
+                raise ValueError(f"method '{name}': {e}") from None
     pool.check_inputs(suite)
     loggers = [build(lc) for lc in (cfg.get("logger") or {}).values() if lc]
 

@@ -88,6 +88,16 @@ class MergeMethod(ABC):
         """Write what the method learned (e.g. AWD's delta and plots) into ``out_dir``; nothing by default."""
         return None
 
+    def expert_options(self) -> dict[str, Any]:
+        """The method's per-expert options (option key -> checked value), checked against the pool's experts before
+        any work (:meth:`check_experts`); none by default."""
+        return {}
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        """Refuse per-expert options that name experts the pool does not have, or list another number of them."""
+        for key, option in self.expert_options().items():
+            expert_weights(option, names, key)
+
     def task_label(self, i: int) -> str:
         """Name of the i-th task vector for reports."""
         return self.task_names[i] if self.task_names and i < len(self.task_names) else str(i)
@@ -183,6 +193,10 @@ class WrappedMethod(TaskVectorMethod):
 
     def report(self) -> dict[str, Any]:
         return self.inner.report()
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        super().check_experts(names)
+        self.inner.check_experts(names)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -336,3 +350,38 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raise a ValueError naming the option when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f"method option '{name}' must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_expert_weights(option: Any, key: str = "weights", negative: bool = False) -> Any:
+    """A per-expert weights option checked for form and values: null, a list (expert order) or an expert -> weight
+    mapping (experts left out weigh 1); each finite, >= 0 unless ``negative`` (task arithmetic: subtracting a task
+    vector makes a model forget its task), not all 0. The names and count are checked against the pool by
+    :func:`expert_weights` when it is known."""
+    if option is None:
+        return None
+    if isinstance(option, Mapping):
+        values = list(option.values())
+    elif isinstance(option, list | tuple):
+        values = list(option)
+    else:
+        raise ValueError(f"method option '{key}' must be null, a list or a mapping (expert: weight), got {option!r}")
+    finite = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    signs = "finite numbers" if negative else "finite numbers >= 0"
+    if not values or not finite or (not negative and min(values) < 0) or not any(values):
+        raise ValueError(f"method option '{key}' must be {signs}, not all 0, got {option!r}")
+    return {str(k): float(v) for k, v in option.items()} if isinstance(option, Mapping) else [float(v) for v in values]
+
+
+def expert_weights(option: Any, tasks: Sequence[str], key: str = "weights") -> list[float]:
+    """The per-expert weights of a checked option, in expert order (null: all 1); unknown names or a wrong count
+    are refused naming the option and the pool's experts."""
+    if option is None:
+        return [1.0] * len(tasks)
+    if isinstance(option, Mapping):
+        unknown = sorted(set(option) - set(tasks))
+        if unknown:
+            raise ValueError(f"method option '{key}' names unknown expert(s) {unknown}; experts: {list(tasks)}")
+        return [float(option.get(t, 1.0)) for t in tasks]
+    if len(option) != len(tasks):
+        raise ValueError(f"method option '{key}' has {len(option)} values for {len(tasks)} experts {list(tasks)}")
+    return [float(v) for v in option]

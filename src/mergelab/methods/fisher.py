@@ -17,16 +17,14 @@ import torch
 from torch import Tensor
 
 from mergelab.engine.chunks import Block, DictSource, read_bounds
-from mergelab.methods.base import TaskVectorMethod, check_choice
+from mergelab.methods.base import TaskVectorMethod, check_choice, check_expert_weights, expert_weights
 from mergelab.methods.task_statistics import (
     cached_statistics,
     check_split,
-    check_task_weights,
     expert_model,
     merged_parameters,
     positive_int,
     require_task_data,
-    task_weights,
 )
 
 LABEL_SOURCES = ("sample", "expected", "data")
@@ -118,13 +116,16 @@ class FisherMerging(TaskVectorMethod):
             raise ValueError(f"method option 'floor' must be a finite number > 0, got {floor!r}")
         self.floor = float(floor)
         self.normalize = bool(normalize)
-        self.task_weights_option = check_task_weights(task_weights)
+        self.task_weights_option = check_expert_weights(task_weights, "task_weights")
         self.seed = int(seed)
         self.fishers: list[Any] | None = None
         self.weights: list[float] = []
         self._scales: list[float] = []
         self._prepared_for: Any = None
         self._below_floor: float | None = None
+
+    def expert_options(self) -> dict[str, Any]:
+        return {"task_weights": self.task_weights_option}
 
     def options(self) -> dict[str, Any]:
         """What the Fisher diagonals depend on besides the expert and the data."""
@@ -142,7 +143,7 @@ class FisherMerging(TaskVectorMethod):
             return
         require_task_data(pool, "fisher")
         self.task_names = list(pool.tasks)
-        self.weights = task_weights(self.task_weights_option, self.task_names)
+        self.weights = expert_weights(self.task_weights_option, self.task_names, "task_weights")
         self.fishers = [
             cached_statistics(
                 pool,

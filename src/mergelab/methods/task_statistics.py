@@ -9,7 +9,6 @@ the expert, the task's data and the options, and read back lazily tensor by tens
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -106,34 +105,3 @@ def cached_statistics(
     check_artifact(stats, {n: stats.shape(n) for n in stats}, f"{kind} statistics of task '{task}' ({path})")
     _OPENED[memo] = stats
     return stats
-
-
-def check_task_weights(option: Any) -> Any:
-    """A ``task_weights`` option checked for form and values (null, a list, or a task -> weight mapping; each
-    finite and >= 0); the task names and count are checked when the pool is known (:func:`task_weights`)."""
-    if option is None:
-        return None
-    if isinstance(option, Mapping):
-        values = list(option.values())
-    elif isinstance(option, (list, tuple)):
-        values = list(option)
-    else:
-        raise ValueError(f"method option 'task_weights' must be null, a list or a mapping, got {option!r}")
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values)
-    if not values or not ok or sum(values) == 0:
-        raise ValueError(f"method option 'task_weights' must be finite numbers >= 0, not all 0, got {option!r}")
-    return dict(option) if isinstance(option, Mapping) else [float(v) for v in values]
-
-
-def task_weights(option: Any, tasks: list[str]) -> list[float]:
-    """The per-task weights of a checked ``task_weights`` option, in task order (null: all 1)."""
-    if option is None:
-        return [1.0] * len(tasks)
-    if isinstance(option, Mapping):
-        unknown = sorted(set(map(str, option)) - set(tasks))
-        if unknown:
-            raise ValueError(f"method option 'task_weights' names unknown task(s) {unknown}; tasks: {tasks}")
-        return [float(option.get(t, 1.0)) for t in tasks]
-    if len(option) != len(tasks):
-        raise ValueError(f"method option 'task_weights' has {len(option)} values for {len(tasks)} tasks {tasks}")
-    return [float(v) for v in option]

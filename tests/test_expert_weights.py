@@ -1,0 +1,129 @@
+"""Per-expert weights: task arithmetic theta_0 + lambda sum_t w_t tau_t (negative w_t: task negation) and the
+weighted average sum_t w_t theta_t / sum_t w_t, checked against float64 computations made here, by expert name and
+in expert order, in memory and streamed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelab.engine.streaming import stream_merge
+from mergelab.io.reader import LazyCheckpoint
+from mergelab.io.writer import write_checkpoint
+from mergelab.methods import DARE, TaskArithmetic, WeightAveraging
+from tests.conftest import ListPool
+
+NAMES = ["math", "code", "toxic"]
+
+
+def pool() -> ListPool:
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(7, generator=g)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in NAMES]
+    p = ListPool(base, experts)
+    p.tasks = list(NAMES)
+    return p
+
+
+def by_hand(p: ListPool, coefficients: list[float]) -> dict[str, torch.Tensor]:
+    """theta_0 + sum_t c_t (theta_t - theta_0), in float64."""
+    out = {}
+    for k, base in p.base.items():
+        b = base.double()
+        out[k] = (b + sum(c * (e[k].double() - b) for c, e in zip(coefficients, p.experts, strict=True))).float()
+    return out
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("weights", "coefficients"),
+    [
+        ({"toxic": -1.0}, [0.5, 0.5, -0.5]),  # forget "toxic", keep the others (those left out weigh 1)
+        ([2.0, 0.0, -0.5], [1.0, 0.0, -0.25]),
+        (None, [0.5, 0.5, 0.5]),
+    ],
+)
+def test_task_arithmetic_weights(weights: object, coefficients: list[float]) -> None:
+    p = pool()
+    assert_close(TaskArithmetic(scaling=0.5, weights=weights).run(p), by_hand(p, coefficients))
+
+
+def test_task_negation_alone_moves_away_from_the_expert() -> None:
+    p = pool()
+    merged = TaskArithmetic(scaling=1.0, weights={"math": 0.0, "code": 0.0, "toxic": -1.0}).run(p)
+    for k, base in p.base.items():  # theta_0 - tau_toxic: the mirror image of the toxic expert around theta_0
+        torch.testing.assert_close(merged[k], 2 * base - p.experts[2][k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weights", "coefficients"), [({"math": 3.0}, [0.6, 0.2, 0.2]), ([1, 0, 1], [0.5, 0, 0.5])])
+def test_weighted_average(weights: object, coefficients: list[float]) -> None:
+    p = pool()
+    assert_close(WeightAveraging(weights=weights).run(p), by_hand(p, coefficients))
+
+
+def test_dare_linear_with_weights_is_dare_then_weighted_sum() -> None:
+    """MergeKit's dare_linear: each task vector dropped-and-rescaled, then weighted (p=0 keeps every entry)."""
+    p = pool()
+    merged = DARE(p=0.0, merge=TaskArithmetic(scaling=1.0, weights={"code": -2.0})).run(p)
+    assert_close(merged, by_hand(p, [1.0, -2.0, 1.0]))
+
+
+def test_streamed_by_name_equals_in_memory(tmp_path: Path) -> None:
+    p = pool()
+    base_dir = write_checkpoint(p.base, tmp_path / "base")
+    dirs = [write_checkpoint(e, tmp_path / n) for e, n in zip(p.experts, NAMES, strict=True)]
+    method = TaskArithmetic(scaling=0.7, weights={"code": -1.0, "math": 0.25})
+    out = stream_merge(method, base_dir, dirs, tmp_path / "out", task_names=NAMES, progress=False)
+    ck = LazyCheckpoint(out)
+    try:
+        streamed = {k: ck.get(k) for k in ck}
+    finally:
+        ck.close()
+    in_memory = TaskArithmetic(scaling=0.7, weights={"code": -1.0, "math": 0.25}).run(p)
+    for k in in_memory:
+        assert torch.equal(streamed[k], in_memory[k]), k
+
+
+@pytest.mark.parametrize(
+    ("cls", "weights", "match"),
+    [
+        (WeightAveraging, {"math": -1.0}, r"'weights' must be finite numbers >= 0"),
+        (WeightAveraging, [0, 0, 0], r"'weights' must be .*not all 0"),
+        (TaskArithmetic, [1.0, float("nan"), 1.0], r"'weights' must be finite numbers"),
+        (TaskArithmetic, "math", r"'weights' must be null, a list or a mapping"),
+    ],
+)
+def test_bad_weights_refused_when_built(cls: type, weights: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cls(weights=weights)
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"maths": 1.0}, r"'weights' names unknown expert\(s\) \['maths'\]; experts: \['math', 'code', 'toxic'\]"),
+        ([1.0, 2.0], r"'weights' has 2 values for 3 experts"),
+    ],
+)
+def test_weights_that_do_not_fit_the_pool(weights: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TaskArithmetic(weights=weights).run(pool())
+
+
+def test_run_refuses_weights_naming_an_unknown_expert_before_any_work(tmp_path: Path) -> None:
+    """Checked against the pool when the run starts: the name is refused before anything is merged or written."""
+    from mergelab.run import run
+    from tests.conftest import make_cfg, small_checkpoint_pool
+
+    out = tmp_path / "out"
+    overrides = [*small_checkpoint_pool(tmp_path / "pool"), "method.weights={e1: 1.0, e3: -1.0}"]
+    with pytest.raises(ValueError, match=r"method 'task_arithmetic': .*unknown expert\(s\) \['e3'\]; experts: \['e1'"):
+        run(make_cfg(out, overrides, tiny=False))
+    assert not out.exists()
