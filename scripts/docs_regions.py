@@ -341,12 +341,15 @@ def render_embedded_moved(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+#: Runs under ``experiments/<name>/`` whose results table a region shows.
+MEASURED_RUNS = ("embedded_table", "smollm2_generative", "smollm2_data_free", "task_negation")
+
 #: Region name -> its renderer (None: the source does not exist yet, the region keeps its text).
 RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "methods": render_methods,
     "methods_table": render_methods_table,
     "first_hour": render_first_hour,
-    **{n: render_run_table(n) for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+    **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
 }
 #: The source each region is rendered from (named when a region is skipped).
@@ -354,7 +357,7 @@ SOURCES = {
     "methods": "conf/method/*.yaml",
     "methods_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
-    **{n: f"experiments/{n}/metrics.json" for n in ("embedded_table", "smollm2_generative", "smollm2_data_free")},
+    **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,
 }
 

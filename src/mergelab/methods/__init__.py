@@ -3,11 +3,15 @@
 from mergelab.methods.adamerging import AdaMerging
 from mergelab.methods.awd import AWD
 from mergelab.methods.base import MergeMethod, TaskVectorMethod
+from mergelab.methods.breadcrumbs import Breadcrumbs
 from mergelab.methods.dare import DARE
+from mergelab.methods.della import DELLA
 from mergelab.methods.fisher import FisherMerging
 from mergelab.methods.isotropic import IsoC, IsoCTS
 from mergelab.methods.metagpt import MetaGPT
+from mergelab.methods.model_stock import ModelStock
 from mergelab.methods.regmean import RegMean
+from mergelab.methods.sce import SCE
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.task_singular_vectors import TSVM
 from mergelab.methods.ties import TIES
@@ -16,14 +20,18 @@ from mergelab.methods.weight_averaging import WeightAveraging
 __all__ = [
     "AWD",
     "DARE",
+    "DELLA",
+    "SCE",
     "TIES",
     "TSVM",
     "AdaMerging",
+    "Breadcrumbs",
     "FisherMerging",
     "IsoC",
     "IsoCTS",
     "MergeMethod",
     "MetaGPT",
+    "ModelStock",
     "RegMean",
     "TaskArithmetic",
     "TaskVectorMethod",

@@ -12,6 +12,7 @@ from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block, is_scratch
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
+from mergelab.methods.magnitude_threshold import MagnitudeRanks
 
 PRUNE_MODES = ("global", "per_tensor")
 DISJOINT_MODES = ("sum", "mean")
@@ -63,22 +64,21 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         return "" if self.prune == "global" else block.name
 
     def begin(self, names: Sequence[str]) -> None:
-        self._hist: Tensor | None = None  # [T, buckets] of the statistic being accumulated
-        self._hist_key: str | None = None
-        self._numel: dict[str, int] = {}
-        self._high: dict[str, list[tuple[int, int]]] = {}  # per task: top-16-bit bucket of the k-th largest, rank
+        self._ranks = MagnitudeRanks(self._keep_ranks)  # passes 1 and 2: each task's k-th largest magnitude
         self._thresholds: dict[str, list[float]] = {}
         self._sign_total: dict[str, float] = {}
         self._majority: dict[str, float] = {}
+
+    def _keep_ranks(self, key: str, numel: int) -> list[list[int]]:
+        """The rank of the smallest kept magnitude, for every task: the top-k% of ``numel`` coordinates."""
+        return [[tv.topk_count(numel, self.k)]] * self._n_tasks
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
         stacked = _stacked(vectors)
         key = self._key(block)
-        if pass_idx == 0:
-            return tv.high_histograms(stacked, inplace=True), vectors[0].numel()
-        if pass_idx == 1:
-            return tv.low_histograms(stacked, [high for high, _ in self._high[key]], inplace=True)
+        if pass_idx < MagnitudeRanks.passes:
+            return self._ranks.chunk_statistics(pass_idx, key, stacked, inplace=True)
         return tv.sign_total_(stacked, self._thresholds[key])
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
@@ -87,31 +87,15 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         if pass_idx == 2:
             self._sign_total[key] = self._sign_total.get(key, 0.0) + stats
             return
-        if key != self._hist_key:  # the previous tensor's blocks are all in
-            self._conclude(pass_idx)
-            self._hist_key = key
-        hist = stats[0] if pass_idx == 0 else stats
-        self._hist = hist if self._hist is None else self._hist.add_(hist)
         if pass_idx == 0:
-            self._numel[key] = self._numel.get(key, 0) + stats[1]
-
-    def _conclude(self, pass_idx: int) -> None:
-        """Turn the accumulated histograms of the current key into its pass-1 ranks or its thresholds."""
-        key, hist = self._hist_key, self._hist
-        self._hist, self._hist_key = None, None
-        if key is None or hist is None:
-            return
-        if pass_idx == 0:
-            keep = tv.topk_count(self._numel[key], self.k)
-            self._high[key] = [tv.locate_rank(h, keep) for h in hist]
-        else:
-            high = self._high[key]
-            lows = [tv.locate_rank(h, rank)[0] for h, (_, rank) in zip(hist, high, strict=True)]
-            self._thresholds[key] = [tv.bits_to_float(b, low) for (b, _), low in zip(high, lows, strict=True)]
+            self._n_tasks = int(stats[0].shape[0])
+        self._ranks.add_statistics(pass_idx, key, stats)
 
     def end_pass(self, pass_idx: int) -> None:
-        if pass_idx < 2:
-            self._conclude(pass_idx)
+        if pass_idx < MagnitudeRanks.passes:
+            self._ranks.end_pass(pass_idx)
+            if pass_idx == 1:
+                self._thresholds = {key: [v[0] for v in vals] for key, vals in self._ranks.all_values().items()}
         else:
             self._majority = {key: tv.majority_sign(total) for key, total in self._sign_total.items()}
             self._sign_total = {}

@@ -1,0 +1,156 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2024, arXiv 2312.06795), as MergeKit's ``breadcrumbs`` / ``breadcrumbs_ties``.
+
+Each task vector loses its ``gamma`` fraction of largest magnitudes (outliers) and then its smallest ones, keeping a
+``density`` fraction; the survivors are mixed as MergeKit's generalized task arithmetic does (:func:`mix`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab.engine.chunks import Block
+from mergelab.methods.base import (
+    TaskVectorMethod,
+    check_choice,
+    check_expert_weights,
+    check_range,
+    expert_weights,
+)
+from mergelab.methods.magnitude_threshold import MagnitudeRanks
+
+PRUNE_MODES = ("per_tensor", "global")
+
+
+def _seq_sum(tensors: Sequence[Tensor]) -> Tensor:
+    """sum_t tensors[t], added in task order into a fresh tensor (the same bytes for any block cut)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    return out
+
+
+def mix(sparse: Sequence[Tensor], weights: Sequence[float], consensus: bool, normalize: bool) -> Tensor:
+    """MergeKit's generalized task-arithmetic mix of sparsified task vectors ``sparse`` with per-expert ``weights``.
+
+    d_t = w_t * sparse_t. Without ``consensus``: sum_t d_t, divided by sum_t w_t (1 when |.| < 1e-8) if
+    ``normalize``. With ``consensus`` (TIES's sign election by sum): the majority sign is + where sum_t d_t >= 0,
+    else -; only the d_t whose sign equals it are summed, divided by the sum of their w_t (1 where 0) if
+    ``normalize``. Zeros never agree, so they are not counted.
+    """
+    weighted = [s * w for s, w in zip(sparse, weights, strict=True)]
+    if not consensus:
+        mixed = _seq_sum(weighted)
+        total = sum(weights)
+        return mixed.div_(total if abs(total) >= 1e-8 else 1.0) if normalize else mixed
+    majority = torch.where(_seq_sum(weighted) >= 0, 1.0, -1.0).to(weighted[0].dtype)
+    agree = [torch.sign(d) == majority for d in weighted]
+    mixed = _seq_sum([d * a for d, a in zip(weighted, agree, strict=True)])
+    if not normalize:
+        return mixed
+    divisor = _seq_sum([a.to(mixed.dtype) * w for a, w in zip(agree, weights, strict=True)])
+    return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+
+
+def breadcrumb_ranks(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(largest magnitudes removed, magnitudes kept after them) for ``numel`` coordinates, as MergeKit counts them:
+    kept int(density * n); removed from the top int(gamma * n), fewer when both do not fit."""
+    keep = int(density * numel)
+    top = min(int(gamma * numel), numel - keep)
+    return top, keep
+
+
+class Breadcrumbs(TaskVectorMethod):
+    """theta_0 + scaling * mix_t(w_t * breadcrumb(tau_t)): outliers and small magnitudes of each tau_t removed.
+
+    Args:
+        density: fraction of each task vector's coordinates kept, in (0, 1]; 1 keeps everything (no outlier
+            removal either, as MergeKit).
+        gamma: fraction of the largest magnitudes removed first, in [0, 1); fewer when density + gamma > 1.
+        weights: per-expert w_t (MergeKit's per-model ``weight``): null (all 1), a list in expert order, or
+            {expert: weight}; negative subtracts a task vector.
+        consensus: False: MergeKit's ``breadcrumbs`` (a weighted sum); True: ``breadcrumbs_ties`` (TIES's sign
+            election by sum, then only agreeing entries).
+        normalize: divide by the sum of the (agreeing) weights, as MergeKit's ``normalize`` (default off).
+        scaling: lambda applied to the mixed vector (MergeKit's ``lambda``).
+        prune: ``per_tensor`` ranks within each tensor (MergeKit); ``global`` over the whole model.
+
+    The two magnitudes bounding the kept band are found exactly and streamed (:class:`MagnitudeRanks`): a
+    coordinate is kept when lo <= |x| < hi, so coordinates tied in magnitude with a bound are all kept (lo) or all
+    removed (hi), where MergeKit's sort keeps an arbitrary subset of the tied ones.
+    """
+
+    parallel_chunks = True
+    elementwise = True
+
+    def __init__(
+        self,
+        density: float = 0.9,
+        gamma: float = 0.01,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+        consensus: bool = False,
+        normalize: bool = False,
+        scaling: float = 1.0,
+        prune: str = "per_tensor",
+    ) -> None:
+        check_range("density", density, 0.0, 1.0, low_open=True, high_open=False)
+        check_range("gamma", gamma, 0.0, 1.0, low_open=False, high_open=True)
+        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
+        check_choice("prune", prune, PRUNE_MODES)
+        self.density, self.gamma, self.scaling, self.prune = float(density), float(gamma), float(scaling), prune
+        self.weights = check_expert_weights(weights, negative=True)
+        self.consensus, self.normalize = bool(consensus), bool(normalize)
+        self.stat_passes = 0 if self.density >= 1.0 else MagnitudeRanks.passes
+
+    def expert_options(self) -> dict[str, Any]:
+        return {"weights": self.weights}
+
+    def coefficients(self, n: int) -> list[float]:
+        """w_t for the ``n`` experts, in the order the merge sees them."""
+        names = self.task_names if self.task_names and len(self.task_names) == n else [str(i) for i in range(n)]
+        return expert_weights(self.weights, names)
+
+    def _key(self, block: Block) -> str:
+        return "" if self.prune == "global" else block.name
+
+    def begin(self, names: Sequence[str]) -> None:
+        self._ranks = MagnitudeRanks(self._band_ranks)
+        self._n_tasks = 0
+
+    def _band_ranks(self, key: str, numel: int) -> list[list[int]]:
+        top, keep = breadcrumb_ranks(numel, self.density, self.gamma)
+        return [[max(top, 1), max(top + keep, 1)]] * self._n_tasks
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        stacked = torch.stack([v.float() for v in vectors])
+        return self._ranks.chunk_statistics(pass_idx, self._key(block), stacked, inplace=True)
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        if pass_idx == 0:
+            self._n_tasks = int(stats[0].shape[0])
+        self._ranks.add_statistics(pass_idx, self._key(block), stats)
+
+    def end_pass(self, pass_idx: int) -> None:
+        self._ranks.end_pass(pass_idx)
+
+    def sparsify(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """Each task vector of ``block`` with only its kept band of magnitudes."""
+        if self.density >= 1.0:
+            return list(vectors)
+        key = self._key(block)
+        top, keep = breadcrumb_ranks(self._ranks.numel(key), self.density, self.gamma)
+        out = []
+        for v, (hi, lo) in zip(vectors, self._ranks.values(key), strict=True):
+            mag = v.abs().float()
+            kept = (mag >= lo) if keep > 0 else torch.zeros_like(mag, dtype=torch.bool)
+            if top > 0:
+                kept &= mag < hi
+            out.append(v * kept)
+        return out
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        merged = mix(self.sparsify(block, vectors), self.coefficients(len(vectors)), self.consensus, self.normalize)
+        return merged.mul_(self.scaling)

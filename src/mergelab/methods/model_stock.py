@@ -1,0 +1,111 @@
+"""Model Stock (Jang et al. 2024, arXiv 2403.19522) as MergeKit's ``model_stock``.
+
+Per tensor, with N >= 2 experts and cos the mean over expert pairs of cos(tau_i, tau_j):
+t = N cos / (1 + (N - 1) cos) and theta = t * mean_t theta_t + (1 - t) theta_0 = theta_0 + t * mean_t tau_t.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab import task_vectors as tv
+from mergelab.engine.chunks import Block
+from mergelab.methods.base import TaskVectorMethod
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) of each row in float64 (each element for a 0-/1-D tensor): a function of the row alone, so exact
+    sums of them do not depend on how the tensor is cut into row blocks."""
+    if a.dim() <= 1:
+        return (a.reshape(-1).to(torch.float64) * b.reshape(-1).to(torch.float64)).reshape(-1)
+    return (a.reshape(a.shape[0], -1).to(torch.float64) * b.reshape(b.shape[0], -1).to(torch.float64)).sum(1)
+
+
+def interpolation(cos: Tensor | float, n: int) -> Tensor | float:
+    """Model Stock's ratio t = N cos / (1 + (N - 1) cos)."""
+    return (n * cos) / (1 + (n - 1) * cos)
+
+
+def mean_pair_cosine(vectors: Sequence[Tensor], dim: int | None) -> Tensor:
+    """Mean over pairs i < j of cos(v_i, v_j) along ``dim`` (None: over all coordinates), each clamped to [-1, 1]
+    with the norm product clamped at 1e-6 (MergeKit). Float32, with a kept last dimension when ``dim`` is given."""
+    cos = []
+    for a, b in itertools.combinations(vectors, 2):
+        if dim is None:
+            dot, norms = (a * b).sum(), a.norm() * b.norm()
+        else:
+            dot, norms = (a * b).sum(dim, keepdim=True), a.norm(dim=dim, keepdim=True) * b.norm(dim=dim, keepdim=True)
+        cos.append((dot / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cos).mean(0)
+
+
+class ModelStock(TaskVectorMethod):
+    """theta_0 + t * mean_t tau_t, t from the experts' mean pairwise cosine (per tensor, or per row).
+
+    Args:
+        filter_wise: False: one t per tensor (cosines over all its coordinates); True: one t per row of the last
+            dimension (MergeKit's ``filter_wise``; a 1-D tensor is one row).
+
+    Needs at least two experts (MergeKit: the base plus two or more models). The per-tensor cosines stream: one
+    statistics pass adds up, per tensor, the pairwise dot products and squared norms as per-row float64 sums
+    added exactly, so they do not depend on the chunking.
+    """
+
+    parallel_chunks = True
+    elementwise = True
+    stat_passes = 1
+
+    def __init__(self, filter_wise: bool = False) -> None:
+        self.filter_wise = bool(filter_wise)
+
+    def _whole(self, block: Block) -> bool:
+        """Whether ``block``'s tensor takes one t (its cosines over the whole tensor)."""
+        return not self.filter_wise or len(block.shape) < 2
+
+    def begin(self, names: Sequence[str]) -> None:
+        self._dots: dict[str, list[list[Tensor]]] = {}
+        self._t: dict[str, float] = {}
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        if len(vectors) < 2:
+            raise ValueError(f"Model Stock needs at least 2 experts (the base plus two or more), got {len(vectors)}")
+        if not self._whole(block):
+            return None
+        n = len(vectors)
+        return [_row_dots(vectors[i], vectors[j]) for i in range(n) for j in range(i, n)]
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        if stats is not None:
+            acc = self._dots.setdefault(block.name, [[] for _ in stats])
+            for a, s in zip(acc, stats, strict=True):
+                a.append(s)
+
+    def end_pass(self, pass_idx: int) -> None:
+        for name, parts in self._dots.items():
+            sums = iter([tv.exact_sum(p) for p in parts])
+            n = round(((8 * len(parts) + 1) ** 0.5 - 1) / 2)  # len(parts) = n (n + 1) / 2
+            gram = torch.zeros(n, n, dtype=torch.float64)
+            for i in range(n):
+                for j in range(i, n):
+                    gram[i, j] = gram[j, i] = next(sums)
+            norms = gram.diagonal().sqrt()
+            cos = [
+                float((gram[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+                for i, j in itertools.combinations(range(n), 2)
+            ]
+            self._t[name] = float(interpolation(sum(cos) / len(cos), n))
+        self._dots = {}
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        mean = vectors[0].clone()
+        for v in vectors[1:]:
+            mean.add_(v)
+        mean.div_(len(vectors))
+        if self._whole(block):
+            return mean.mul_(self._t[block.name])
+        return mean.mul_(interpolation(mean_pair_cosine(vectors, dim=-1), len(vectors)))

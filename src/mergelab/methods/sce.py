@@ -1,0 +1,120 @@
+"""SCE (Select, Calculate, Erase; FuseChat, Wan et al. 2024, arXiv 2408.07990) as MergeKit's ``sce``.
+
+Per tensor, with task vectors d_t:
+- select: keep the coordinates whose variance over the experts (population variance) is among the top
+  ``select_topk`` fraction of the tensor's non-zero variances (all coordinates when select_topk = 1);
+- calculate: w_t = sum(d_t^2) / numel over the selected d_t, normalised to sum to 1 (uniform when all are 0);
+- erase: the majority sign is + where sum_t d_t >= 0, else -; only d_t whose sign equals it count;
+- theta = theta_0 + scaling * sum_t w_t d_t [agrees] / sum_t w_t [agrees] (1 where nothing agrees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab import task_vectors as tv
+from mergelab.engine.chunks import Block
+from mergelab.methods.base import TaskVectorMethod, check_range
+from mergelab.methods.magnitude_threshold import MagnitudeRanks
+
+
+def _seq_sum(tensors: Sequence[Tensor]) -> Tensor:
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    return out
+
+
+def variance(vectors: Sequence[Tensor]) -> Tensor:
+    """Population variance over the experts of each coordinate (float32, added in task order)."""
+    mean = _seq_sum(vectors).div_(len(vectors))
+    return _seq_sum([(v - mean).square_() for v in vectors]).div_(len(vectors))
+
+
+class SCE(TaskVectorMethod):
+    """theta_0 + scaling * erase-weighted mean of the variance-selected task vectors (see the module docstring).
+
+    Args:
+        select_topk: fraction of each tensor's non-zero-variance coordinates kept, in (0, 1]; 1 keeps all
+            (MergeKit's default; FuseChat uses 0.1).
+        scaling: factor on the merged task vector (1 = MergeKit, which has none).
+
+    Streams: the variance threshold is the exact k-th largest float32 variance of the tensor
+    (:class:`MagnitudeRanks`, passes 1-2, which also count the zero variances), and pass 3 adds up each task's
+    sum of squares as per-row float64 sums added exactly. Coordinates tied with the threshold are all kept, where
+    MergeKit's ``topk`` keeps an arbitrary subset of them.
+    """
+
+    parallel_chunks = True
+    elementwise = True
+
+    def __init__(self, select_topk: float = 0.1, scaling: float = 1.0) -> None:
+        check_range("select_topk", select_topk, 0.0, 1.0, low_open=True, high_open=False)
+        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
+        self.select_topk, self.scaling = float(select_topk), float(scaling)
+        self._select = self.select_topk < 1.0
+        self.stat_passes = (MagnitudeRanks.passes if self._select else 0) + 1
+
+    def begin(self, names: Sequence[str]) -> None:
+        self._ranks = MagnitudeRanks(self._keep_rank)
+        self._zeros: dict[str, int] = {}
+        self._squares: dict[str, list[list[Tensor]]] = {}
+        self._weights: dict[str, list[float]] = {}
+
+    def _count(self, key: str, numel: int) -> int:
+        """How many variances are kept: int(select_topk * non-zero count) (MergeKit)."""
+        return int(self.select_topk * (numel - self._zeros[key]))
+
+    def _keep_rank(self, key: str, numel: int) -> list[list[int]]:
+        return [[max(1, self._count(key, numel))]]
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        if self._select and pass_idx < MagnitudeRanks.passes:
+            var = variance(vectors).unsqueeze(0)
+            zeros = int((var == 0).sum()) if pass_idx == 0 else 0
+            return self._ranks.chunk_statistics(pass_idx, block.name, var, inplace=True), zeros
+        return [tv.row_squared_sums(v) for v in self.select(block, vectors)]
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        if self._select and pass_idx < MagnitudeRanks.passes:
+            hist, zeros = stats
+            self._zeros[block.name] = self._zeros.get(block.name, 0) + zeros
+            self._ranks.add_statistics(pass_idx, block.name, hist)
+            return
+        acc = self._squares.setdefault(block.name, [[] for _ in stats])
+        for a, s in zip(acc, stats, strict=True):
+            a.append(s)
+
+    def end_pass(self, pass_idx: int) -> None:
+        if self._select and pass_idx < MagnitudeRanks.passes:
+            self._ranks.end_pass(pass_idx)
+            return
+        for name, per_task in self._squares.items():
+            sq = [tv.exact_sum(parts) for parts in per_task]
+            total = sum(sq)
+            self._weights[name] = [s / total for s in sq] if total > 0 else [1.0 / len(sq)] * len(sq)
+        self._squares = {}
+
+    def select(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
+        """The task vectors of ``block`` with the coordinates outside the top-variance selection zeroed."""
+        if not self._select:
+            return list(vectors)
+        if self._count(block.name, self._ranks.numel(block.name)) == 0:
+            return [torch.zeros_like(v) for v in vectors]
+        threshold = self._ranks.values(block.name)[0][0]
+        kept = variance(vectors) >= threshold
+        return [v * kept for v in vectors]
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        selected = self.select(block, vectors)
+        majority = torch.where(_seq_sum(selected) >= 0, 1.0, -1.0).to(selected[0].dtype)
+        agree = [(torch.sign(d) == majority).to(d.dtype) for d in selected]
+        weights = self._weights[block.name]
+        erased = [a.mul_(w) for a, w in zip(agree, weights, strict=True)]
+        mixed = _seq_sum([d * e for d, e in zip(selected, erased, strict=True)])
+        divisor = _seq_sum(erased)
+        return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0)).mul_(self.scaling)
