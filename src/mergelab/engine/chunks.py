@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
 from mergelab.task_vectors import compute_dtype, subtract_base
@@ -104,6 +105,18 @@ class ScratchChunk(list):
 def is_scratch(vectors: Sequence[Tensor]) -> bool:
     """Whether a method may overwrite ``vectors`` (see :class:`ScratchChunk`)."""
     return isinstance(vectors, ScratchChunk)
+
+
+def writable_stack(vectors: Sequence[Tensor]) -> Tensor:
+    """The chunk's task vectors as one ``[T, ...]`` tensor a method may overwrite: the engine's own buffer when
+    ``vectors`` is a :class:`ScratchChunk`, else a fresh stack (the caller's tensors stay as they are)."""
+    return vectors.stacked if isinstance(vectors, ScratchChunk) else torch.stack(list(vectors))
+
+
+def output_buffer(vectors: Sequence[Tensor]) -> Tensor | None:
+    """Where a method may accumulate its merged block: the first scratch vector (the engine's, reused after the
+    call), or None when the vectors are the caller's."""
+    return vectors[0] if isinstance(vectors, ScratchChunk) else None
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, is_scratch
+from mergelab.engine.chunks import Block, output_buffer
 from mergelab.engine.protocol import Sparsifier
 from mergelab.methods.base import TaskVectorMethod, build_method, check_choice, check_range
 
@@ -119,8 +119,7 @@ class MetaGPT(TaskVectorMethod):
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         used = self._sparse(block, vectors)
-        out = used[0] if is_scratch(used) else None  # accumulate in the engine's buffer
-        return tv.weighted_sum(used, self.lambdas(block.name), out=out)
+        return tv.weighted_sum(used, self.lambdas(block.name), out=output_buffer(used))
 
     def report(self) -> dict[str, Any]:
         if not self._lambdas:

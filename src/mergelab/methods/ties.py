@@ -5,22 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, is_scratch
+from mergelab.engine.chunks import Block, is_scratch, writable_stack
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
 
 PRUNE_MODES = ("global", "per_tensor")
 DISJOINT_MODES = ("sum", "mean")
-
-
-def _stacked(vectors: Sequence[Tensor]) -> Tensor:
-    """The chunk's task vectors as one ``[T, ...]`` tensor that may be overwritten (the engine's, or a copy)."""
-    return vectors.stacked if is_scratch(vectors) else torch.stack(list(vectors))  # type: ignore[attr-defined]
 
 
 class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
@@ -75,7 +69,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
-        stacked = _stacked(vectors)
+        stacked = writable_stack(vectors)
         key = self._key(block)
         if pass_idx < MagnitudeRanks.passes:
             return self._ranks.chunk_statistics(pass_idx, key, stacked, inplace=True)
@@ -128,7 +122,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         """The merge with the provisional majority, this chunk's sign total (the skipped pass's statistic, for
         :meth:`add_statistics`) and the exact ties with their values under the other majority."""
         merged, total, alt = tv.ties_merge_folded_(
-            _stacked(vectors), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
+            writable_stack(vectors), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
         )
         if alt is not None:
             alt = (alt[0], alt[1].mul_(self.scaling))
@@ -143,6 +137,6 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         key = self._key(block)
-        stacked = _stacked(vectors)
+        stacked = writable_stack(vectors)
         merged = tv.ties_merge_(stacked, self._thresholds[key], self._majority[key], self.disjoint).mul_(self.scaling)
         return merged if is_scratch(vectors) else merged.clone()  # not a view pinning the stacked copy

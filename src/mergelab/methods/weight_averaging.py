@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, is_scratch
+from mergelab.engine.chunks import Block, output_buffer
 from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
 
 
@@ -38,5 +38,4 @@ class WeightAveraging(TaskVectorMethod):
         return [v / sum(w) for v in w]
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        out = vectors[0] if is_scratch(vectors) else None  # accumulate in the engine's buffer
-        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=out)
+        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=output_buffer(vectors))
