@@ -23,8 +23,10 @@ not finite or rises above the group's best by more than ``rise_tol`` relative is
 best, the step size halved, the optimiser state reset); after ``max_backoffs`` rejections a group stops. The
 returned delta is always each group's best iterate.
 
-Every reduction is formulated so that its result does not depend on torch's intra-op thread count
-(:func:`fixed_sum`): same inputs give the same bytes with 1 or N threads."""
+Every product is elementwise and every sum a fixed tree of elementwise additions (:func:`tree_sum`), and the
+optimisers are separate elementwise ops (:class:`ElementwiseAdam`): no BLAS, no vectorised reduction, no fused
+multiply-add, so the same inputs give the same bytes with any thread count, SIMD width or BLAS, i.e. on any CPU
+(tests/test_awd_kernels.py, experiments/awd_kernels.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 GRANULARITIES = ("model", "tensor", "row")
@@ -49,24 +50,64 @@ OPTIMIZERS = ("sgd", "adam")
 #: Cosines of vectors shorter than this are computed as if they had this norm (no division by zero).
 COS_EPS = 1e-12
 
-#: Block length of :func:`fixed_sum`: below torch's parallel grain (32768), so one block is summed by one thread.
-SUM_BLOCK = 4096
+#: Most elements of a product temporary (tasks x columns x rows) made at once: rows are taken in chunks, so that
+#: the temporaries stay small (4 MiB in float32) whatever the size of a matrix (large ones cost page faults).
+PRODUCT_CHUNK = 1 << 20
+
+
+def tree_sum(x: Tensor, dim: int = -1) -> Tensor:
+    """Sum over ``dim`` in a fixed order made of elementwise additions only (no reduction kernel, no BLAS).
+
+    Element i is added to element i + ceil(n/2), halving the length until one is left. Each addition is one IEEE
+    rounding, whatever the SIMD width the kernel was compiled for (``ATEN_CPU_CAPABILITY``), the CPU, the BLAS or
+    the thread count, so the sum has the same bytes on any machine. torch's own ``sum`` does not: its vectorised
+    reduction keeps one partial sum per SIMD lane (8 lanes with AVX2, 16 with AVX-512), so its order follows the
+    CPU; a GEMM's order follows its blocking. (Fastest over an outer dim: each half is then contiguous.)
+    """
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    if n == 0:
+        return x.sum(dim)  # zeros
+    while n > 1:
+        h, c = n // 2, n - n // 2
+        if h == c:
+            x = x.narrow(dim, 0, h) + x.narrow(dim, h, h)
+        else:  # odd: the middle element is carried to the next level as it is
+            x = torch.cat([x.narrow(dim, 0, h) + x.narrow(dim, c, h), x.narrow(dim, h, 1)], dim=dim)
+        n = c
+    return x.squeeze(dim)
+
+
+def tree_sum_(x: Tensor, dim: int) -> Tensor:
+    """:func:`tree_sum` in place in ``x`` (a work buffer, overwritten): the same pairs, the same bytes, no allocation
+    (fresh pages for every temporary cost more than the arithmetic). Returns a view of the sums."""
+    n = x.shape[dim]
+    while n > 1:
+        h, c = n // 2, n - n // 2
+        x.narrow(dim, 0, h).add_(x.narrow(dim, c, h))  # element h (n odd) stays, as in tree_sum
+        n = c
+    return x.narrow(dim, 0, 1).squeeze(dim)
+
+
+class FixedSum(torch.autograd.Function):
+    """:func:`tree_sum` over ``dim``, differentiable (the gradient is the output's, broadcast: exact)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:
+        ctx.shape, ctx.dim = x.shape, dim
+        return tree_sum(x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.unsqueeze(ctx.dim).expand(ctx.shape), None
 
 
 def fixed_sum(x: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of ``x`` (all of it, or over ``dim``) in an order that does not depend on the number of threads.
-
-    torch splits a full reduction of more than 32768 elements into one partial sum per thread, so its result
-    changes with ``torch.get_num_threads()``; a reduction to many outputs gives each output to one thread. Summing
-    fixed blocks of :data:`SUM_BLOCK` elements (many outputs), then the block sums, fixes the order.
-    """
+    """Sum of ``x`` (all of it, or over ``dim``) in a fixed order (:func:`tree_sum`): the same bytes with any number
+    of threads, on any CPU and under any kernel choice."""
     if dim is None:
         x, dim = x.reshape(-1), 0
-    x = x.movedim(dim, -1)
-    while x.shape[-1] > SUM_BLOCK:
-        x = F.pad(x, (0, -x.shape[-1] % SUM_BLOCK))  # zeros: exact, and the blocks then tile the dim
-        x = x.reshape(*x.shape[:-1], -1, SUM_BLOCK).sum(-1)
-    return x.sum(-1)
+    return FixedSum.apply(x, dim % x.dim())
 
 
 def as_rows(t: Tensor) -> Tensor:
@@ -85,10 +126,10 @@ def cosines(gram: Tensor) -> Tensor:
 
 
 def mean_abs_cos(gram: Tensor) -> Tensor:
-    """Mean over pairs i != j of |cos|, per Gram matrix of a batch ([..., T, T] -> [...])."""
+    """Mean over pairs i != j of |cos|, per Gram matrix of a batch ([..., T, T] -> [...]), in a fixed order."""
     n = gram.shape[-1]
     off = 1.0 - torch.eye(n, dtype=gram.dtype, device=gram.device)
-    return (cosines(gram).abs() * off).sum((-1, -2)) / (n * (n - 1))
+    return fixed_sum((cosines(gram).abs() * off).flatten(-2), dim=-1) / (n * (n - 1))
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -115,58 +156,142 @@ class Objective:
             raise ValueError(f"AWD option 'alpha' must be a finite number >= 0, got {self.alpha}")
 
 
-def tau_gram(tau: Tensor, rowwise: bool) -> Tensor:
-    """Gram matrix of the stacked task vectors ``tau`` ([T, ...]): [T, T], or [rows, T, T] when ``rowwise``."""
-    n = tau.shape[0]
-    if not rowwise:
-        flat = tau.reshape(n, -1)
-        return flat @ flat.T
-    rows = [as_rows(t) for t in tau]
-    g = torch.empty(rows[0].shape[0], n, n, dtype=tau.dtype, device=tau.device)
-    for i in range(n):
-        for j in range(i, n):
-            g[:, i, j] = g[:, j, i] = (rows[i] * rows[j]).sum(-1)
-    return g
-
-
 def stack_rows(tau: Tensor) -> Tensor:
-    """Stacked task vectors ``[T, *shape]`` laid out row by row, ``[rows, T, cols]`` (rows as :func:`as_rows`):
-    each row's T task-vector rows are contiguous, which is what :class:`RowProducts` reads."""
-    return tau.reshape(tau.shape[0], *as_rows(tau[0]).shape).transpose(0, 1).contiguous()
+    """Stacked task vectors ``[T, *shape]`` laid out for :class:`RowProducts`: ``[cols, T, rows]`` (rows as
+    :func:`as_rows`), columns outermost, so that each step of the sums over a row's columns (:func:`tree_sum_`) adds
+    one contiguous half of a buffer to the other."""
+    return row_view(tau).contiguous()
+
+
+def row_view(tau: Tensor) -> Tensor:
+    """Stacked task vectors ``[T, *shape]`` seen as ``[cols, T, rows]`` without a copy (strided): the values
+    :func:`stack_rows` lays out (the products are elementwise, so the layout changes no bit, only the speed)."""
+    return tau.reshape(tau.shape[0], *as_rows(tau[0]).shape).permute(2, 0, 1)
+
+
+def row_chunks(rows: Tensor, factor: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of ``rows`` ([C, T, R]) whose product temporaries (``factor`` x T x C per row) hold at most
+    :data:`PRODUCT_CHUNK` elements."""
+    r = rows.shape[2]
+    step = max(1, PRODUCT_CHUNK // max(1, factor * rows.shape[0] * rows.shape[1]))
+    return [(s, min(s + step, r)) for s in range(0, r, step)]
+
+
+def row_gram(rows: Tensor) -> Tensor:
+    """Per-row Gram matrices ``[R, T, T]`` of task vectors laid out as :func:`stack_rows` (or :func:`row_view`),
+    in a fixed order (elementwise products, :func:`tree_sum`); exactly symmetric."""
+    c, n, r = rows.shape
+    g = torch.empty(n, n, r, dtype=rows.dtype, device=rows.device)
+    chunks = row_chunks(rows, n)
+    buf = torch.empty(c, n, n, chunks[0][1] if chunks else 0, dtype=rows.dtype, device=rows.device)
+    for s, e in chunks:
+        x, w = rows[:, :, s:e], buf[..., : e - s]
+        g[:, :, s:e] = tree_sum_(torch.mul(x[:, :, None], x[:, None, :], out=w), dim=0)
+    return g.permute(2, 0, 1).contiguous()
+
+
+def tau_gram(tau: Tensor, rowwise: bool) -> Tensor:
+    """Gram matrix of the stacked task vectors ``tau`` ([T, ...]): [T, T], or [rows, T, T] when ``rowwise``.
+
+    The row-wise Gram matrices are the fit's (:func:`row_gram`, a fixed order); the whole-vector one is a GEMM
+    (fast, and its last bits follow the BLAS: the fit sums :func:`row_gram` over rows instead, reports use this)."""
+    if rowwise:
+        return row_gram(row_view(tau))
+    flat = tau.reshape(tau.shape[0], -1)
+    return flat @ flat.T
 
 
 class RowProducts(torch.autograd.Function):
     """Row-wise inner products of delta with every task vector and delta's squared row norms:
-    ``a[r, t] = <tau_t[r], delta[r]>`` and ``sq[r] = |delta[r]|^2``, from ``tau_rows`` = :func:`stack_rows` ``(tau)``.
+    ``a[r, t] = <tau_t[r], delta[r]>`` and ``sq[r] = |delta[r]|^2``, from ``tau_rows`` = :func:`stack_rows` ``(tau)``
+    (or :func:`row_view`: the same values).
 
-    Batched products over the rows with no temporary the size of the task vectors: one read of them forward and
-    one backward. (``einsum`` over the ``[T, *shape]`` layout took 2-3x as long over the embedded pool's matrices.)
-    Each output is reduced by one thread, so the result does not depend on the thread count.
+    In a fixed order, not a GEMM (whose blocking, and so its last bits, follows the CPU and the BLAS): elementwise
+    products summed by :func:`tree_sum` forward; backward, ``grad[r] = sum_t grad_a[r, t] tau_t[r] + 2 grad_sq[r]
+    delta[r]`` added term by term in task order. Every operation is elementwise, so the bytes do not depend on the
+    thread count, the SIMD width or the BLAS. Rows are taken in chunks (:func:`row_chunks`) whose temporaries stay
+    in cache, whatever the size of a matrix.
     """
 
     @staticmethod
     def forward(ctx: Any, tau_rows: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        d = as_rows(delta).unsqueeze(1)  # [rows, 1, cols]
+        c, n, r = tau_rows.shape
+        d = delta.reshape(r, -1).T.contiguous()  # [cols, rows], laid out as the task vectors
         ctx.save_for_backward(tau_rows, d)
         ctx.delta_shape = delta.shape
-        return torch.bmm(d, tau_rows.transpose(1, 2)).squeeze(1), torch.bmm(d, d.transpose(1, 2)).reshape(-1)
+        a = torch.empty(n, r, dtype=d.dtype, device=d.device)
+        sq = torch.empty(r, dtype=d.dtype, device=d.device)
+        chunks = row_chunks(tau_rows)
+        buf = torch.empty(c, n, chunks[0][1] if chunks else 0, dtype=d.dtype, device=d.device)
+        for s, e in chunks:
+            ds, w = d[:, s:e], buf[..., : e - s]
+            a[:, s:e] = tree_sum_(torch.mul(tau_rows[:, :, s:e], ds[:, None], out=w), dim=0)
+            sq[s:e] = tree_sum_(torch.mul(ds, ds, out=w[:, 0]), dim=0)
+        return a.T.contiguous(), sq
 
     @staticmethod
     def backward(ctx: Any, grad_a: Tensor | None, grad_sq: Tensor | None) -> tuple[None, Tensor]:
         tau_rows, d = ctx.saved_tensors
-        grad = torch.zeros_like(d) if grad_a is None else torch.bmm(grad_a.unsqueeze(1), tau_rows)
-        if grad_sq is not None:
-            grad.addcmul_(d, grad_sq.reshape(-1, 1, 1), value=2.0)
-        return None, grad.reshape(ctx.delta_shape)
+        grad = torch.zeros_like(d)  # [cols, rows]
+        ga = None if grad_a is None else grad_a.T.contiguous()  # [T, rows]
+        chunks = row_chunks(tau_rows)
+        buf = torch.empty(d.shape[0], chunks[0][1] if chunks else 0, dtype=d.dtype, device=d.device)
+        for s, e in chunks:
+            acc, w = grad[:, s:e], buf[:, : e - s]
+            terms = [] if ga is None else [(tau_rows[:, t, s:e], ga[t, s:e]) for t in range(tau_rows.shape[1])]
+            if grad_sq is not None:
+                terms.append((d[:, s:e], grad_sq[s:e] * 2.0))
+            for k, (x, y) in enumerate(terms):  # added in task order, then delta's term
+                if k == 0:
+                    torch.mul(x, y, out=acc)
+                else:
+                    acc.add_(torch.mul(x, y, out=w))
+        return None, grad.T.reshape(ctx.delta_shape)
+
+
+class RowCosines(torch.autograd.Function):
+    """The mean over pairs i != j of |cos(tau_i - delta, tau_j - delta)| per Gram matrix of a batch, from the
+    task vectors' Gram matrices ``c`` ([B, T, T]), ``a`` ([B, T], :class:`RowProducts`) and ``sq`` = |delta|^2
+    ([B]): ``G = c - a 1^T - 1 a^T + sq``. Returns the means ([B]) and G (not differentiable, for reports).
+
+    The backward is written out so that every sum over tasks is a :func:`tree_sum` (autograd would reduce the
+    broadcast a and sq with torch's vectorised ``sum``, whose order follows the SIMD width once T >= 8)."""
+
+    @staticmethod
+    def forward(ctx: Any, c: Tensor, a: Tensor, sq: Tensor) -> tuple[Tensor, Tensor]:
+        g = c - a[:, :, None] - a[:, None, :] + sq[:, None, None]
+        q = torch.diagonal(g, dim1=-2, dim2=-1)
+        norms = q.clamp_min(COS_EPS**2).sqrt()
+        den = norms[:, :, None] * norms[:, None, :]
+        cos = g / den
+        n = g.shape[-1]
+        off = 1.0 - torch.eye(n, dtype=g.dtype, device=g.device)
+        ctx.save_for_backward(cos, den, norms, q >= COS_EPS**2, off)
+        ctx.mark_non_differentiable(g)
+        return tree_sum((cos.abs() * off).flatten(-2)) / (n * (n - 1)), g
+
+    @staticmethod
+    def backward(ctx: Any, grad_m: Tensor, _grad_g: Tensor | None) -> tuple[None, Tensor, Tensor]:
+        cos, den, norms, unclamped, off = ctx.saved_tensors
+        n = cos.shape[-1]
+        dcos = torch.sign(cos) * off * (grad_m / (n * (n - 1)))[:, None, None]
+        dg = dcos / den
+        dden = -dcos * (cos / den)  # d(g / den) / d den
+        # den_ij = norm_i norm_j: norm_i gets sum_j dden_ij norm_j + sum_j dden_ji norm_j
+        dnorm = tree_sum(dden * norms[:, None, :]) + tree_sum((dden * norms[:, :, None]).transpose(-1, -2))
+        dq = torch.where(unclamped, dnorm / (2 * norms), 0.0)
+        dg = dg + torch.diag_embed(dq)  # the diagonal of dcos is 0: this sets it
+        # g_ij = c_ij - a_i - a_j + sq
+        da = -(tree_sum(dg) + tree_sum(dg.transpose(-1, -2)))
+        dsq = tree_sum(dg.flatten(-2))
+        return None, da, dsq
 
 
 def gram_of_differences(tau: Tensor, delta: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Gram matrix ``[T, T]`` of ``tau_t - delta`` from ``gram`` = :func:`tau_gram` ``(tau)``, and delta's squared
-    norm; differentiable in delta, and never materialising the T differences. (Row granularity does the same per
-    row, batched over every tensor, in :func:`objective_terms`.)"""
-    d = delta.reshape(-1)
-    a = torch.mv(tau.reshape(tau.shape[0], -1), d)  # one pass over the task vectors (and one for the grad)
-    sq = fixed_sum(as_rows(delta).pow(2).sum(-1))  # not torch.dot: its full reduction depends on the threads
+    """Gram matrix ``[T, T]`` of ``tau_t - delta`` from ``gram`` = :func:`tau_gram` ``(tau)`` and delta's squared norm
+    (:class:`RowProducts` over the rows, summed over rows), never materialising the T differences."""
+    a, sq = RowProducts.apply(row_view(tau), delta)
+    a, sq = fixed_sum(a, dim=0), fixed_sum(sq)
     return gram - a[:, None] - a[None, :] + sq, sq
 
 
@@ -182,37 +307,46 @@ def objective_terms(
     whose sum is the loss; one for ``model``).
 
     ``taus`` are ``[T, *shape]``; at ``row`` granularity they may instead be given as :func:`stack_rows` already
-    (``rows_stacked``), which a fit does once rather than at every evaluation.
+    (``rows_stacked``), which a fit does once rather than at every evaluation. ``grams`` are :func:`tau_gram`'s
+    (``[rows, T, T]`` at ``row`` granularity, ``[T, T]`` otherwise).
 
     For ``tensor``/``row`` the terms are sums over the given tensors divided by ``objective.num_tensors``, so a
-    subset of the tensors contributes exactly its share of the whole loss.
+    subset of the tensors contributes exactly its share of the whole loss. Every sum has a fixed order
+    (:func:`tree_sum`, or tensor by tensor in the given order): the terms have the same bytes on any CPU.
     """
     rowwise = objective.granularity == "row"
     n = objective.num_tensors
+    a_rows, sq_rows = [], []
+    for tau, d in zip(taus, deltas, strict=True):
+        rows = (tau if rows_stacked else stack_rows(tau)) if rowwise else row_view(tau)
+        a, sq = RowProducts.apply(rows, d)
+        a_rows.append(a)
+        sq_rows.append(sq)
     if rowwise:
         # The T x T algebra of every row of every tensor in one batch: per tensor it is ~20 small ops.
-        stacked = taus if rows_stacked else [stack_rows(t) for t in taus]
-        products = [RowProducts.apply(t, d) for t, d in zip(stacked, deltas, strict=True)]
-        a = torch.cat([p[0] for p in products])
-        sq_rows = torch.cat([p[1] for p in products])
-        g_all = torch.cat(list(grams)) - a[:, :, None] - a[:, None, :] + sq_rows[:, None, None]
-        cos_rows = mean_abs_cos(g_all)
-        ends = torch.tensor([p[1].shape[0] for p in products]).cumsum(0).tolist()
-        pieces = [(s, e) for s, e in zip([0, *ends[:-1]], ends, strict=True)]
-    cos_terms, norms, sqs, model_gram = [], [], [], None
-    for i, (tau, c, d) in enumerate(zip(taus, grams, deltas, strict=True)):
-        if rowwise:
-            s, e = pieces[i]
-            g, sq = g_all[s:e], sq_rows[s:e]
-        else:
-            g, sq = gram_of_differences(tau, d, c)
-        flat_gram = fixed_sum(g, dim=0) if rowwise else g
-        model_gram = flat_gram if model_gram is None else model_gram + flat_gram
-        sq_total = fixed_sum(sq)
-        sqs.append(sq_total)
-        if objective.granularity != "model":
-            # rows: the mean over rows of the row's mean |cos|
-            cos_terms.append(fixed_sum(cos_rows[s:e]) / g.shape[0] if rowwise else mean_abs_cos(g))
+        cos_rows, g_all = RowCosines.apply(torch.cat(list(grams)), torch.cat(a_rows), torch.cat(sq_rows))
+        ends = torch.tensor([a.shape[0] for a in a_rows]).cumsum(0).tolist()
+        pieces = list(zip([0, *ends[:-1]], ends, strict=True))
+        cos_terms = [fixed_sum(cos_rows[s:e]) / (e - s) for s, e in pieces]  # the mean over rows
+        tensor_grams = [fixed_sum(g_all[s:e], dim=0) for s, e in pieces]
+        sqs = [fixed_sum(sq) for sq in sq_rows]
+    else:
+        a_t = [fixed_sum(a, dim=0) for a in a_rows]
+        sqs = [fixed_sum(sq) for sq in sq_rows]
+        if objective.granularity == "tensor":
+            cos_t, g_t = RowCosines.apply(torch.stack(list(grams)), torch.stack(a_t), torch.stack(sqs))
+            cos_terms, tensor_grams = list(cos_t), list(g_t)
+        else:  # model: one cosine over all tensors, every sum tensor by tensor in the given order
+            c_m, a_m, sq_m = grams[0], a_t[0], sqs[0]
+            for c, a, sq in zip(grams[1:], a_t[1:], sqs[1:], strict=True):
+                c_m, a_m, sq_m = c_m + c, a_m + a, sq_m + sq
+            cos_m, g_m = RowCosines.apply(c_m[None], a_m[None], sq_m[None])
+            tensor_grams = [g_m[0]]
+    model_gram = tensor_grams[0]
+    for g in tensor_grams[1:]:
+        model_gram = model_gram + g
+    norms = []
+    for d, sq_total, sq in zip(deltas, sqs, sq_rows, strict=True):
         if objective.norm == "l2":
             norms.append(safe_sqrt(sq_total))
         elif objective.norm == "l2_squared":
@@ -220,10 +354,10 @@ def objective_terms(
         elif objective.norm == "l1":
             norms.append(fixed_sum(d.abs()))
         else:  # row_l2
-            norms.append(fixed_sum(safe_sqrt(sq if rowwise else as_rows(d).pow(2).sum(-1))))
-    assert model_gram is not None
+            row_sq = sq if rowwise else fixed_sum(as_rows(d) * as_rows(d), dim=-1)
+            norms.append(fixed_sum(safe_sqrt(row_sq)))
     if objective.granularity == "model":
-        l_o = mean_abs_cos(model_gram)
+        l_o = cos_m[0]
         l_r = safe_sqrt(fixed_sum(torch.stack(sqs))) if objective.norm == "l2" else fixed_sum(torch.stack(norms))
         loss = l_o + objective.alpha * l_r
         group_loss = loss[None]
@@ -236,6 +370,65 @@ def objective_terms(
         l_o, l_r = fixed_sum(lo_parts), fixed_sum(lr_parts)
         loss = fixed_sum(group_loss)
     return {"L_O": l_o, "L_R": l_r, "loss": loss, "gram": model_gram.detach(), "group_loss": group_loss}
+
+
+class ElementwiseAdam(torch.optim.Optimizer):
+    """Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8, no weight decay) written as separate elementwise ops.
+
+    ``torch.optim.Adam``'s kernels (``lerp_``, ``addcmul_``, ``addcdiv_``) fuse a multiply and an add, with one
+    rounding (FMA) in the AVX2/AVX-512 builds of the kernel and two in the default one, so its iterates follow the
+    CPU. Here each op rounds once on any CPU: m += (g - m)(1 - b1); v = v b2 + g (1 - b2) g;
+    p += (m / (sqrt(v) / sqrt(1 - b2^k) + eps)) (-lr / (1 - b1^k)) — torch's update, up to rounding."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                k, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.add_((g - m).mul_(1 - b1))
+                v.mul_(b2).add_(g.mul(1 - b2).mul_(g))
+                denom = v.sqrt().div_(math.sqrt(1 - b2**k)).add_(group["eps"])
+                p.add_(m.div(denom).mul_(-group["lr"] / (1 - b1**k)))
+        return loss
+
+
+class ElementwiseSGD(torch.optim.Optimizer):
+    """SGD with momentum (no dampening, no weight decay) as separate elementwise ops (see :class:`ElementwiseAdam`):
+    buf = buf * momentum + g (buf = g at the first step), p += buf * (-lr)."""
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = g.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                    g = state["momentum_buffer"]
+                p.add_(g.mul(-group["lr"]))
+        return loss
 
 
 @dataclass
@@ -282,8 +475,8 @@ class OptimizerConfig:
         """One parameter group per tensor, each with its own step size (halved on its own back-offs)."""
         groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)]
         if self.name == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        return torch.optim.Adam(groups, lr=self.lr)
+            return ElementwiseSGD(groups, lr=self.lr, momentum=self.momentum)
+        return ElementwiseAdam(groups, lr=self.lr)
 
 
 @dataclass

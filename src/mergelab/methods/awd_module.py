@@ -25,8 +25,9 @@ from mergelab.methods.awd_fit import (
     fixed_sum,
     mean_abs_cos,
     objective_terms,
+    row_gram,
+    row_view,
     stack_rows,
-    tau_gram,
 )
 from mergelab.training.distributed import trainer_arguments
 
@@ -83,9 +84,12 @@ class AWDModule(L.LightningModule):
                 raise ValueError(f"AWD: task vectors of {n} have shape {tuple(v.shape[1:])}, expected {shapes[n]}")
             if v.shape[0] < 2:
                 raise ValueError(f"AWD needs at least two task vectors, got {v.shape[0]}")
-            self.register_buffer(f"gram_{i}", tau_gram(v, rowwise), persistent=False)
             # Row granularity reads each row's T task-vector rows together (awd_fit.RowProducts): laid out so once.
-            self.register_buffer(f"tau_{i}", stack_rows(v) if rowwise else v, persistent=False)
+            rows = stack_rows(v) if rowwise else row_view(v)
+            # The Gram matrices in a fixed order (per row; summed over rows for tensor/model), like every product.
+            gram = row_gram(rows) if rowwise else fixed_sum(row_gram(rows), dim=0)
+            self.register_buffer(f"gram_{i}", gram, persistent=False)
+            self.register_buffer(f"tau_{i}", rows if rowwise else v, persistent=False)
             # float64 and a fixed order: the step size must not depend on the thread count either.
             self.tau_rms.append(math.sqrt(float(fixed_sum(v.double().pow(2))) / max(v.numel(), 1)))
             self.register_buffer(f"best_{i}", torch.zeros(tuple(shapes[n])), persistent=False)
