@@ -74,7 +74,7 @@ def test_a_sweep_lists_every_job_and_resumes_the_unfinished_ones(
     assert (sweep / "0" / "metrics.json").read_bytes() == finished
     assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == mtime  # skipped, not redone
     redone = json.loads((sweep / "1" / "metrics.json").read_text())
-    assert redone["params"] == {"scaling": 0.5} and Path(redone["merged_model"]).is_dir()
+    assert redone["params"]["scaling"] == 0.5 and Path(redone["merged_model"]).is_dir()
     assert [r["status"] for r in summarize(sweep)] == ["done", "done", "failed"]
 
 
@@ -122,12 +122,16 @@ def test_repeated_keys_in_command_line_mappings() -> None:
 
 
 def test_duplicate_keys_on_the_command_line_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    proc = mergelab("model=checkpoints", "model.experts={a: /x, a: /y}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        "mergelab: override 'model.experts={a: /x, a: /y}' gives ['a'] more than once; each key of a mapping once"
-    )
-    assert not (tmp_path / "run").exists()
+    for args, key in (
+        (["model=checkpoints", "model.experts={a: /x, a: /y}"], "a"),
+        (["-m", "method.scaling=0.1,0.2", "model.experts={a: /x, b: {c: 1, c: 2}}"], "c"),  # nested, in a sweep
+    ):
+        proc = mergelab(*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        assert proc.returncode == 1, proc.stderr  # as every other error
+        assert proc.stderr.strip() == (
+            f"mergelab: error: override {args[-1]!r} gives [{key!r}] more than once; each key of a mapping once"
+        )
+        assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_a_task_listed_twice_is_refused(tmp_path: Path) -> None:

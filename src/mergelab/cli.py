@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mergelab.errors import MergelabError
 from mergelab.locations import CONFIG_DIR, ROOT_DIR, output_root
-from mergelab.reports.sweep import FAILED_FILE
+from mergelab.overrides import override_key
+from mergelab.reports import sweep
+from mergelab.reports.sweep import FAILED_FILE, METRICS_FILE
 
 log = logging.getLogger("mergelab")
 
@@ -138,10 +145,40 @@ def check_command_line(args: list[str]) -> None:
                 raise ValueError(f"override {arg!r} gives {repeated} more than once; each key of a mapping once")
 
 
+#: Errors whose type says more than their message: a bug's (an assertion, a missing attribute, an index out of
+#: range), whose message alone reads as nonsense to the user. Every other message is shown as it is.
+TYPE_NAMED: tuple[type[BaseException], ...] = (
+    AssertionError,
+    AttributeError,
+    NameError,
+    LookupError,
+    ArithmeticError,
+    NotImplementedError,
+    RecursionError,
+    StopIteration,
+)
+
+
 def one_line(e: BaseException) -> str:
-    """A failure as one line: mergelab's own errors say what is wrong; others are prefixed with their type."""
-    text = " ".join(str(e).split()) or repr(e)
-    return text if isinstance(e, ValueError | OSError | KeyError | TypeError) else f"{type(e).__name__}: {text}"
+    """A failure as one line: its message (mergelab's own errors, and any error whose message says what is wrong),
+    prefixed with its type only where the type adds information: an empty message, a bug's error
+    (:data:`TYPE_NAMED`), or a KeyError that names only the key."""
+    args = getattr(e, "args", ())
+    sentence = isinstance(e, KeyError) and len(args) == 1 and isinstance(args[0], str) and " " in args[0].strip()
+    text = " ".join((args[0] if sentence else str(e)).split())  # KeyError's str() quotes its message
+    if not text:
+        return type(e).__name__
+    if isinstance(e, MergelabError) or sentence or not isinstance(e, TYPE_NAMED):
+        return text
+    return f"{type(e).__name__}: {text}"
+
+
+def to_log_files(line: str) -> None:
+    """``line`` as an error in the log files open (the job's), not on the console (stderr has it once)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def fail(e: BaseException, cfg: DictConfig, multirun: bool) -> float:
@@ -153,10 +190,7 @@ def fail(e: BaseException, cfg: DictConfig, multirun: bool) -> float:
     message = one_line(e)
     line = f"{message} (set {FULL_ERROR}=1 for the traceback)"
     print(f"mergelab: error: {line}", file=sys.stderr)  # the terminal: stderr, once
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
-    for handler in logging.getLogger().handlers:  # the job's log file keeps it too
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    to_log_files(line)  # the job's log file keeps it too
     FAILED_JOBS.append(str(out_dir))
     if not multirun:
         sys.exit(1)
@@ -165,16 +199,66 @@ def fail(e: BaseException, cfg: DictConfig, multirun: bool) -> float:
 
 
 def record_failure(out_dir: Path, e: BaseException, message: str, overrides: list[str]) -> None:
-    """``failed.json`` in a sweep job's dir, for the sweep summary (never beside a finished run's result)."""
+    """``failed.json`` in a sweep job's dir, for the sweep summary: written even beside an earlier run's result that
+    the job could not replace or refused to resume (another command's), which the summary then does not show as
+    this job's. A result this job finishes later replaces it (see :func:`mergelab.reports.sweep.summarize`)."""
     from mergelab.io.atomic import atomic_write_json
 
-    if (out_dir / "metrics.json").exists():  # e.g. refused to overwrite it: that job's result stands
-        return
     try:
         record = {"status": "failed", "error": type(e).__name__, "message": message, "overrides": overrides}
         atomic_write_json(out_dir / FAILED_FILE, record)
     except OSError as write_error:  # e.g. the disk that made the job fail is still full
         log.error("could not record the failure in %s: %s", out_dir, write_error)
+
+
+#: Set by the SIGINT handler: Ctrl-C was pressed (a library may turn the KeyboardInterrupt into another exit,
+#: as Lightning's Trainer does with ``sys.exit(1)``).
+INTERRUPTED: list[bool] = []
+
+#: This process's single run (not a sweep): its output dir, once the app started it.
+RUN: dict[str, Any] = {}
+
+
+def on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: remember it, then interrupt as Python does."""
+    INTERRUPTED.append(True)
+    raise KeyboardInterrupt
+
+
+def rerun_command(argv: list[str], key: str, value: Path) -> str:
+    """``mergelab`` with ``argv`` and ``key`` set to ``value`` (replacing it), quoted for a shell."""
+    args = [a for a in argv if a.startswith("-") or "=" not in a or override_key(a) != key]
+    return shlex.join(["mergelab", *args, f"{key}={value}"])
+
+
+def close_progress_bars() -> None:
+    """End the progress bars left open by an interrupted job, so that what is printed next starts its own line
+    (instead of closing them at exit, after it)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        with contextlib.suppress(Exception):  # a bar half torn down: nothing more to show
+            bar.close()
+
+
+def interrupted_line(argv: list[str]) -> str:
+    """What Ctrl-C leaves, in one line: for a sweep, the jobs done (its summary is rewritten) and the command that
+    resumes it; for a single run, whether it finished and the command that reruns it in its dir."""
+    state = sweep.interrupted()
+    if state is not None:
+        done, n, resume, local = state
+        line = f"{done} of {n} job(s) done"
+        if not local:
+            line += " (the jobs already submitted go on running on the cluster)"
+        if resume is None:  # Optuna's trials: sampled anew
+            return line + "; its sweeper picks each job's overrides anew: run it again with another hydra.sweep.dir"
+        return line + f"; resume with: {resume}"
+    out_dir = RUN.get("dir")
+    if out_dir is None:
+        return "before any job started"
+    metrics = out_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_mtime >= RUN["started"]:
+        return f"after the run finished: its result is in {out_dir}"
+    return f"{out_dir} holds no result; rerun with: {rerun_command(argv, 'hydra.run.dir', out_dir)}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -185,11 +269,15 @@ def app(cfg: DictConfig) -> float:
     if HydraConfig.initialized():
         with open_dict(cfg):
             cfg.overrides = list(HydraConfig.get().overrides.task)
+    if not multirun:
+        RUN.update(dir=Path(str(cfg.paths.output_dir)).absolute(), started=time.time())
     try:
         from mergelab.run import run  # heavy imports after Hydra has parsed the command line
 
         return run(cfg)
     except Exception as e:
+        if INTERRUPTED:  # Ctrl-C, turned into another error by a library: not this job's failure
+            raise KeyboardInterrupt from e
         if os.environ.get(FULL_ERROR) == "1":
             FAILED_JOBS.append(str(cfg.paths.output_dir))
             if multirun:
@@ -198,25 +286,45 @@ def app(cfg: DictConfig) -> float:
         return fail(e, cfg, multirun)
 
 
+def error(message: str) -> None:
+    """Stop with one line on stderr and exit status 1."""
+    print(f"mergelab: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main() -> None:
-    """The ``mergelab`` console script; exits with status 1 when a job (of a sweep) failed.
+    """The ``mergelab`` console script; exits with status 1 when a job (of a sweep) failed, 130 on Ctrl-C.
 
     ``mergekit=path.yml`` is replaced by the overrides of the equivalent run (:mod:`mergelab.provenance.mergekit`)
-    before Hydra parses the command line; a config it cannot translate exactly is refused in one line."""
+    before Hydra parses the command line; a config it cannot translate exactly is refused in one line.
+    Ctrl-C stops the command with one line (a sweep's summary is rewritten first: jobs done, interrupted and not
+    started) saying how to resume it."""
     try:
         check_command_line(sys.argv[1:])
     except ValueError as e:
-        print(f"mergelab: {e}", file=sys.stderr)
-        sys.exit(2)
+        error(one_line(e))
     if any(a.lstrip("+").startswith("mergekit=") for a in sys.argv[1:]):
         from mergelab.provenance.mergekit import expand_command_line
 
         try:  # mergekit=path.yml stands for the overrides of the equivalent run: Hydra composes those
             sys.argv[1:] = expand_command_line(sys.argv[1:])
         except (ValueError, OSError) as e:
-            print(f"mergelab: error: {one_line(e)}", file=sys.stderr)
-            sys.exit(1)
-    app()
+            error(one_line(e))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        app()
+    except BaseException as e:
+        if not (INTERRUPTED or isinstance(e, KeyboardInterrupt)):
+            with contextlib.suppress(Exception):  # a sweep stopped by an error: its summary says so
+                sweep.interrupted(sweep.STOPPED)
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
+        close_progress_bars()
+        line = interrupted_line(sys.argv[1:])
+        to_log_files(f"interrupted: {line}")
+        print(f"mergelab: interrupted: {line}", file=sys.stderr)
+        sys.exit(130)
     if FAILED_JOBS:
         sys.exit(1)
 
