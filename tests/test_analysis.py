@@ -271,7 +271,7 @@ def test_an_earlier_analysis_is_never_overwritten_unless_asked(pool_dirs: dict[s
         (["method=dare", "method.merge=nope"], "method 'dare': method option 'merge': no method config 'nope'"),
         (["analysis.figure_format=bmp"], "analysis.figure_format must be one of ('png', 'svg', 'pdf'), got 'bmp'"),
         (["model.experts.b=/nonexistent/b"], "model pool: expert 'b': checkpoint dir '/nonexistent/b' does not exist"),
-        (["model.exclude=[.]"], "has no merged tensors to analyse (model.include / model.exclude select none)"),
+        (["model.exclude=[.]"], "model.exclude=['.'] leave no floating-point tensor of the pretrained model"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(

@@ -240,10 +240,11 @@ def strip_config_keys(node: Any) -> Any:
 
 def option_summary(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A method config's options as flat ``{option: value}`` for tables: a nested method node becomes its name
-    under its key plus its own options as ``key.option`` (``{"merge": "ties", "merge.k": 20, ...}``)."""
+    under its key plus its own options as ``key.option`` (``{"merge": "ties", "merge.k": 20, ...}``). Options left
+    null (unset: the method's default behaviour, e.g. no per-expert weights) are left out."""
     out: dict[str, Any] = {}
     for k, v in node.items():
-        if k in NOT_METHOD_OPTIONS or k.startswith("_"):
+        if k in NOT_METHOD_OPTIONS or k.startswith("_") or v is None:
             continue
         if isinstance(v, Mapping) and "_target_" in v:
             out[prefix + k] = v.get("name", str(v["_target_"]).rsplit(".", 1)[-1])

@@ -231,10 +231,6 @@ def analyze_pool(
         method.task_names = tasks
     chunk_elems = int(chunk_elems or getattr(pool, "chunk_elems", None) or DEFAULT_CHUNK_ELEMS)
     with pool.tensor_sources() as src:
-        if not src.names:
-            raise ValueError(
-                f"model: {src.label} has no merged tensors to analyse (model.include / model.exclude select none)"
-            )
         if len(src.experts) != len(tasks):
             raise ValueError(f"model: {src.label} gave {len(src.experts)} experts for tasks {tasks}")
         shapes = {n: tuple(src.base.shape(n)) for n in src.names}
