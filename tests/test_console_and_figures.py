@@ -155,7 +155,7 @@ def test_a_log_file_names_what_was_scored_without_bar_redraws_or_deprecations(sv
 def test_results_chart_as_svg_has_the_table_values_and_a_subset_title(svg_run: Path) -> None:
     assert (svg_run / "results.svg").is_file() and not (svg_run / "results.png").exists()
     texts = svg_texts(svg_run / "results.svg")
-    title = "embedded: test accuracy (%) (first 48 examples per task)"
+    title = "embedded: test accuracy (%) (subset: at most 48 examples per task)"
     assert title in texts
     table = (svg_run / "results.md").read_text()
     assert table.startswith(f"## {title}\n")
@@ -294,7 +294,7 @@ def test_a_row_without_a_task_is_a_dash_in_the_table_and_n_a_in_the_chart(tmp_pa
     assert "| single (single-task) | 70.00 | - | 70.00 |" in (tmp_path / "results.md").read_text()
     assert "single (single-task),70.0,,70.0" in (tmp_path / "results.csv").read_text()
     texts = svg_texts(tmp_path / "results.svg")
-    assert "n/a" in texts and "t (first 50% of each task's examples)" in texts
+    assert "n/a" in texts and "t (subset: 50% of each task's examples)" in texts
 
 
 # ------------------------------------------------------------------------------------------------ Chosen

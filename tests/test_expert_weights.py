@@ -127,3 +127,76 @@ def test_run_refuses_weights_naming_an_unknown_expert_before_any_work(tmp_path: 
     with pytest.raises(ValueError, match=r"method 'task_arithmetic': .*unknown expert\(s\) \['e3'\]; experts: \['e1'"):
         run(make_cfg(out, overrides, tiny=False))
     assert not out.exists()
+
+
+def mergekit_round_trip(method: object, tmp_path: Path) -> tuple[str, str, list[str]]:
+    """``method``'s MergeKit config, read back as mergelab overrides, built and exported again: both YAML texts
+    and the overrides the import gave."""
+    from omegaconf import OmegaConf
+
+    from mergelab.provenance.mergekit import export_merge, read_mergekit
+    from mergelab.run import method_candidates
+    from tests.conftest import make_cfg
+
+    p = pool()
+    base = str(write_checkpoint(p.base, tmp_path / "base"))
+    experts = [str(write_checkpoint(e, tmp_path / n)) for e, n in zip(p.experts, NAMES, strict=True)]
+    method.task_names = list(NAMES)  # type: ignore[attr-defined]
+    first = export_merge(method, base, experts, streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
+    assert first.config is not None, first.reason
+    path = tmp_path / "merge.yml"
+    path.write_text(first.yaml())
+    imported = read_mergekit(path)
+    assert list(imported.experts) == NAMES
+    cfg = make_cfg(tmp_path / "unused", imported.method, tiny=False)
+    ((_, again),) = method_candidates(OmegaConf.create(OmegaConf.to_container(cfg.method, resolve=True)), False)
+    again.task_names = list(NAMES)
+    second = export_merge(again, base, experts, streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
+    assert second.config is not None, second.reason
+    return first.yaml(), second.yaml(), imported.method
+
+
+@pytest.mark.parametrize(
+    ("method", "per_model", "override"),
+    [
+        (TaskArithmetic(scaling=0.5, weights={"code": -1.0}), [0.5, -0.5, 0.5], "method.weights="),
+        (WeightAveraging(weights=[1.0, 2.0, 1.0]), [1.0, 2.0, 1.0], "method.weights="),
+        (DARE(p=0.5, merge=TaskArithmetic(scaling=0.3, weights=[1.0, 2.0, -1.0])), [0.6, 1.2, -0.6], "merge.weights="),
+    ],
+    ids=["task_arithmetic", "linear", "dare_linear"],
+)
+def test_per_model_weights_round_trip_through_mergekit(
+    method: object, per_model: list[float], override: str, tmp_path: Path
+) -> None:
+    import yaml
+
+    first, second, overrides = mergekit_round_trip(method, tmp_path)
+    assert first == second  # identical bytes
+    weights = [m["parameters"]["weight"] for m in yaml.safe_load(first)["models"] if m["parameters"].get("weight")]
+    assert weights == pytest.approx(per_model)
+    assert any(override in o for o in overrides), overrides
+
+
+@pytest.mark.parametrize(
+    ("cls", "mergekit_name"),
+    [("Breadcrumbs", "breadcrumbs"), ("DELLA", "della"), ("ModelStock", "model_stock"), ("SCE", "sce")],
+)
+def test_methods_mergekit_has_say_so_when_not_exported(cls: str, mergekit_name: str, tmp_path: Path) -> None:
+    """The stated reason is true: MergeKit does compute these (never "no MergeKit merge method computes it")."""
+    import mergelab.methods as methods
+    from mergelab.provenance.mergekit import export_merge
+
+    method = getattr(methods, cls)()
+    found = export_merge(method, "base", ["a", "b"], streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
+    assert found.config is None
+    assert f"MergeKit's {mergekit_name}" in (found.reason or "") and "does not write or read" in (found.reason or "")
+
+
+def test_dare_into_globally_pruned_ties_is_not_exported_as_dare_ties() -> None:
+    """dare_ties elects exact sign ties per tensor; DARE into TIES with prune=global does it over the model."""
+    from mergelab.methods import TIES
+    from mergelab.provenance.mergekit import export_merge
+
+    method = DARE(p=0.5, merge=TIES(k=100.0, prune="global"))
+    found = export_merge(method, "base", ["a", "b"], streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
+    assert found.config is None and "prune=global" in (found.reason or "")

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from mergelab.reports.tables import markdown_table
+from mergelab.reports.tables import markdown_table, subset_phrase
 
 #: Reference rows shown beside the merged model's scores when the run has them.
 REFERENCE_ROWS = ("pretrained", "experts")
@@ -26,30 +26,72 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pretrained_line(pretrained: Mapping[str, Any]) -> str:
+    """Where the pretrained model came from, in the card's words: its Hub id and how that is known, the local path
+    read (a GGUF file named), or why no Hub id is known (and which unchecked ids its files name)."""
+    hub_id = pretrained.get("hub_id")
+    gguf = pretrained.get("gguf_file")
+    local = pretrained.get("path")
+    read = f"the GGUF file `{gguf}` in `{local or pretrained.get('id')}`" if gguf else f"`{local}`" if local else ""
+    if gguf:
+        read += ", dequantised by mergelab into a safetensors copy in its cache"
+    if hub_id:
+        line = f"Pretrained model: [`{hub_id}`](https://huggingface.co/{hub_id})"
+        if read and (local or gguf):
+            line += f", read from {read}"
+        return line + f". Hub id from {pretrained['hub_id_from']}."
+    line = (
+        f"Pretrained model: {read or '`' + str(pretrained.get('id')) + '`'}. No Hugging Face Hub id is known for it "
+        "(it was not given as one, it is not in the Hugging Face cache or a package mergelab knows, and no Hub id a "
+        "file names has its weights in the local cache), so the metadata names no `base_model`."
+    )
+    for hint in pretrained.get("unverified") or []:
+        why = (
+            "the local Hugging Face cache's copy of it has other weights"
+            if hint.get("cache") == "different"
+            else "the local Hugging Face cache holds no copy of it to compare weights with"
+        )
+        named_by = hint["named_by"]
+        line += f" {named_by[0].upper()}{named_by[1:]} names `{hint['id']}`, not taken as its Hub id: {why}."
+        if "_name_or_path" in named_by:
+            line += " (`_name_or_path` is the model a checkpoint was saved from: itself, or the one it was tuned from.)"
+    return line
+
+
+def _subset_words(scores: Mapping[str, Any]) -> str:
+    """``, on a subset: ...`` when the scores are on a subset of each task's examples (see the recipe's
+    ``scores.subset``), else empty."""
+    subset = scores.get("subset")
+    if not subset:
+        return ""
+    return f", on a subset: {subset_phrase(subset['value'])} ({subset['key']}={subset['value']}), not the whole split"
+
+
 def model_card(recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> str:
     """The card of a merged dir, from its recipe (see :mod:`mergelab.provenance.recipe`) and the run's table rows.
 
-    The YAML header is the Hub's model metadata (``base_model`` the pretrained model as given,
-    ``base_model_relation: merge``, tags ``mergelab``, ``merge`` and the method); then the method and its options,
-    the experts with their content hashes, the coefficients the method computed, the scores (% as in mergelab's
-    tables) when the run scored the merge, and the command that reproduces the run.
+    The YAML header is the Hub's model metadata: ``base_model`` (with ``base_model_relation: merge``) only when the
+    pretrained model's Hub id is known (see :func:`~mergelab.provenance.identity.hub_identity`; a local path is not
+    valid there, so the text names it), tags ``mergelab``, ``merge`` and the method, and no ``model-index`` (no
+    score of a run claims a Hub dataset's split). Then the pretrained model, the method and its options, the experts
+    with their content hashes, the coefficients the method computed, the scores (% as in mergelab's tables; a subset
+    of each task's examples said so) when the run scored the merge, and the command that reproduces the run.
     """
     method = recipe["method"]
     name = method["name"]
     pretrained = recipe["pretrained"]
-    base = pretrained.get("path", pretrained.get("id"))
-    meta = {
-        "base_model": base,
-        "base_model_relation": "merge",
-        "tags": ["mergelab", "merge", name],
-        "library_name": "transformers",
-    }
+    hub_id = pretrained.get("hub_id")
+    base = hub_id or pretrained.get("path", pretrained.get("id"))
+    meta: dict[str, Any] = {"base_model": hub_id, "base_model_relation": "merge"} if hub_id else {}
+    meta |= {"tags": ["mergelab", "merge", name], "library_name": "transformers"}
     experts = recipe["experts"]
     out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
     out += [
         f"# {name}: a merge of {len(experts)} experts of `{base}`",
         "",
         f"Merged with mergelab {recipe['versions'].get('mergelab') or ''} by **{name}** (`{method['target']}`).",
+        "",
+        _pretrained_line(pretrained),
         "",
         "## Method",
         "",
@@ -80,7 +122,11 @@ def model_card(recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]],
     out += ["## Scores", ""]
     if scores:
         shown = {k: rows[k] for k in (*REFERENCE_ROWS, name) if k in rows}
-        out += [f"{scores['suite']}, {scores['split']} split: accuracy (%).", "", markdown_table(shown, tasks)]
+        out += [
+            f"{scores['suite']}, {scores['split']} split{_subset_words(scores)}: accuracy (%).",
+            "",
+            markdown_table(shown, tasks),
+        ]
     else:
         out.append("Not scored (a merge-only run).\n")
     mk = recipe["mergekit"]

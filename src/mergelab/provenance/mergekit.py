@@ -93,6 +93,15 @@ NO_EQUIVALENT = {
     "FisherMerging": "Fisher merging weighs parameters by their Fisher information on task data; MergeKit uses no data",
     "RegMean": "RegMean solves per-layer regressions on task activations; MergeKit merges without data",
     "AdaMerging": "AdaMerging learns its coefficients on task data; MergeKit merges without data",
+    **{
+        cls: f"MergeKit's {mk} computes this merge, but mergelab does not write or read that config yet"
+        for cls, mk in (
+            ("Breadcrumbs", "breadcrumbs / breadcrumbs_ties"),
+            ("DELLA", "della / della_linear"),
+            ("ModelStock", "model_stock"),
+            ("SCE", "sce"),
+        )
+    },
 }
 
 #: Where MergeKit's implementation of a translated method may still differ from mergelab's in the last bits.
@@ -137,18 +146,27 @@ def _ref(path: str) -> str:
     return os.path.abspath(p) if p.exists() else path
 
 
-def _translate_out(method: Any, n_experts: int) -> tuple[str, dict[str, Any], dict[str, Any], list[str]]:
-    """(merge_method, per-model parameters, global parameters, notes) of a mergelab method, or NotExpressible."""
+def _translate_out(method: Any, n_experts: int) -> tuple[str, Any, dict[str, Any], list[str]]:
+    """(merge_method, per-model parameters (one mapping for every model, or a list of one per expert), global
+    parameters, notes) of a mergelab method, or NotExpressible."""
+    from mergelab.methods.base import expert_weights
     from mergelab.methods.dare import DARE
     from mergelab.methods.task_arithmetic import TaskArithmetic
     from mergelab.methods.ties import TIES
     from mergelab.methods.weight_averaging import WeightAveraging
 
     kind = type(method)  # exact classes: a subclass (MagnitudePrunedTA is a TIES) may merge differently
-    if kind is TaskArithmetic:
-        return "task_arithmetic", {"weight": method.scaling}, {"normalize": False}, []
-    if kind is WeightAveraging:
-        return "linear", {"weight": 1.0}, {"normalize": True}, []
+    if kind is TaskArithmetic:  # per-model weight lambda * w_t
+        weights = [{"weight": c} for c in method.coefficients(n_experts)]
+        return "task_arithmetic", _same_or_each(weights), {"normalize": False}, []
+    if kind is WeightAveraging:  # MergeKit's linear normalises the weights as mergelab does
+        names = _expert_order(method, n_experts)
+        return (
+            "linear",
+            _same_or_each([{"weight": w} for w in expert_weights(method.weights, names)]),
+            {"normalize": True},
+            [],
+        )
     if kind is TIES:
         if method.prune != "per_tensor":
             raise NotExpressible(
@@ -164,11 +182,16 @@ def _translate_out(method: Any, n_experts: int) -> tuple[str, dict[str, Any], di
             f"DARE's masks are random: MergeKit draws its own; `mergelab mergekit=mergekit_config.yml "
             f"seed={method.seed}` draws these (method.seed {method.seed})"
         )
-        if type(inner) is TaskArithmetic:
-            return "dare_linear", {"density": d, "weight": inner.scaling / d}, _dare_global(), [masks]
-        if type(inner) is WeightAveraging:
-            return "dare_linear", {"density": d, "weight": 1.0 / (n_experts * d)}, _dare_global(), [masks]
+        if type(inner) in (TaskArithmetic, WeightAveraging):
+            inner.task_names = inner.task_names or method.task_names  # as the merge passes them on (begin)
+            each = [{"density": d, "weight": c / d} for c in inner.coefficients(n_experts)]
+            return "dare_linear", _same_or_each(each), _dare_global(), [masks]
         if type(inner) is TIES:
+            if inner.prune != "per_tensor":  # its exact sign ties take the model's majority, MergeKit's the tensor's
+                raise NotExpressible(
+                    "DARE into TIES with prune=global elects the majority sign of exact ties over the whole model; "
+                    "MergeKit's dare_ties works tensor by tensor (method.merge.prune=per_tensor is expressible)"
+                )
             if inner.k != 100.0:
                 raise NotExpressible(
                     f"DARE into TIES with k={inner.k:g}: MergeKit's dare_ties elects signs without trimming by "
@@ -182,6 +205,18 @@ def _translate_out(method: Any, n_experts: int) -> tuple[str, dict[str, Any], di
         )
     name = kind.__name__
     raise NotExpressible(NO_EQUIVALENT.get(name, f"{name}: no MergeKit merge method computes it"))
+
+
+def _expert_order(method: Any, n: int) -> list[str]:
+    """The names the method's per-expert options are keyed by, in expert order (positions when it has none)."""
+    names = getattr(method, "task_names", None)
+    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
+
+
+def _same_or_each(per: list[dict[str, Any]]) -> Any:
+    """One mapping when every expert has the same parameters (the config written before per-expert weights), else
+    the list, one per expert."""
+    return per[0] if all(p == per[0] for p in per) else per
 
 
 def _ties_weights(disjoint: str, scaling: float) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -208,18 +243,27 @@ def export_merge(
     exclude: Sequence[str] = (),
     vocab_extended: bool = False,
     base_dtypes: Sequence[str] = (),
+    gguf_file: str | None = None,
 ) -> Export:
     """The MergeKit config of a merge of ``experts`` (paths or hub ids, in task order) into ``pretrained`` by
     ``method``, or why there is none.
 
-    ``streamed``: the pool merges checkpoints into the pretrained checkpoint's layout (a checkpoint pool); ``pool``
-    names it otherwise. ``include``/``exclude``: the pool's tensor filters; ``vocab_extended``: experts' extra
-    vocabulary rows were merged in; ``base_dtypes``: the pretrained checkpoint's floating-point dtypes.
+    ``streamed``: the merged dir is the pretrained checkpoint's layout with merged tensors (a checkpoint pool, or a
+    causal-LM pool's whole LM); ``pool`` names the pool otherwise. ``include``/``exclude``: the pool's tensor
+    filters; ``vocab_extended``: experts' extra vocabulary rows were merged in; ``base_dtypes``: the pretrained
+    checkpoint's floating-point dtypes; ``gguf_file``: the pretrained model is that GGUF file in ``pretrained``.
     """
     try:
         merge_method, per, glob, notes = _translate_out(method, len(experts))
     except NotExpressible as e:
         return Export(None, str(e))
+    if gguf_file:
+        return Export(
+            None,
+            f"the pretrained model is the GGUF file {gguf_file} in {pretrained} (model.gguf_file), and MergeKit reads "
+            "safetensors or PyTorch checkpoints, not GGUF (mergelab merged its weights dequantised into a "
+            "safetensors copy in mergelab's cache)",
+        )
     if not streamed:
         return Export(
             None,
@@ -249,7 +293,8 @@ def export_merge(
             "write or read",
         )
     base = _ref(pretrained)
-    models = [{"model": _ref(e), "parameters": dict(per)} for e in experts]
+    each = per if isinstance(per, list) else [per] * len(experts)
+    models = [{"model": _ref(e), "parameters": dict(p)} for e, p in zip(experts, each, strict=True)]
     if merge_method == "linear":  # listed with weight 0: the base supplies the config, not a share of the average
         models.insert(0, {"model": base, "parameters": {"weight": 0.0}})
     config: dict[str, Any] = {"merge_method": merge_method, "base_model": base, "models": models, "parameters": glob}
@@ -380,14 +425,20 @@ class _Reader:
             spec = self.linear(base, weights, experts, normalize)
             self.check_dtypes(data, spec.pretrained)
             return spec
-        if len({*weights}) > 1:
-            raise self.fail(
-                "models[].parameters.weight",
-                f"{weights} differ: mergelab's {method} scales every task vector by one coefficient",
-            )
         if len({*densities}) > 1:
             raise self.fail("models[].parameters.density", f"{densities} differ: mergelab uses one density")
-        w, d = weights[0], (densities[0] if densities else 1.0)
+        d = densities[0] if densities else 1.0
+        per_expert = len({*weights}) > 1 or min(weights) < 0
+        if per_expert and method in ("ties", "dare_ties"):
+            raise self.fail(
+                "models[].parameters.weight",
+                f"{weights} differ: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
+                "vector (per-expert weights: task_arithmetic, linear, dare_linear)",
+            )
+        # Per-expert weights: the coefficient of a weight of 1, each expert's weight under method.weights.
+        w = 1.0 if per_expert else weights[0]
+        if per_expert and normalize and sum(weights) == 0:
+            raise self.fail("models[].parameters.weight", f"{weights} sum to 0: normalize divides by their sum")
         if w < 0:
             raise self.fail("models[].parameters.weight", f"{w:g} < 0: mergelab's coefficients are non-negative")
         if not 0.0 < d <= 1.0:
@@ -403,13 +454,19 @@ class _Reader:
         if w == 0:
             raw = 0.0  # nothing is added (MergeKit counts a zero divisor as 1)
         elif normalize:
-            raw = lam * keep / (len(experts) if method in ("task_arithmetic", "dare_linear") else 1)
+            divisor = (
+                sum(weights) if per_expert else len(experts) if method in ("task_arithmetic", "dare_linear") else 1
+            )
+            raw = lam * keep / divisor
         else:
             raw = w * lam * keep
         scaling = raw if raw == w else _decimal(raw)  # derived: rounded as a decimal, see _decimal
         disjoint = "mean" if normalize else "sum"
+        if per_expert:  # the weights by expert name, as MergeKit lists them
+            mapping = "{" + ", ".join(f"{n}: {v!r}" for n, v in zip(experts, weights, strict=True)) + "}"
         if method == "task_arithmetic":
             overrides = ["method=task_arithmetic", f"method.scaling={scaling!r}"]
+            overrides += [f"method.weights={mapping}"] if per_expert else []
         elif method == "ties":
             overrides = [
                 "method=ties",
@@ -422,6 +479,7 @@ class _Reader:
             overrides = ["method=dare", f"method.p={_decimal(1.0 - d)!r}"]
             if method == "dare_linear":
                 overrides += ["method@method.merge=task_arithmetic", f"method.merge.scaling={scaling!r}"]
+                overrides += [f"method.merge.weights={mapping}"] if per_expert else []
             else:
                 overrides += [
                     "method@method.merge=ties",
@@ -493,14 +551,19 @@ class _Reader:
         used = [w for w in weights if w != 0]
         if not used:
             raise self.fail("models[].parameters.weight", "every weight is 0")
-        if len(set(used)) > 1 or used[0] < 0:
+        if min(used) < 0:
             raise self.fail(
                 "models[].parameters.weight",
-                f"{weights}: mergelab's linear is the plain mean (equal positive weights; weight 0 leaves a model out)",
+                f"{weights}: a weighted mean with negative weights is not an average (task negation: task_arithmetic)",
             )
-        # The pretrained model only sets theta_0 of theta_0 + mean(tau_t): the mean of the experts either way.
+        # The pretrained model only sets theta_0 of theta_0 + sum(w_t tau_t) / sum(w_t): the experts' mean either way.
         pretrained = base if base is not None else next(iter(experts.values()))
-        return Import(pretrained, kept, ["method=weight_averaging"])
+        overrides = ["method=weight_averaging"]
+        if len(set(used)) > 1:  # a weighted mean: the weights by expert name
+            overrides.append(
+                "method.weights={" + ", ".join(f"{n}: {w!r}" for n, w in zip(kept, used, strict=True)) + "}"
+            )
+        return Import(pretrained, kept, overrides)
 
     def check_dtypes(self, data: Mapping[str, Any], base: str) -> None:
         """``dtype`` must be mergelab's float32 compute dtype; the output dtype (``out_dtype``, else ``dtype``) must

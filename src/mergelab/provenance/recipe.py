@@ -15,8 +15,15 @@ from typing import TYPE_CHECKING, Any
 from mergelab.io.atomic import atomic_write_json, atomic_write_text
 from mergelab.methods.base import option_summary, set_option
 from mergelab.provenance.card import model_card, reproduce_command
-from mergelab.provenance.identity import checkpoint_identity, package_versions
+from mergelab.provenance.identity import (
+    adapter_base,
+    checkpoint_identity,
+    hub_identity,
+    package_versions,
+    safetensors_header,
+)
 from mergelab.provenance.mergekit import CONFIG_FILE, KEY, export_merge
+from mergelab.reports.tables import eval_subset
 
 if TYPE_CHECKING:
     from mergelab.methods.base import MergeMethod
@@ -70,13 +77,16 @@ def _options(record: MergeRecord) -> dict[str, Any]:
 
 
 def _scores(record: MergeRecord) -> dict[str, Any] | None:
-    """The merged row's scores (per task and averages, with the splits), None when the run did not score it."""
+    """The merged row's scores (per task and averages, with the splits and, when not every example of each task
+    was scored, the ``subset``: the config key and its value), None when the run did not score it."""
     row = record.rows.get(record.name) or {}
     if "scores" not in row:
         return None
+    subset = eval_subset(record.config)
     return {
         "suite": record.suite,
         "split": record.split,
+        "subset": {"key": subset[0], "value": subset[1]} if subset is not None else None,
         "tasks": row["scores"],
         **{k: v for k, v in row.items() if k.startswith("avg_") or k == "norm_acc"},
         "tune": {"split": record.tune_split, "avg_acc": row.get(f"{record.tune_split}_avg_acc")},
@@ -106,25 +116,94 @@ def _vocab_extended(model: Mapping[str, Any], pretrained: str, merged_dir: Path)
     return mine is None or mine != _vocab_size(pretrained)
 
 
+def _adapter_bases(pool: ModelPool) -> list[tuple[str, str]]:
+    """(task, base model) of each expert that is a local PEFT adapter naming its base (``base_model_name_or_path``)."""
+    out = []
+    for t in pool.tasks:
+        base = adapter_base(pool.resolved[t]) if Path(pool.resolved[t]).expanduser().is_dir() else None
+        if base is not None:
+            out.append((t, base))
+    return out
+
+
+def _tensor_shapes(path_or_id: str) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of a full checkpoint's tensors: a local dir, or a hub id in the local Hugging Face cache (where
+    the pool's loading put it; nothing is downloaded). None for a PEFT adapter or what cannot be read here."""
+    from huggingface_hub import snapshot_download
+
+    from mergelab.io.files import is_adapter_dir
+    from mergelab.io.reader import open_checkpoint
+
+    path = Path(path_or_id).expanduser()
+    if not path.exists():
+        try:
+            path = Path(snapshot_download(path_or_id, local_files_only=True))
+        except Exception:  # not a hub id, or not in the cache: nothing to compare with
+            return None
+    if not path.is_dir() or is_adapter_dir(path):
+        return None
+    try:
+        checkpoint = open_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+    try:
+        return {name: tuple(checkpoint.shape(name)) for name in checkpoint}
+    finally:
+        checkpoint.close()
+
+
+def _written_shapes(merged_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the safetensors files of a merged dir (each file's header only)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for f in sorted(merged_dir.glob("*.safetensors")):
+        with open(f, "rb") as handle:
+            header = json.loads(safetensors_header(handle, f, f.stat().st_size)[8:])
+        out.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
+def _pretrained_layout(pool: ModelPool, merged_dir: Path, pretrained: str) -> bool:
+    """Whether an in-memory pool's merged dir is the pretrained checkpoint with its tensors merged, as MergeKit
+    writes a merge: its safetensors files hold exactly the pretrained checkpoint's tensors (names and shapes), and
+    every expert checkpoint holds them too (a PEFT adapter expert aside: it gets its own reason). So a causal-LM
+    pool's whole LM is, and a classifier pool's backbone with per-task heads or a CLIP pool's merged vision tower
+    with zero-shot heads is not (nor anything whose pretrained checkpoint cannot be read here)."""
+    base = _tensor_shapes(pretrained)
+    if base is None or _written_shapes(merged_dir) != base:
+        return False
+    for task in pool.tasks:
+        shapes = _tensor_shapes(pool.resolved[task])
+        if shapes is not None and any(shapes.get(k) != v for k, v in base.items()):
+            return False
+    return True
+
+
 def build_recipe(record: MergeRecord, merged_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The recipe of the merge written in ``merged_dir``, and the MergeKit YAML (None when MergeKit has no
     equivalent; the recipe's ``mergekit.reason`` says why)."""
     model = record.config.get("model") or {}
     pretrained = str(model.get("pretrained"))
+    gguf_file = model.get("gguf_file") or None
     given = dict(model.get("experts") or {})
     pool = record.pool
     base_id = checkpoint_identity(pretrained)
+    # The hub ids the experts' adapter configs name as their base: the pretrained model's, if its weights say so.
+    hints = [(b, f"expert '{t}''s adapter_config.json (base_model_name_or_path)") for t, b in _adapter_bases(pool)]
+    base_id.update(hub_identity(pretrained, gguf_file, hints))
+    if gguf_file:
+        base_id["gguf_file"] = gguf_file
     experts = {t: {"given": given.get(t), **checkpoint_identity(pool.resolved[t])} for t in pool.tasks}
     export = export_merge(
         record.method,
         pretrained,
         [pool.resolved[t] for t in pool.tasks],
-        streamed=not pool.in_memory,
+        streamed=not pool.in_memory or (not gguf_file and _pretrained_layout(pool, merged_dir, pretrained)),
         pool=pool.describe(),
         include=list(model.get("include") or []),
         exclude=list(model.get("exclude") or []),
         vocab_extended=not pool.in_memory and _vocab_extended(model, pretrained, merged_dir),
         base_dtypes=base_id.get("float_dtypes", []),
+        gguf_file=gguf_file,
     )
     source = record.config.get(KEY)
     versions = package_versions()

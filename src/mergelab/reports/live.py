@@ -36,7 +36,9 @@ class LiveTable:
         out_dir: the run dir (results.md, results.csv and the chart are rewritten there after every row).
         methods: the method rows the run will add, in order (the progress line counts them).
         columns: the table's task columns; ``title``: its title (while rows are missing it says how many are done).
-        subset: the examples scored per task when not all were (stated in the title).
+        subset: the examples scored per task when not all were (``eval.max_eval_examples`` or lm-eval's ``limit``),
+            stated in the table's and the chart's titles and in a column of results.csv (see
+            :func:`~mergelab.reports.tables.subset_phrase`).
         chart: whether to draw the chart; ``files``: whether to write files at all (False: a merge-only run, or a
             rank other than 0 of a multi-process run).
         loggers: Lightning loggers, each row logged (and flushed) as it finishes; ``split``: the report split.

@@ -133,9 +133,13 @@ def markdown_table(rows: Rows, tasks: Sequence[str], title: str = "") -> str:
     return "\n".join(x for x in lines if x) + "\n"
 
 
-def csv_table(rows: Rows, tasks: Sequence[str]) -> str:
-    """The same table as CSV."""
+def csv_table(rows: Rows, tasks: Sequence[str], subset: float | None = None) -> str:
+    """The same table as CSV; scored on a subset (see :func:`subset_phrase`), a last column :data:`SUBSET_COLUMN`
+    says so on every row."""
     columns, data = table_records(rows, tasks)
+    if subset is not None:
+        columns = [*columns, SUBSET_COLUMN]
+        data = [[*rec, subset_phrase(subset)] for rec in data]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
@@ -143,14 +147,43 @@ def csv_table(rows: Rows, tasks: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def subset_note(examples: float | None) -> str:
-    """How a title says that a subset of each task was scored (the suite's ``max_eval_examples``, or lm-eval's
-    ``limit``: a count, or a fraction < 1); empty when every example was."""
+#: The CSV column (added only then) that says a table's scores are on a subset of each task's examples.
+SUBSET_COLUMN = "eval_subset"
+
+#: The config keys that score a subset of each task's examples: the mergelab suites' seeded sample of
+#: ``eval.max_eval_examples`` examples, lm-eval's first ``eval.limit`` examples (a fraction < 1: that share).
+SUBSET_KEYS = ("max_eval_examples", "limit")
+
+
+def subset_phrase(examples: float | None) -> str:
+    """What was scored of each task when not every example was (the suite's ``max_eval_examples`` or lm-eval's
+    ``limit``: a count, or a fraction < 1), in words true of both (a task smaller than the count is scored whole);
+    empty when every example was."""
     if examples is None:
         return ""
     if examples < 1:
-        return f" (first {100 * examples:g}% of each task's examples)"
-    return f" (first {examples:g} examples per task)"
+        return f"{100 * examples:g}% of each task's examples"
+    return f"at most {examples:g} examples per task"
+
+
+def subset_note(examples: float | None) -> str:
+    """How a title says that its scores are on a subset of each task (see :func:`subset_phrase`); empty when every
+    example was scored."""
+    return f" (subset: {subset_phrase(examples)})" if examples is not None else ""
+
+
+def eval_subset(config: Mapping[str, Any] | None) -> tuple[str, float] | None:
+    """``(key, value)`` of the setting in a run's resolved config that scored a subset of each task
+    (``eval.max_eval_examples`` or ``eval.limit``, see :data:`SUBSET_KEYS`); None when every example was scored or
+    the run scored nothing."""
+    suite = (config or {}).get("eval")
+    if not isinstance(suite, Mapping):
+        return None
+    for key in SUBSET_KEYS:
+        value = suite.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"eval.{key}", value
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ heatmaps
@@ -290,10 +323,11 @@ def write_reports(
     rows: Rows, tasks: Sequence[str], out_dir: str | Path, title: str, chart: bool, subset: float | None = None
 ) -> None:
     """results.md, results.csv and (optionally) the chart ``results.<figure format>`` in ``out_dir``; ``subset``:
-    the examples scored per task when not all were (see :func:`subset_note`), stated in the title."""
+    the examples scored per task when not all were (see :func:`subset_phrase`), stated in the table's and the chart's
+    title and in the CSV's :data:`SUBSET_COLUMN`."""
     out = Path(out_dir)
     title += subset_note(subset)
     atomic_write_text(out / "results.md", markdown_table(rows, tasks, title))
-    atomic_write_text(out / "results.csv", csv_table(rows, tasks))
+    atomic_write_text(out / "results.csv", csv_table(rows, tasks, subset))
     if chart:
         results_chart(rows, tasks, out / "results", title)

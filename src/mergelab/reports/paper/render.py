@@ -14,8 +14,9 @@ from pathlib import Path
 
 from mergelab.io.atomic import atomic_save_figure, atomic_write_text, guard_output_dir
 from mergelab.reports.paper.matching import Report, task_key
-from mergelab.reports.paper.runs import Run, display
+from mergelab.reports.paper.runs import Run, display, subset_line
 from mergelab.reports.paper.schema import MISSING, PaperTable
+from mergelab.reports.tables import SUBSET_COLUMN, subset_phrase
 
 REPORT_FILES = ("report.md", "report.csv", "report.png")
 
@@ -51,6 +52,13 @@ def _runs_line(runs: Sequence[Run]) -> str:
     return f"{len(runs)} runs under {display(Path(os.path.commonpath([r.path.resolve() for r in runs])))}"
 
 
+def _subset_title(report: Report) -> str:
+    """`` (ours on a subset: at most N examples per task)`` for a title when the runs scored a subset of each
+    task (see :func:`~mergelab.reports.paper.runs.subset_line`), else empty."""
+    subset = next((r.subset for r in report.runs if r.subset), None)
+    return f" (ours on a subset: {subset_phrase(subset[1])})" if subset is not None else ""
+
+
 def markdown_report(report: Report) -> str:
     """The report as markdown: the table (``ours / paper`` cells when the table has published numbers), then
     where each row came from and which task each column is."""
@@ -65,13 +73,16 @@ def markdown_report(report: Report) -> str:
         header.append(f"Norm. avg ({report.definition})")
         if published:
             header.append("Δ norm.")
+    subset = subset_line(report.runs)
     lines = [
-        f"## {t.title}" + (" — ours / paper" if published else ""),
+        f"## {t.title}" + (" — ours / paper" if published else "") + _subset_title(report),
         "",
         _paper_line(t),
         f"Model (as published): {t.model}" if t.paper and t.model else f"Model: {t.model}",
         f"Metric: {t.metric}; runs: {_runs_line(report.runs)}"
-        f" (suite {report.runs[0].results.get('suite', '?')}, {report.runs[0].results.get('report_split', '?')} split)",
+        f" (suite {report.runs[0].results.get('suite', '?')}, {report.runs[0].results.get('report_split', '?')} split"
+        + (f"; {subset}" if subset else "")
+        + ")",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -126,6 +137,9 @@ def csv_report(report: Report) -> str:
         header += [f"{task.name} ours", f"{task.name} paper"]
     header += ["avg ours", "avg paper", "avg diff"]
     header += ["norm ours", "norm paper", "norm paper derived", "norm diff", "norm definition"]
+    subset = next((r.subset for r in report.runs if r.subset), None)
+    if subset is not None:  # ours on a subset of each task's examples: every line says so
+        header.append(SUBSET_COLUMN)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -140,6 +154,8 @@ def csv_report(report: Report) -> str:
         line += [num(r.ours_average), num(r.paper_average), num(r.diff_average)]
         line += [num(r.ours_normalized), num(r.paper_normalized), str(r.paper_normalized_derived).lower()]
         line += [num(r.diff_normalized), report.definition]
+        if subset is not None:
+            line.append(subset_phrase(subset[1]))
         w.writerow(line)
     return buf.getvalue()
 
@@ -177,7 +193,7 @@ def plot_report(report: Report, path: str | Path) -> None:
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0, 0].set_title(t.title, fontsize=10)
+    axes[0, 0].set_title(t.title + _subset_title(report), fontsize=10)
     fig.tight_layout()
     atomic_save_figure(fig, path)
     plt.close(fig)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mergelab.reports.paper.schema import ReportError, mapping, number, strings
+from mergelab.reports.tables import eval_subset, subset_phrase
 
 
 def display(path: Path) -> str:
@@ -47,6 +48,17 @@ class Run:
         """The run's tasks: its ``tasks`` list, then any other task its rows were scored on."""
         names = list(self.results.get("tasks") or [])
         return list(dict.fromkeys([*names, *(t for r in self.rows.values() for t in r["scores"])]))
+
+    @property
+    def records_subset(self) -> bool:
+        """Whether the run records what it scored of each task (its ``config.yaml`` does)."""
+        return self.config is not None
+
+    @property
+    def subset(self) -> tuple[str, float] | None:
+        """``(config key, value)`` when the run scored a subset of each task (``eval.max_eval_examples`` or
+        ``eval.limit``); None when it scored every example, or does not record it (see :attr:`records_subset`)."""
+        return eval_subset(self.config)
 
     def label(self, row: str) -> str:
         """``<run dir>:<row>``, as messages and the report name a row."""
@@ -145,4 +157,29 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
         if len(values) > 1:
             listing = "; ".join(f"{v!r}: {', '.join(ds)}" for v, ds in values.items())
             raise ReportError(f"the runs differ in '{key}' ({listing}): report runs of one suite and split together")
+    subsets: dict[Any, list[str]] = {}
+    for r in runs:
+        if r.records_subset:
+            subsets.setdefault(r.subset[1] if r.subset else None, []).append(display(r.path))
+    if len(subsets) > 1:
+        listing = "; ".join(f"{subset_phrase(v) or 'every example'}: {', '.join(ds)}" for v, ds in subsets.items())
+        raise ReportError(
+            f"the runs differ in the examples scored per task ({listing}; eval.max_eval_examples / eval.limit): "
+            "report runs scored on the same examples together"
+        )
     return runs
+
+
+def subset_line(runs: Sequence[Run]) -> str:
+    """What a report says of the examples its runs scored: that they scored a subset (runs of one report score the
+    same, see :func:`find_runs`), and which runs do not record it (no ``config.yaml``); empty when every run
+    records scoring every example."""
+    parts = []
+    subset = next((r.subset for r in runs if r.subset), None)
+    if subset is not None:
+        parts.append(f"scored on a subset: {subset_phrase(subset[1])} ({subset[0]}={subset[1]}), not the whole split")
+    unknown = [display(r.path) for r in runs if not r.records_subset]
+    if unknown:
+        listed = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        parts.append(f"whether {listed} scored a subset is not recorded (no config.yaml)")
+    return "; ".join(parts)
