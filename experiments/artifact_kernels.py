@@ -29,15 +29,13 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from kernel_choices import ROOT, cpu_seconds, run_in_process, table_experts  # experiments/, beside this file
+
 OUT = ROOT / "experiments" / "artifact_kernels.json"
 
 #: Kernel choices: (name, environment, torch threads), as in experiments/awd_kernels.py. "machine/2" is what this
@@ -53,7 +51,6 @@ CONFIGS = [
     ("avx512/2 mkl=avx2", {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 2),
     ("avx512/2 mkl_cbwr=compatible", {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE"}, 2),
 ]
-KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MERGELAB_KERNELS_NO_MKLDNN")
 ARTIFACTS = ("expert", "expert_logits", "adamerging", "fisher", "regmean")
 CPU_TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "enable_progress_bar": False}
 
@@ -65,28 +62,6 @@ def sha(tensors: dict) -> str:
         h.update(k.encode())
         h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def cpu_seconds() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def table_experts() -> dict[str, str]:
-    """The embedded table's experts (task order), from its metrics.json or under $MERGELAB_KERNELS_EXPERTS."""
-    recorded = json.loads((ROOT / "experiments" / "embedded_table" / "metrics.json").read_text())["experts"]
-    cache = Path(os.environ.get("MERGELAB_KERNELS_EXPERTS", Path.home() / ".cache" / "mergelab" / "experts"))
-    out = {}
-    for task, d in recorded.items():
-        p = Path(d)
-        if not (p / "model.safetensors").is_file():
-            p = cache / Path(d).name
-        if not (p / "model.safetensors").is_file():
-            sys.exit(f"expert {task} not found at {d} or {p}: build the table's experts (README command 1) first")
-        out[task] = str(p)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- child
@@ -146,7 +121,7 @@ def child(args: argparse.Namespace) -> dict:
 
     # 2-4. over the table's experts
     with tempfile.TemporaryDirectory() as cache:
-        pool = ClassifierPool(minilm_path(), experts=table_experts(), cache_dir=cache)
+        pool = ClassifierPool(minilm_path(), experts={t: str(d) for t, d in table_experts().items()}, cache_dir=cache)
         pool.setup(suite, CPU_TRAINER)
 
         t0 = cpu_seconds()
@@ -186,21 +161,14 @@ def child(args: argparse.Namespace) -> dict:
 
 def run_child(cfg: tuple, args: argparse.Namespace, out: Path) -> dict:
     name, env_vars, threads = cfg
-    env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARS}
-    env.update(env_vars)
     out.mkdir(parents=True)
     cmd = [sys.executable, __file__, "--child", str(out), "--threads", str(threads)]
     for opt in ("task", "expert_examples", "logit_examples", "ada_examples", "ada_steps", "fisher_examples"):
         cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     cmd += ["--gram-examples", str(args.gram_examples)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        return {"config": name, "error": p.stderr[-3000:]}
-    res = json.loads(lines[-1][len("RESULT ") :])
-    res["config"] = name
-    res["process_s"] = round(time.perf_counter() - t0, 1)
+    res = run_in_process(name, cmd, env_vars, tail=3000)
+    if "error" in res:
+        return res
     print(name, json.dumps(res), flush=True)
     return res
 

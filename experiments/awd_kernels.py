@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from kernel_choices import ROOT, cpu_seconds, run_in_process, table_experts  # experiments/, beside this file
+
 OUT = ROOT / "experiments" / "awd_kernels.json"
 
 #: Kernel choices: (name, environment, torch threads). ``ATEN_CPU_CAPABILITY`` picks torch's own kernels (SIMD
@@ -49,7 +50,6 @@ CONFIGS = [
     ("avx512/2 mkl_cbwr=compatible", {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "COMPATIBLE"}, 2),
     ("avx512/2 mkldnn off", {"ATEN_CPU_CAPABILITY": "avx512", "MERGELAB_KERNELS_NO_MKLDNN": "1"}, 2),
 ]
-KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MERGELAB_KERNELS_NO_MKLDNN")
 
 
 def sha(*tensors: object) -> str:
@@ -66,14 +66,6 @@ def sha(*tensors: object) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- set-up
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (user + system): the work, whatever else shares the cores."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def setup_child(threads: int, old: str | None) -> None:
@@ -95,21 +87,6 @@ def setup_child(threads: int, old: str | None) -> None:
             spec.loader.exec_module(module)
 
 
-def table_experts() -> list[tuple[str, Path]]:
-    """The embedded table's experts in its task order: the dirs its metrics.json names, else the cache's."""
-    recorded = json.loads((ROOT / "experiments" / "embedded_table" / "metrics.json").read_text())["experts"]
-    cache = Path(os.environ.get("MERGELAB_KERNELS_EXPERTS", Path.home() / ".cache" / "mergelab" / "experts"))
-    out = []
-    for task, d in recorded.items():
-        p = Path(d)
-        if not (p / "model.safetensors").is_file():
-            p = cache / Path(d).name
-        if not (p / "model.safetensors").is_file():
-            sys.exit(f"expert {task} not found at {d} or {p}: build the table's experts (README command 1) first")
-        out.append((task, p))
-    return out
-
-
 def embedded_problem() -> tuple[list[str], dict, object]:
     """The disentangled matrices of the embedded experts (table order) and their stacked task vectors."""
     import torch
@@ -119,7 +96,7 @@ def embedded_problem() -> tuple[list[str], dict, object]:
     from mergelab.methods.awd import AWD
 
     base = LazyCheckpoint(minilm_path())
-    experts = [LazyCheckpoint(d) for _, d in table_experts()]
+    experts = [LazyCheckpoint(d) for d in table_experts().values()]
     base_keys = {k.removeprefix("bert."): k for k in base}
     keys = {k.removeprefix("bert."): k for k in experts[0]}
     probe = AWD()
@@ -218,19 +195,12 @@ CHILDREN = {"fit": lambda a: child_fit(a.steps)}
 
 def run_child(kind: str, cfg: tuple, args: argparse.Namespace, old: str | None) -> dict:
     name, env_vars, threads = cfg
-    env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARS}
-    env.update(env_vars)
     cmd = [sys.executable, __file__, "--child", kind, "--threads", str(threads), "--steps", str(args.steps)]
     if old:
         cmd += ["--old", old]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        return {"config": name, "error": p.stderr[-2000:]}
-    out = json.loads(lines[-1][len("RESULT ") :])
-    out["config"] = name
-    out["process_s"] = round(time.perf_counter() - t0, 1)
+    out = run_in_process(name, cmd, env_vars)
+    if "error" in out:
+        return out
     print(kind, "old" if old else "new", json.dumps(out), flush=True)
     return out
 
