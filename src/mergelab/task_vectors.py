@@ -61,6 +61,15 @@ def apply_task_vector(base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -
     return out
 
 
+def ordered_sum(tensors: Sequence[Tensor]) -> Tensor:
+    """sum_t tensors[t], added in task order into a fresh tensor (the same bytes however a tensor is cut into
+    blocks)."""
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out.add_(t)
+    return out
+
+
 def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float], out: Tensor | None = None) -> Tensor:
     """sum_t w_t * tensors[t], accumulated in place in one tensor: ``out`` if given (it may be ``tensors[0]``)."""
     out = torch.mul(tensors[0], weights[0], out=out) if out is not None else tensors[0] * weights[0]

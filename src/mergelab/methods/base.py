@@ -88,6 +88,12 @@ class MergeMethod(ABC):
         """Write what the method learned (e.g. AWD's delta and plots) into ``out_dir``; nothing by default."""
         return None
 
+    def expert_names(self, n: int) -> list[str]:
+        """The names the method's per-expert options are keyed by for ``n`` experts, in the order the merge sees
+        them: :attr:`task_names` (set by :meth:`run` or the streaming merge), else their positions."""
+        names = self.task_names
+        return list(names) if names and len(names) == n else [str(i) for i in range(n)]
+
     def expert_options(self) -> dict[str, Any]:
         """The method's per-expert options (option key -> checked value), checked against the pool's experts before
         any work (:meth:`check_experts`); none by default."""

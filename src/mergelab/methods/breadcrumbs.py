@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block
 from mergelab.methods.base import (
     TaskVectorMethod,
@@ -25,14 +26,6 @@ from mergelab.methods.magnitude_threshold import MagnitudeRanks
 PRUNE_MODES = ("per_tensor", "global")
 
 
-def _seq_sum(tensors: Sequence[Tensor]) -> Tensor:
-    """sum_t tensors[t], added in task order into a fresh tensor (the same bytes for any block cut)."""
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out.add_(t)
-    return out
-
-
 def mix(sparse: Sequence[Tensor], weights: Sequence[float], consensus: bool, normalize: bool) -> Tensor:
     """MergeKit's generalized task-arithmetic mix of sparsified task vectors ``sparse`` with per-expert ``weights``.
 
@@ -43,15 +36,15 @@ def mix(sparse: Sequence[Tensor], weights: Sequence[float], consensus: bool, nor
     """
     weighted = [s * w for s, w in zip(sparse, weights, strict=True)]
     if not consensus:
-        mixed = _seq_sum(weighted)
+        mixed = tv.ordered_sum(weighted)
         total = sum(weights)
         return mixed.div_(total if abs(total) >= 1e-8 else 1.0) if normalize else mixed
-    majority = torch.where(_seq_sum(weighted) >= 0, 1.0, -1.0).to(weighted[0].dtype)
+    majority = torch.where(tv.ordered_sum(weighted) >= 0, 1.0, -1.0).to(weighted[0].dtype)
     agree = [torch.sign(d) == majority for d in weighted]
-    mixed = _seq_sum([d * a for d, a in zip(weighted, agree, strict=True)])
+    mixed = tv.ordered_sum([d * a for d, a in zip(weighted, agree, strict=True)])
     if not normalize:
         return mixed
-    divisor = _seq_sum([a.to(mixed.dtype) * w for a, w in zip(agree, weights, strict=True)])
+    divisor = tv.ordered_sum([a.to(mixed.dtype) * w for a, w in zip(agree, weights, strict=True)])
     return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
 
@@ -110,7 +103,7 @@ class Breadcrumbs(TaskVectorMethod):
 
     def coefficients(self, n: int) -> list[float]:
         """w_t for the ``n`` experts, in the order the merge sees them."""
-        names = self.task_names if self.task_names and len(self.task_names) == n else [str(i) for i in range(n)]
+        names = self.expert_names(n)
         return expert_weights(self.weights, names)
 
     def _key(self, block: Block) -> str:

@@ -116,7 +116,7 @@ class DELLA(TaskVectorMethod):
 
     def coefficients(self, n: int) -> list[float]:
         """w_t for the ``n`` experts, in the order the merge sees them."""
-        names = self.task_names if self.task_names and len(self.task_names) == n else [str(i) for i in range(n)]
+        names = self.expert_names(n)
         return expert_weights(self.weights, names)
 
     # ------------------------------------------------------------------------------- statistics

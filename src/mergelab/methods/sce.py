@@ -22,17 +22,10 @@ from mergelab.methods.base import TaskVectorMethod, check_range
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
 
 
-def _seq_sum(tensors: Sequence[Tensor]) -> Tensor:
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out.add_(t)
-    return out
-
-
 def variance(vectors: Sequence[Tensor]) -> Tensor:
     """Population variance over the experts of each coordinate (float32, added in task order)."""
-    mean = _seq_sum(vectors).div_(len(vectors))
-    return _seq_sum([(v - mean).square_() for v in vectors]).div_(len(vectors))
+    mean = tv.ordered_sum(vectors).div_(len(vectors))
+    return tv.ordered_sum([(v - mean).square_() for v in vectors]).div_(len(vectors))
 
 
 class SCE(TaskVectorMethod):
@@ -111,10 +104,10 @@ class SCE(TaskVectorMethod):
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         selected = self.select(block, vectors)
-        majority = torch.where(_seq_sum(selected) >= 0, 1.0, -1.0).to(selected[0].dtype)
+        majority = torch.where(tv.ordered_sum(selected) >= 0, 1.0, -1.0).to(selected[0].dtype)
         agree = [(torch.sign(d) == majority).to(d.dtype) for d in selected]
         weights = self._weights[block.name]
         erased = [a.mul_(w) for a, w in zip(agree, weights, strict=True)]
-        mixed = _seq_sum([d * e for d, e in zip(selected, erased, strict=True)])
-        divisor = _seq_sum(erased)
+        mixed = tv.ordered_sum([d * e for d, e in zip(selected, erased, strict=True)])
+        divisor = tv.ordered_sum(erased)
         return mixed.div_(divisor.masked_fill_(divisor == 0, 1.0)).mul_(self.scaling)

@@ -33,7 +33,7 @@ class TaskArithmetic(TaskVectorMethod):
 
     def coefficients(self, n: int) -> list[float]:
         """lambda * w_t for the ``n`` experts, in the order the merge sees them."""
-        names = self.task_names if self.task_names and len(self.task_names) == n else [str(i) for i in range(n)]
+        names = self.expert_names(n)
         return [self.scaling * w for w in expert_weights(self.weights, names)]
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:

@@ -33,7 +33,7 @@ class WeightAveraging(TaskVectorMethod):
         """w_t / sum_s w_s for the ``n`` experts (1/n each without weights)."""
         if self.weights is None:
             return [1.0 / n] * n
-        names = self.task_names if self.task_names and len(self.task_names) == n else [str(i) for i in range(n)]
+        names = self.expert_names(n)
         w = expert_weights(self.weights, names)
         return [v / sum(w) for v in w]
 

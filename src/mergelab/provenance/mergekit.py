@@ -160,7 +160,7 @@ def _translate_out(method: Any, n_experts: int) -> tuple[str, Any, dict[str, Any
         weights = [{"weight": c} for c in method.coefficients(n_experts)]
         return "task_arithmetic", _same_or_each(weights), {"normalize": False}, []
     if kind is WeightAveraging:  # MergeKit's linear normalises the weights as mergelab does
-        names = _expert_order(method, n_experts)
+        names = method.expert_names(n_experts)
         return (
             "linear",
             _same_or_each([{"weight": w} for w in expert_weights(method.weights, names)]),
@@ -205,12 +205,6 @@ def _translate_out(method: Any, n_experts: int) -> tuple[str, Any, dict[str, Any
         )
     name = kind.__name__
     raise NotExpressible(NO_EQUIVALENT.get(name, f"{name}: no MergeKit merge method computes it"))
-
-
-def _expert_order(method: Any, n: int) -> list[str]:
-    """The names the method's per-expert options are keyed by, in expert order (positions when it has none)."""
-    names = getattr(method, "task_names", None)
-    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
 
 
 def _same_or_each(per: list[dict[str, Any]]) -> Any:
