@@ -113,6 +113,7 @@ class CheckpointPool(ModelPool):
         self.resolved = dict(self.experts)
         self.expert_of = {t: t for t in self.tasks}
         self.suite: Any = None
+        self._checked_for: tuple[Any] | None = None  # (suite,) once check_inputs passed for it
 
     def setup(self, suite: Any, trainer_kwargs: Mapping[str, Any]) -> None:
         """Check the checkpoints fit together (headers only) and, with a suite, that it can score a checkpoint dir.
@@ -121,7 +122,8 @@ class CheckpointPool(ModelPool):
         suite names for it (``eval.experts``, default: the expert of its own name) where the pool has that expert,
         for the record only: the experts are not scored here.
         """
-        self.check_inputs(suite)
+        if self._checked_for is None or self._checked_for[0] is not suite:  # the run checks before its loggers start
+            self.check_inputs(suite)
         if suite is not None:
             matched = dict(getattr(suite, "experts", None) or {})
             self.expert_of = {t: matched.get(t, t) for t in suite.task_names if matched.get(t, t) in self.experts}
@@ -140,6 +142,7 @@ class CheckpointPool(ModelPool):
             pass
         if suite is not None:
             self.check_tokenizer(suite.name)
+        self._checked_for = (suite,)
 
     def check_tokenizer(self, suite: str) -> None:
         """Refuse a pretrained dir without a tokenizer transformers can load before merging: the merged checkpoint
