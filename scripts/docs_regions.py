@@ -288,7 +288,8 @@ def render_run_table(name: str) -> Callable[[Path], str | None]:
         tasks = field(data, "tasks", path, (list,))
         split = field(data, "report_split", path, (str,))
         rows = field(data, "rows", path, (dict,))
-        head = ["Method", *tasks, "Avg acc", "Norm acc"]
+        spreads = kernel_spreads(root, name)
+        head = ["Method", *tasks, "Avg acc", "Norm acc", *(["Avg spread"] if spreads is not None else [])]
         lines = [
             f"{split.capitalize()} accuracy (%), from `experiments/{name}/metrics.json`:",
             "",
@@ -298,10 +299,35 @@ def render_run_table(name: str) -> Callable[[Path], str | None]:
         for row, result in rows.items():
             scores = [percent((result.get("scores") or {}).get(t, {}).get("acc")) for t in tasks]
             cells = [row, *scores, percent(result.get("avg_acc")), percent(result.get("avg_norm_acc"))]
+            if spreads is not None:
+                cells.append(spreads.get(row, "not measured"))
             lines.append("| " + " | ".join(cells) + " |")
+        if spreads is not None:
+            lines += ["", KERNEL_SPREAD_NOTE.format(name=name)]
         return "\n".join(lines)
 
     return render
+
+
+KERNEL_SPREAD_NOTE = (
+    "Avg spread: how far the row's average moved (largest minus smallest, points) between complete runs of this "
+    "table under different CPU kernel choices, every expert and artifact rebuilt under each "
+    "(`experiments/{name}/kernel_spread.json`, `experiments/table_spread.py`); 0.00: the same to the digit."
+)
+
+
+def kernel_spreads(root: Path, name: str) -> dict[str, str] | None:
+    """Row -> its average's spread across kernel choices as printed (``0.13``), from
+    ``experiments/<name>/kernel_spread.json``; None when that file does not exist."""
+    path = root / "experiments" / name / "kernel_spread.json"
+    if not path.is_file():
+        return None
+    rows = field(load_json(path), "rows", path, (dict,))
+    out = {}
+    for row, r in rows.items():
+        value = r.get("avg_spread") if isinstance(r, dict) else None
+        out[row] = "-" if not isinstance(value, int | float) else f"{value:.2f}"
+    return out
 
 
 #: The embedded table before the first-hour changes (experts of format 1), kept to show what moved.

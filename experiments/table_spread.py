@@ -1,0 +1,100 @@
+"""How far each row of a results table moves between runs made under different CPU kernel choices.
+
+Each ``--run NAME=DIR`` is one complete run of the same table (its ``metrics.json``), made on this machine with
+torch's and MKL's kernels forced to one choice (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``; see
+``kernel_choices.py``), from its own expert cache, so that everything trained or optimised (experts, statistics,
+AdaMerging's coefficients, AWD's delta) is rebuilt under that choice. The result states, per row, every run's
+average and per-task accuracy and the spread (largest minus smallest, in points), which ``scripts/docs_regions.py``
+shows beside the committed table::
+
+    python experiments/table_spread.py --run avx512=/tmp/tables/avx512 --run avx2=/tmp/tables/avx2 \
+        --env avx2="ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" \
+        --out experiments/embedded_table/kernel_spread.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def load_rows(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """The tasks and rows of ``run_dir``'s ``metrics.json``; exits naming the file when it is not a table run."""
+    path = run_dir / "metrics.json"
+    try:
+        data = json.loads(path.read_text())
+        return list(data["tasks"]), dict(data["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a finished table run's metrics.json ({e})") from None
+
+
+def points(score: Any) -> float | None:
+    """An accuracy in [0, 1] as points (%), rounded as the table prints it; None for a missing score."""
+    return round(100 * score, 2) if isinstance(score, int | float) else None
+
+
+def spread(values: list[float | None]) -> float | None:
+    """Largest minus smallest of the present values (points, 2 decimals); None when fewer than two are present."""
+    present = [v for v in values if v is not None]
+    return round(max(present) - min(present), 2) if len(present) >= 2 else None
+
+
+def row_spread(name: str, runs: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """One row across the runs: each run's average and task scores, and the spreads."""
+    avg = {run: points((rows.get(name) or {}).get("avg_acc")) for run, rows in runs.items()}
+    per_task = {
+        task: {
+            run: points(((rows.get(name) or {}).get("scores") or {}).get(task, {}).get("acc"))
+            for run, rows in runs.items()
+        }
+        for task in tasks
+    }
+    task_spreads = {task: spread(list(scores.values())) for task, scores in per_task.items()}
+    moved = [t for t, s in task_spreads.items() if s]
+    return {
+        "avg_acc": avg,
+        "avg_spread": spread(list(avg.values())),
+        "task_acc": per_task,
+        "task_spread": task_spreads,
+        "max_task_spread": max((s for s in task_spreads.values() if s is not None), default=None),
+        "tasks_moved": moved,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, help="NAME=DIR of one finished table run")
+    parser.add_argument("--env", action="append", default=[], help='NAME="VAR=value ..." the run was made under')
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dirs = dict(item.split("=", 1) for item in args.run)
+    if len(dirs) < 2:
+        raise SystemExit("--run: give at least two runs to compare")
+    envs = dict(item.split("=", 1) for item in args.env)
+    loaded = {name: load_rows(Path(d)) for name, d in dirs.items()}
+    tasks = next(iter(loaded.values()))[0]
+    for name, (t, _) in loaded.items():
+        if t != tasks:
+            raise SystemExit(f"--run {name}: tasks {t} differ from {tasks}; not the same table")
+    runs = {name: rows for name, (_, rows) in loaded.items()}
+    names = list(dict.fromkeys(r for rows in runs.values() for r in rows))
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
+        "runs": {name: {"dir": str(d), "env": envs.get(name, "")} for name, d in dirs.items()},
+        "tasks": tasks,
+        "rows": {name: row_spread(name, runs, tasks) for name in names},
+    }
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.out)
+    for name, r in result["rows"].items():
+        print(f"{name:28s} avg {r['avg_acc']}  spread {r['avg_spread']}  max task spread {r['max_task_spread']}")
+
+
+if __name__ == "__main__":
+    main()
