@@ -79,6 +79,9 @@ def check_t(t: Any, option: str = "t") -> TSetting:
         if f is not None and not isinstance(f, str):
             raise ValueError(f"method option '{where}.filter' must be a substring of tensor names, got {f!r}")
         entries.append({"filter": f, "value": scalar_or_gradient(entry["value"], f"{where}.value")})
+    if entries[-1]["filter"] not in (None, "*"):
+        # MergeKit fails at planning on a tensor no entry matches; a last default makes every tensor match
+        raise ValueError(f"method option '{option}': end the list with a default {{value: ...}} (no filter)")
     return entries
 
 
@@ -94,7 +97,7 @@ def t_value(setting: TSetting, name: str, position: float, option: str = "t") ->
         f = entry["filter"]
         if f is None or f == "*" or f in name:
             return t_value(entry["value"], name, position, option)
-    raise ValueError(f"method option '{option}': no entry matches tensor '{name}'; end the list with {{value: ...}}")
+    raise AssertionError(f"no entry of {setting} matches tensor '{name}' (check_t requires a last default)")
 
 
 def t_per_tensor(setting: TSetting, names: Sequence[str], option: str = "t") -> dict[str, float]:
@@ -121,7 +124,8 @@ class SLERP(TaskVectorMethod):
         t: the interpolation factor in [0, 1]: a number; a gradient (a list of numbers spread evenly over the
             layers, linearly interpolated at each layer; tensors outside the layers take its first value); or
             MergeKit's list of ``{filter: <substring of the tensor name>, value: <number or gradient>}`` entries,
-            the first matching one applying, ended by a ``{value: ...}`` default.
+            the first matching one applying, ended by a ``{value: ...}`` default (required, so that every tensor
+            has a ``t`` before any work; MergeKit would fail on the first tensor left without one).
         dot_threshold: |cos| above which the two tensors count as colinear and are interpolated linearly.
         eps: a norm at or below it counts as 1 (a zero tensor).
 
@@ -153,7 +157,7 @@ class SLERP(TaskVectorMethod):
             raise ValueError(one_expert_error(len(names), names))
 
     def begin(self, names: Sequence[str]) -> None:
-        self._t = t_per_tensor(self.t, names)  # a tensor no entry matches is refused here, before any work
+        self._t = t_per_tensor(self.t, names)
         self._grams = TensorGrams()
         self._coefficients: dict[str, tuple[float, float]] = {}
 
@@ -188,6 +192,6 @@ class SLERP(TaskVectorMethod):
 def one_expert_error(n: int, names: Sequence[str]) -> str:
     """The message refusing a pool of ``n`` experts for SLERP."""
     return (
-        f"method 'slerp' interpolates the pretrained model and exactly one expert (MergeKit: base_model and one "
-        f"other model); the pool has {n} experts {list(names)}: keep one"
+        f"SLERP interpolates the pretrained model and exactly one expert (MergeKit: base_model and one other "
+        f"model); the pool has {n} experts {list(names)}: keep one"
     )
