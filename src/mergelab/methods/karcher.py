@@ -17,11 +17,9 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from mergelab import task_vectors as tv
 from mergelab.config_types import Range
-from mergelab.engine.chunks import Block
-from mergelab.methods.base import TaskVectorMethod, check_range
-from mergelab.methods.tensor_gram import TensorGrams, weights_in_float64
+from mergelab.methods.base import check_range
+from mergelab.methods.tensor_gram import GramCombination
 
 
 def karcher_coefficients(gram: Tensor, max_iter: int, tol: float) -> tuple[list[float], int, bool]:
@@ -78,7 +76,7 @@ def karcher_coefficients(gram: Tensor, max_iter: int, tol: float) -> tuple[list[
     return k, steps, converged
 
 
-class KarcherMean(TaskVectorMethod):
+class KarcherMean(GramCombination):
     """theta = the Karcher mean of the experts' weights (and the pretrained model's), per tensor.
 
     Args:
@@ -88,15 +86,9 @@ class KarcherMean(TaskVectorMethod):
         include_pretrained: False: the experts only (a MergeKit config without base_model); True: the pretrained
             model is one more of the N equally weighted models (MergeKit adds a given base_model to the models).
 
-    One statistics pass takes each tensor's Gram matrix of the models' weights (exact float64 sums over row
-    blocks, :class:`TensorGrams`), the iteration runs on it (:func:`karcher_coefficients`), and the merge pass
-    combines the blocks with the tensor's coefficients, so it streams in the engine's memory bound.
+    The statistics pass takes each tensor's Gram matrix of the models' weights (:class:`GramCombination`), the
+    iteration runs on it (:func:`karcher_coefficients`), so it streams in the engine's memory bound.
     """
-
-    parallel_chunks = True
-    elementwise = True
-    stat_passes = 1
-    needs_base = True
 
     def __init__(
         self,
@@ -112,36 +104,20 @@ class KarcherMean(TaskVectorMethod):
         self._steps: dict[str, tuple[int, bool]] = {}
 
     def begin(self, names: Sequence[str]) -> None:
-        self._grams = TensorGrams()
-        self._coefficients: dict[str, list[float]] = {}
-        self._steps: dict[str, tuple[int, bool]] = {}
+        super().begin(names)
+        self._steps = {}
 
-    def _models(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
-        """The block of every model the mean is taken over, in float64: the experts, then the pretrained model
-        (last, where MergeKit appends a base_model missing from its models)."""
-        assert block.base is not None
-        base, experts = weights_in_float64(block.base, vectors)
-        return [*experts, base] if self.include_pretrained else experts
+    def models(self, base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
+        # the pretrained model last, where MergeKit appends a base_model missing from its models
+        return [*experts, base] if self.include_pretrained else list(experts)
 
-    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        return TensorGrams.block_parts(self._models(block, vectors))
-
-    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
-        self._grams.add(block.name, stats)
-
-    def end_pass(self, pass_idx: int) -> None:
-        for name, gram in self._grams.matrices().items():
-            k, steps, converged = karcher_coefficients(gram, self.max_iter, self.tol)
-            self._coefficients[name], self._steps[name] = k, (steps, converged)
-
-    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        # sum_i k_i theta_i - theta_0 = sum_t k_t tau_t + (sum_i k_i - 1) theta_0 (theta_0 counted in the k_i
-        # when it takes part)
-        assert block.base is not None
-        k = self._coefficients[block.name]
-        out = tv.weighted_sum(vectors, k[: len(vectors)])
-        on_base = math.fsum(k) - 1.0
-        return out.add_(block.base, alpha=on_base) if on_base else out
+    def delta_coefficients(self, name: str, gram: Tensor) -> tuple[float, list[float]]:
+        k, steps, converged = karcher_coefficients(gram, self.max_iter, self.tol)
+        self._steps[name] = (steps, converged)
+        # sum_i k_i theta_i - theta_0 = sum_t k_t tau_t + (sum_i k_i - 1) theta_0, theta_0 among the i when it
+        # takes part
+        n = gram.shape[0] - (1 if self.include_pretrained else 0)
+        return math.fsum(k) - 1.0, k[:n]
 
     def steps(self, name: str) -> tuple[int, bool]:
         """(steps taken, converged below ``tol``) for tensor ``name`` after a merge."""

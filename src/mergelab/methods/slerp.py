@@ -14,13 +14,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
-import torch
 from torch import Tensor
 
 from mergelab.config_types import Range
-from mergelab.engine.chunks import Block
-from mergelab.methods.base import TaskVectorMethod, check_range
-from mergelab.methods.tensor_gram import TensorGrams, weights_in_float64
+from mergelab.methods.base import check_range
+from mergelab.methods.tensor_gram import GramCombination
 
 #: A tensor's layer index: the first dotted component of its name that is a whole number (``model.layers.3.…``,
 #: ``encoder.layer.3.…``, ``transformer.h.3.…``).
@@ -117,7 +115,7 @@ def slerp_coefficients(gram: Tensor, t: float, dot_threshold: float, eps: float)
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
-class SLERP(TaskVectorMethod):
+class SLERP(GramCombination):
     """Spherical interpolation from the pretrained model (t = 0) to the pool's only expert (t = 1), per tensor.
 
     Args:
@@ -129,15 +127,9 @@ class SLERP(TaskVectorMethod):
         dot_threshold: |cos| above which the two tensors count as colinear and are interpolated linearly.
         eps: a norm at or below it counts as 1 (a zero tensor).
 
-    The pool must have exactly one expert. One statistics pass takes each tensor's two norms and dot product
-    (exact float64 sums over row blocks, :class:`TensorGrams`), the merge pass combines the two blocks with the
-    tensor's coefficients, so it streams in the engine's memory bound.
+    The pool must have exactly one expert. The statistics pass takes each tensor's two norms and dot product
+    (:class:`GramCombination`), so it streams in the engine's memory bound.
     """
-
-    parallel_chunks = True
-    elementwise = True
-    stat_passes = 1
-    needs_base = True
 
     def __init__(
         self,
@@ -157,32 +149,19 @@ class SLERP(TaskVectorMethod):
             raise ValueError(one_expert_error(len(names), names))
 
     def begin(self, names: Sequence[str]) -> None:
+        super().begin(names)
         self._t = t_per_tensor(self.t, names)
-        self._grams = TensorGrams()
-        self._coefficients: dict[str, tuple[float, float]] = {}
 
-    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        if len(vectors) != 1:
-            raise ValueError(one_expert_error(len(vectors), self.expert_names(len(vectors))))
-        assert block.base is not None
-        base, experts = weights_in_float64(block.base, vectors)
-        return TensorGrams.block_parts([base, *experts])
+    def models(self, base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
+        if len(experts) != 1:
+            raise ValueError(one_expert_error(len(experts), self.expert_names(len(experts))))
+        return [base, *experts]
 
-    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
-        self._grams.add(block.name, stats)
-
-    def end_pass(self, pass_idx: int) -> None:
-        for name, gram in self._grams.matrices().items():
-            c0, c1 = slerp_coefficients(gram, self._t[name], self.dot_threshold, self.eps)
-            # c_0 theta_0 + c_1 (theta_0 + tau) - theta_0 = c_1 tau + (c_0 + c_1 - 1) theta_0. The linear branch
-            # (and t = 0 or 1) has c_0 = 1 - c_1: its pretrained term is exactly 0, not a rounding of it.
-            self._coefficients[name] = (0.0 if c0 == 1.0 - c1 else c0 + c1 - 1.0, c1)
-
-    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        assert block.base is not None
-        on_base, on_expert = self._coefficients[block.name]
-        out = torch.mul(vectors[0], on_expert)
-        return out.add_(block.base, alpha=on_base) if on_base else out
+    def delta_coefficients(self, name: str, gram: Tensor) -> tuple[float, list[float]]:
+        c0, c1 = slerp_coefficients(gram, self._t[name], self.dot_threshold, self.eps)
+        # c_0 theta_0 + c_1 (theta_0 + tau) - theta_0 = c_1 tau + (c_0 + c_1 - 1) theta_0. The linear branch
+        # (and t = 0 or 1) has c_0 = 1 - c_1: its pretrained term is exactly 0, not a rounding of it.
+        return (0.0 if c0 == 1.0 - c1 else c0 + c1 - 1.0), [c1]
 
     def t_of(self, name: str) -> float:
         """The ``t`` tensor ``name`` was merged with (after :meth:`begin`)."""

@@ -3,16 +3,21 @@
 Methods whose coefficients depend on whole-tensor dot products (cosines, norms, angles) take them from one
 statistics pass: each block contributes per-row float64 dot products, and the rows are summed exactly once every
 block has been seen, so the matrices are the same floats whatever the chunk size, thread count or block order.
+:class:`GramCombination` is the methods on the models' weights built on them.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.engine.chunks import Block
+from mergelab.methods.base import TaskVectorMethod
 
 
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -69,3 +74,48 @@ def weights_in_float64(base: Tensor, vectors: Sequence[Tensor]) -> tuple[Tensor,
     task vectors are exact)."""
     b = base.to(torch.float64)
     return b, [b + v.to(torch.float64) for v in vectors]
+
+
+class GramCombination(TaskVectorMethod):
+    """A method whose merged tensor is a combination of the models' weights, sum_i k_i theta_i, with coefficients
+    computed per tensor from the Gram matrix of those weights (SLERP, Karcher mean).
+
+    One statistics pass takes each tensor's Gram matrix of :meth:`models` (:class:`TensorGrams`);
+    :meth:`delta_coefficients` turns it into the merged task vector's coefficients, and each block is merged as
+    c_0 theta_0 + sum_t c_t tau_t, so it streams in the engine's memory bound. The models are the pretrained
+    weights plus the task vectors (``needs_base``), rebuilt in float64 by :func:`weights_in_float64`.
+    """
+
+    parallel_chunks = True
+    elementwise = True
+    stat_passes = 1
+    needs_base = True
+
+    @abstractmethod
+    def models(self, base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
+        """The blocks whose Gram matrix :meth:`delta_coefficients` gets (float64 theta_0 and theta_t), in its order."""
+
+    @abstractmethod
+    def delta_coefficients(self, name: str, gram: Tensor) -> tuple[float, list[float]]:
+        """(c_0, [c_t per expert]) with merged - theta_0 = c_0 theta_0 + sum_t c_t tau_t, for tensor ``name``."""
+
+    def begin(self, names: Sequence[str]) -> None:
+        self._grams = TensorGrams()
+        self._delta: dict[str, tuple[float, list[float]]] = {}
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        assert block.base is not None
+        return TensorGrams.block_parts(self.models(*weights_in_float64(block.base, vectors)))
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        self._grams.add(block.name, stats)
+
+    def end_pass(self, pass_idx: int) -> None:
+        for name, gram in self._grams.matrices().items():
+            self._delta[name] = self.delta_coefficients(name, gram)
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        assert block.base is not None
+        on_base, on_experts = self._delta[block.name]
+        out = tv.weighted_sum(vectors, on_experts)
+        return out.add_(block.base, alpha=on_base) if on_base else out
