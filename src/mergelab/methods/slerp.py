@@ -10,19 +10,15 @@ tensor: MergeKit's filter/value list and per-layer gradients (:func:`t_per_tenso
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from torch import Tensor
 
 from mergelab.config_types import Range
+from mergelab.methods.awd import LAYER_INDEX
 from mergelab.methods.base import check_range
 from mergelab.methods.tensor_gram import GramCombination
-
-#: A tensor's layer index: the first dotted component of its name that is a whole number (``model.layers.3.…``,
-#: ``encoder.layer.3.…``, ``transformer.h.3.…``).
-LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 #: A number, a gradient (a list of numbers), or a list of ``{filter: <substring>, value: <number or gradient>}``.
 TSetting = float | Sequence[float] | Sequence[Mapping[str, Any]]
@@ -31,7 +27,8 @@ TSetting = float | Sequence[float] | Sequence[Mapping[str, Any]]
 def layer_positions(names: Sequence[str]) -> dict[str, float]:
     """Where each tensor lies along MergeKit's per-layer gradients, in [0, 1].
 
-    A tensor of layer i of L (the layer index from :data:`LAYER_INDEX`, L = 1 + the largest one among ``names``)
+    A tensor of layer i of L (its block index as AWD's reports read it, :data:`mergelab.methods.awd.LAYER_INDEX`:
+    ``layers.3.``, ``layer.3.``, ``h.3.``, ``blocks.3.``; L = 1 + the largest one among ``names``)
     is at i / (L - 1) (1 when L == 1); a tensor outside the layers (embeddings, final norm, head) is at 0, as
     MergeKit plans its pre- and post-layer weights.
     """
