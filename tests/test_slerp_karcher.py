@@ -17,8 +17,10 @@ from torch import Tensor
 from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
-from mergelab.methods import SLERP, KarcherMean, TaskVectorMethod
+from mergelab.methods import DARE, SLERP, KarcherMean, TaskVectorMethod
 from mergelab.methods.slerp import layer_positions
+from mergelab.reports.analysis import analyze_pool
+from tests.conftest import ListPool
 
 SHAPES = {
     "model.embed_tokens.weight": (11, 6),
@@ -289,3 +291,15 @@ def test_karcher_skips_zero_tensors_and_refuses_bad_options() -> None:
         KarcherMean(max_iter=2.5)
     with pytest.raises(ValueError, match=r"option 'tol' must be in \[0.0, inf\), got -1"):
         KarcherMean(tol=-1)
+
+
+def test_the_analysis_of_a_wrapper_around_a_weight_method_hands_it_the_pretrained_weights() -> None:
+    # DARE(merge=SLERP) runs SLERP's statistics pass while the analysis reads DARE's dropped vectors.
+    base, experts = pool(1)
+    analysis_pool = ListPool(base, experts)
+    analysis_pool.tasks = ["only"]
+    dare = DARE(p=0.3, merge=SLERP())
+    after = analyze_pool(analysis_pool, dare)["after"]
+    dropped = dare.drop(tv.task_vectors(base, experts))[0]
+    want = math.sqrt(sum(float(v.double().square().sum()) for v in dropped.values()))
+    assert after["norm"][0] == pytest.approx(want, rel=1e-12)
