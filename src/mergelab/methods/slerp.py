@@ -80,7 +80,7 @@ def check_t(t: Any, option: str = "t") -> TSetting:
     return entries
 
 
-def t_value(setting: TSetting, name: str, position: float, option: str = "t") -> float:
+def t_value(setting: TSetting, name: str, position: float) -> float:
     """The ``t`` of tensor ``name`` at gradient ``position``: MergeKit's ``evaluate_setting`` (the first entry whose
     filter is absent, ``*`` or a substring of ``name``; a gradient read at ``position``)."""
     if isinstance(setting, int | float):
@@ -91,14 +91,14 @@ def t_value(setting: TSetting, name: str, position: float, option: str = "t") ->
         assert isinstance(entry, Mapping)
         f = entry["filter"]
         if f is None or f == "*" or f in name:
-            return t_value(entry["value"], name, position, option)
+            return t_value(entry["value"], name, position)
     raise AssertionError(f"no entry of {setting} matches tensor '{name}' (check_t requires a last default)")
 
 
-def t_per_tensor(setting: TSetting, names: Sequence[str], option: str = "t") -> dict[str, float]:
+def t_per_tensor(setting: TSetting, names: Sequence[str]) -> dict[str, float]:
     """Each tensor's ``t``, as MergeKit resolves it for a merge of these tensors (:func:`layer_positions`)."""
     positions = layer_positions(names)
-    return {n: t_value(setting, n, positions[n], option) for n in names}
+    return {n: t_value(setting, n, positions[n]) for n in names}
 
 
 def slerp_coefficients(gram: Tensor, t: float, dot_threshold: float, eps: float) -> tuple[float, float]:
