@@ -8,6 +8,8 @@ MergeKit is a measuring tool in its own venv, never a dependency::
 Writes ``experiments/bench_mergekit_methods.json``: per method, the max |mergelab - MergeKit| over all tensors
 (float32 weights, MergeKit run with ``dtype: float32``). DELLA draws its drops from another generator than
 MergeKit's, so only its deterministic limit (density 1) and its statistics can agree; it is listed for the record.
+SLERP merges the base and the first expert (MergeKit's base_model and one model), with a scalar ``t`` and with
+MergeKit's filter/gradient list; Karcher merges the three experts, and with ``base_model`` the base too.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from safetensors.torch import load_file
 
 from mergelab.engine.passes import merge_in_memory
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import DELLA, SCE, Breadcrumbs, ModelStock
+from mergelab.methods import DELLA, SCE, SLERP, Breadcrumbs, KarcherMean, ModelStock
 
-HIDDEN, INTER, VOCAB, LAYERS = 32, 64, 96, 2
+HIDDEN, INTER, VOCAB, LAYERS = 32, 64, 96, 4  # 4 layers: a gradient is read between its points at layers 1 and 2
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -71,6 +73,12 @@ def make_pool(root: Path) -> tuple[dict, list[dict], list[Path]]:
     return base, experts, dirs
 
 
+# MergeKit's usual SLERP gradient: attention and MLP go opposite ways across the layers, the rest at 0.5.
+GRADIENT = [
+    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+    {"value": 0.5},
+]
 CASES = {
     "breadcrumbs": (Breadcrumbs(0.8, 0.05, [1.0, 0.5, 2.0]), {}, {"density": 0.8, "gamma": 0.05}),
     "breadcrumbs_ties": (Breadcrumbs(0.8, 0.05, consensus=True), {}, {"density": 0.8, "gamma": 0.05, "weight": 1.0}),
@@ -80,8 +88,15 @@ CASES = {
     "model_stock_filter_wise": (ModelStock(filter_wise=True), {"filter_wise": True}, {}),
     "sce": (SCE(0.3), {"select_topk": 0.3}, {}),
     "sce_all": (SCE(1.0), {"select_topk": 1.0}, {}),
+    "slerp": (SLERP(0.3), {"t": 0.3}, {}),
+    "slerp_gradient": (SLERP(GRADIENT), {"t": GRADIENT}, {}),
+    "karcher": (KarcherMean(), {}, {}),
+    "karcher_pretrained": (KarcherMean(include_pretrained=True), {}, {}),
+    "karcher_tol": (KarcherMean(tol=1e-7), {"tol": 1e-7}, {}),  # at the default tol these experts stop at step 0
 }
 WEIGHTS = {"breadcrumbs": [1.0, 0.5, 2.0], "della_linear": [1.0, 1.0, 1.0]}
+ONE_EXPERT = {"slerp", "slerp_gradient"}  # MergeKit's base_model and the first expert
+NO_BASE_MODEL = {"karcher", "karcher_tol"}  # the experts alone: no base_model in the MergeKit config
 
 
 def main() -> None:
@@ -94,19 +109,22 @@ def main() -> None:
         root = Path(tmp)
         base, experts, dirs = make_pool(root)
         for name, (method, params, model_params) in CASES.items():
-            mk_method = name.removesuffix("_filter_wise").removesuffix("_all")
+            mk_method = name.split("_filter_wise")[0].removesuffix("_all").removesuffix("_gradient")
+            mk_method = mk_method.removesuffix("_pretrained").removesuffix("_tol")
+            pool_experts = experts[:1] if name in ONE_EXPERT else experts
             cfgs = []
-            for i in range(len(dirs) - 1):
+            for i in range(len(pool_experts)):
                 mp = dict(model_params)
                 if name in WEIGHTS:
                     mp["weight"] = WEIGHTS[name][i]
                 cfgs.append(mp)
             models = "\n".join(
                 f"  - model: {d}\n    parameters: {json.dumps(mp)}" if mp else f"  - model: {d}"
-                for d, mp in zip(dirs[1:], cfgs, strict=True)
+                for d, mp in zip(dirs[1 : 1 + len(pool_experts)], cfgs, strict=True)
             )
+            base_model = "" if name in NO_BASE_MODEL else f"base_model: {dirs[0]}\n"
             text = (
-                f"merge_method: {mk_method}\nbase_model: {dirs[0]}\ndtype: float32\n"
+                f"merge_method: {mk_method}\n{base_model}dtype: float32\n"
                 f"parameters: {json.dumps(params)}\nmodels:\n{models}\n"
             )
             (root / f"{name}.yml").write_text(text)
@@ -122,7 +140,7 @@ def main() -> None:
             theirs: dict = {}
             for f in out.glob("*.safetensors"):
                 theirs.update(load_file(str(f)))
-            ours = merge_in_memory(method, base, experts)
+            ours = merge_in_memory(method, base, pool_experts)
             diffs = {k: float((ours[k].double() - theirs[k].double()).abs().max()) for k in ours if k in theirs}
             moved = max(float((ours[k].double() - base[k].double()).abs().max()) for k in ours)
             results[name] = {
@@ -132,6 +150,8 @@ def main() -> None:
                 "max_abs_change_from_base": moved,
                 "tensors_compared": len(diffs),
             }
+            if method.report():  # what the method says of its merge (Karcher: steps taken, unconverged tensors)
+                results[name]["mergelab_report"] = method.report()
             print(name, results[name].get("max_abs_diff"))
     import importlib.metadata as md
 

@@ -2,7 +2,8 @@
 
 A method is covered by adding its YAML (the PEFT test-table pattern): it must merge the same bytes in memory and
 streamed from disk, whatever the chunk size, on the threaded and the sequential executor, compose inside DARE and
-AWD exactly as DARE / AWD are defined, and refuse bad option values before any work.
+AWD exactly as DARE / AWD are defined, and refuse bad option values before any work. A method that merges exactly
+one expert (:data:`ONE_EXPERT`) runs every check on the pool's first expert alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from tests.conftest import CONFIG_DIR, TaskDataPool, make_cfg
 VARIANTS = {
     "task_arithmetic+weights": ["method.weights=[-1.0, 0.5, 2.0]"],  # task negation among them
     "weight_averaging+weights": ["method.weights=[1.0, 0.0, 3.0]"],
+    "slerp+gradient": ["method.t=[{filter: mlp, value: 0.8}, {value: [0.2, 0.6]}]"],  # MergeKit's filter + gradient
+    "karcher+pretrained": ["method.include_pretrained=true"],
 }
+# Methods defined on the pretrained model and exactly one expert (SLERP): their rows use a pool of the first expert.
+ONE_EXPERT = {"slerp"}
 METHOD_YAMLS = sorted([*(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")), *VARIANTS])
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
 
@@ -103,7 +108,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mask = torch.ones(24, 5, dtype=torch.long)
         mask[::3, 3:] = 0  # some padded examples
         data[t] = (torch.randint(0, 41, (24, 5), generator=g), torch.randint(0, 3, (24,), generator=g), mask)
-    return {
+    full = {
         "base": base,
         "experts": experts,
         "base_dir": base_dir,
@@ -112,6 +117,19 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "delta_path": str(root / "delta.safetensors"),
         "list_pool": TaskDataPool(base, experts, TinyNet(), heads, data),
     }
+    one = {"task0": heads["task0"]}
+    full["one_expert"] = {
+        **full,
+        "experts": experts[:1],
+        "expert_dirs": expert_dirs[:1],
+        "list_pool": TaskDataPool(base, experts[:1], TinyNet(), one, {"task0": data["task0"]}),
+    }
+    return full
+
+
+def pool_for(name: str, pool: dict[str, Any]) -> dict[str, Any]:
+    """The pool ``name``'s row runs on: the first expert alone for :data:`ONE_EXPERT` methods, else all three."""
+    return pool["one_expert"] if name.split("+")[0] in ONE_EXPERT else pool
 
 
 _PREPARED: dict[tuple[int, str], Any] = {}
@@ -119,7 +137,9 @@ _PREPARED: dict[tuple[int, str], Any] = {}
 
 def prepared(name: str, pool: dict[str, Any]) -> Any:
     """The method of ``name``, with whatever it learns (AWD's delta, Fisher diagonals, AdaMerging's coefficients)
-    fitted on the pool, in memory; fitted once per pool (merging does not change a prepared method)."""
+    fitted on the pool (:func:`pool_for`), in memory; fitted once per pool (merging does not change a prepared
+    method)."""
+    pool = pool_for(name, pool)
     key = (id(pool["list_pool"]), name)
     if key not in _PREPARED:
         method = build(name)
@@ -146,7 +166,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("name", METHOD_YAMLS)
 def test_streamed_equals_in_memory(name: str, pool: dict[str, Any], tmp_path: Path) -> None:
-    method = prepared(name, pool)
+    method, pool = prepared(name, pool), pool_for(name, pool)
     in_memory = method.merge(pool["base"], pool["experts"])
     assert_same(stream(method, pool, tmp_path / "out"), in_memory)
     moved = [k for k in in_memory if not torch.equal(in_memory[k], pool["base"][k])]
@@ -155,7 +175,7 @@ def test_streamed_equals_in_memory(name: str, pool: dict[str, Any], tmp_path: Pa
 
 @pytest.mark.parametrize("name", METHOD_YAMLS)
 def test_chunk_size_does_not_change_the_bytes(name: str, pool: dict[str, Any], tmp_path: Path) -> None:
-    method = prepared(name, pool)
+    method, pool = prepared(name, pool), pool_for(name, pool)
     reference = stream(method, pool, tmp_path / "big", chunk_elems=1 << 20)  # every tensor whole
     for chunk in (7, 64):  # a few rows per block; one row per block for the widest tensors
         assert_same(stream(method, pool, tmp_path / f"c{chunk}", chunk_elems=chunk), reference)
@@ -165,7 +185,7 @@ def test_chunk_size_does_not_change_the_bytes(name: str, pool: dict[str, Any], t
 def test_threaded_equals_sequential(
     name: str, pool: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    method = prepared(name, pool)
+    method, pool = prepared(name, pool), pool_for(name, pool)
     monkeypatch.setattr(pipeline, "default_workers", lambda: 4)
     threaded = stream(method, pool, tmp_path / "threaded", chunk_elems=64)
     monkeypatch.setattr(pipeline, "default_workers", lambda: 1)
@@ -187,17 +207,21 @@ def test_threaded_equals_sequential(
 
 @pytest.mark.parametrize("name", METHOD_YAMLS)
 def test_composes_inside_dare_and_awd(name: str, pool: dict[str, Any]) -> None:
+    method, pool = prepared(name, pool), pool_for(name, pool)
     vectors = tv.task_vectors(pool["base"], pool["experts"])
+    # A method on the models' weights (SLERP, Karcher) composes too: M on theta_0 + the transformed tau_t, so it is
+    # handed the pretrained weights the vectors were formed against.
+    base = pool["base"] if method.needs_base else None
 
     # DARE(merge=M) is M on the dropped-and-rescaled task vectors (DARE's own masks).
-    dare = DARE(p=0.3, seed=1, merge=prepared(name, pool))
-    expected = prepared(name, pool).combine(dare.drop(vectors))
-    assert_same(dare.combine(vectors), expected)
+    dare = DARE(p=0.3, seed=1, merge=method)
+    expected = method.combine(dare.drop(vectors), base=base)
+    assert_same(dare.combine(vectors, base=base), expected)
 
     # AWD(merge=M) is M on tau_t - delta (delta given, so nothing is fitted).
-    awd = AWD(merge=prepared(name, pool), delta_path=pool["delta_path"])
+    awd = AWD(merge=method, delta_path=pool["delta_path"])
     hats = [{k: v - pool["delta"][k] if k in pool["delta"] else v for k, v in t.items()} for t in vectors]
-    assert_same(awd.combine(vectors), prepared(name, pool).combine(hats))
+    assert_same(awd.combine(vectors, base=base), method.combine(hats, base=base))
 
 
 def bad_values(node: dict[str, Any]) -> list[tuple[str, Any]]:

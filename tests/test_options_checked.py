@@ -27,6 +27,12 @@ CHECKPOINT_CASES = [
     (["model.include=[nothing_matches]"], ValueError, r"model\.include=\['nothing_matches'\] .* leave no"),
     (["tuning.precision=bogus"], ValueError, r"tuning\.precision must be one of \[.*'bf16-mixed'.*\], got 'bogus'"),
     (["trainer.precision=bogus"], ValueError, r"trainer\.precision must be one of .*, got 'bogus'"),
+    (
+        ["method=slerp"],
+        ValueError,
+        r"method 'slerp': SLERP interpolates .* exactly one expert .* \['e1', 'e2'\]: keep one",
+    ),
+    (["method=slerp", "method.t=[{filter: mlp, value: 0.5}]"], ValueError, r"option 't': end the list with a default"),
 ]
 
 

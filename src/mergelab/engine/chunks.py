@@ -26,7 +26,10 @@ class Block(NamedTuple):
     """Rows ``start:stop`` of tensor ``name`` (both None: the whole tensor), the ``index``-th block of it.
 
     ``shape`` is the whole tensor's shape (the pretrained model's), so a method can relate a block to the
-    tensor whatever the chunk size (DARE draws its masks on fixed blocks of it).
+    tensor whatever the chunk size (DARE draws its masks on fixed blocks of it). ``base`` is the pretrained
+    weights over the block in the compute dtype, set by the pass driver only for a method that declares
+    ``needs_base`` (:class:`mergelab.engine.protocol.ChunkMethod`), None otherwise; it is read-only (the engine
+    adds the merged task vector to it afterwards).
     """
 
     name: str
@@ -34,6 +37,7 @@ class Block(NamedTuple):
     start: int | None
     stop: int | None
     shape: tuple[int, ...]
+    base: Tensor | None = None
 
 
 class TensorSource(Protocol):
@@ -133,15 +137,22 @@ class Chunk:
     out: Tensor | None = None
 
 
+def _base_rows(block: Block, base: TensorSource) -> Tensor:
+    """The pretrained rows of ``block`` in the compute dtype."""
+    b = base.get_rows(block.name, *read_bounds(block.shape, block.start, block.stop))
+    return b.to(compute_dtype(b.dtype))
+
+
 def load_chunk(block: Block, base: TensorSource, experts: Sequence[TensorSource]) -> Chunk:
     """The chunk of ``block``: the pretrained rows in the compute dtype and tau_t = theta_t - theta_0 over them."""
     s, e = read_bounds(block.shape, block.start, block.stop)
-    b = base.get_rows(block.name, s, e)
-    b = b.to(compute_dtype(b.dtype))
+    b = _base_rows(block, base)
     return Chunk(block, b, [subtract_base(x.get_rows(block.name, s, e), b) for x in experts])
 
 
-def vector_chunk(block: Block, vectors: Sequence[TensorSource]) -> Chunk:
-    """The chunk of ``block`` from task vectors already formed (no pretrained block)."""
+def vector_chunk(block: Block, vectors: Sequence[TensorSource], base: TensorSource | None = None) -> Chunk:
+    """The chunk of ``block`` from task vectors already formed; the pretrained rows (compute dtype) ride along
+    when ``base`` is given (for methods that need them), else the chunk has none."""
     s, e = read_bounds(block.shape, block.start, block.stop)
-    return Chunk(block, None, [v.get_rows(block.name, s, e) for v in vectors])
+    b = _base_rows(block, base) if base is not None else None
+    return Chunk(block, b, [v.get_rows(block.name, s, e) for v in vectors])

@@ -36,11 +36,13 @@ Finish = Callable[[Chunk, Tensor, Tensor | None], Tensor]
 class SequentialExecutor:
     """Forms every chunk on the calling thread, as fresh tensors (views of in-memory sources where possible).
 
-    ``base`` None: ``experts`` are task vectors already formed (no pretrained block in the chunks).
+    ``base`` None: ``experts`` are task vectors already formed (no pretrained block in the chunks). ``formed``:
+    they are task vectors already formed over ``base``, whose rows ride along in the chunks.
     """
 
-    def __init__(self, base: TensorSource | None, experts: Sequence[TensorSource]) -> None:
+    def __init__(self, base: TensorSource | None, experts: Sequence[TensorSource], formed: bool = False) -> None:
         self.base, self.experts = base, list(experts)
+        self.formed = formed or base is None
 
     @property
     def n_tasks(self) -> int:
@@ -51,7 +53,10 @@ class SequentialExecutor:
     ) -> Iterator[tuple[Chunk, Any]]:
         """``(chunk, fn(chunk))`` for every block, in order (``parallel`` is accepted and means nothing here)."""
         for b in blocks:
-            chunk = vector_chunk(b, self.experts) if self.base is None else load_chunk(b, self.base, self.experts)
+            if self.formed or self.base is None:
+                chunk = vector_chunk(b, self.experts, self.base)
+            else:
+                chunk = load_chunk(b, self.base, self.experts)
             yield chunk, fn(chunk)
 
 
@@ -101,12 +106,21 @@ def run_passes(
     """
     parallel = bool(method.parallel_chunks)
     fold = deferred is not None and folds(method, executor.n_tasks)
+    needs_base = bool(method.needs_base)
+
+    def located(c: Chunk) -> Block:
+        """The block the hooks see: with the pretrained rows for a method that declares ``needs_base``."""
+        if not needs_base:
+            return c.block
+        assert c.base is not None, "a method that needs the pretrained weights was handed task vectors alone"
+        return c.block._replace(base=c.base)
+
     method.begin(list(dict.fromkeys(b.name for b in blocks)))
     for p in range(method.stat_passes - (1 if fold else 0)):
         bar = tqdm(total=len(blocks), desc=f"statistics pass {p + 1}/{method.stat_passes}", disable=not progress)
 
         def stats(c: Chunk, p: int = p) -> Any:
-            return method.chunk_statistics(p, c.block, c.vectors)
+            return method.chunk_statistics(p, located(c), c.vectors)
 
         for chunk, st in executor.map(blocks, stats, parallel):
             method.add_statistics(p, chunk.block, st)
@@ -116,10 +130,10 @@ def run_passes(
 
     def merge(c: Chunk) -> Any:
         if not fold:
-            delta = method.merge_chunk(c.block, c.vectors)
+            delta = method.merge_chunk(located(c), c.vectors)
             return finish(c, delta, None) if finish is not None else delta
         assert isinstance(method, FoldsLastPass)
-        delta, stat, alt = method.merge_chunk_folded(c.block, c.vectors)
+        delta, stat, alt = method.merge_chunk_folded(located(c), c.vectors)
         if alt is not None and finish is not None:
             alt = (alt[0], finish(c, alt[1], alt[0]))
         return (finish(c, delta, None) if finish is not None else delta), stat, alt
@@ -161,14 +175,27 @@ def _gather(stream: Iterator[tuple[Chunk, Tensor]]) -> dict[str, Tensor]:
 
 
 def combine_in_memory(
-    method: ChunkMethod, vectors: Sequence[Mapping[str, Tensor]], chunk_elems: int | None = DEFAULT_CHUNK_ELEMS
+    method: ChunkMethod,
+    vectors: Sequence[Mapping[str, Tensor]],
+    chunk_elems: int | None = DEFAULT_CHUNK_ELEMS,
+    base: Mapping[str, Tensor] | None = None,
 ) -> StateDict:
-    """The merged task vector of in-memory task vectors (the same passes as a streaming merge)."""
+    """The merged task vector of in-memory task vectors (the same passes as a streaming merge).
+
+    ``base``: the pretrained weights the vectors were formed against, required by a method that ``needs_base``.
+    """
     if not vectors:
         raise ValueError("at least one task vector is needed")
+    if method.needs_base and base is None:
+        raise ValueError(
+            f"{type(method).__name__} merges the models' weights, not task vectors alone: pass the pretrained "
+            "weights (base=...)"
+        )
     names = list(vectors[0])
     blocks = method_blocks(method, names, {n: tuple(vectors[0][n].shape) for n in names}, chunk_elems)
-    return _gather(run_passes(method, blocks, SequentialExecutor(None, [DictSource(v) for v in vectors])))
+    source = DictSource(base) if base is not None else None
+    executor = SequentialExecutor(source, [DictSource(v) for v in vectors], formed=True)
+    return _gather(run_passes(method, blocks, executor))
 
 
 def merge_in_memory(

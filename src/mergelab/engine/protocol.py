@@ -41,11 +41,16 @@ class ChunkMethod(ABC):
         parallel_chunks: opt-in: :meth:`chunk_statistics` and :meth:`merge_chunk` are pure functions of their
             arguments and of the state set by :meth:`end_pass` (thread-safe), so the driver may run them on
             several threads. Off by default: the hooks then run on one thread, in block order.
+        needs_base: opt-in, for methods defined on the models' weights rather than on task vectors (SLERP,
+            Karcher mean): every hook's ``block`` then carries the pretrained rows, ``block.base`` (read-only,
+            compute dtype), so theta_t = block.base + tau_t. The chunks hold them anyway, so this costs other
+            methods nothing; merging task vectors alone (no pretrained weights) refuses such a method.
     """
 
     stat_passes: int = 0
     elementwise: bool = True
     parallel_chunks: bool = False
+    needs_base: bool = False
 
     def begin(self, names: Sequence[str]) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Reset the method's statistics before the first pass over the tensors ``names``."""

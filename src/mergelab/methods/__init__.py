@@ -8,10 +8,12 @@ from mergelab.methods.dare import DARE
 from mergelab.methods.della import DELLA
 from mergelab.methods.fisher import FisherMerging
 from mergelab.methods.isotropic import IsoC, IsoCTS
+from mergelab.methods.karcher import KarcherMean
 from mergelab.methods.metagpt import MetaGPT
 from mergelab.methods.model_stock import ModelStock
 from mergelab.methods.regmean import RegMean
 from mergelab.methods.sce import SCE
+from mergelab.methods.slerp import SLERP
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.task_singular_vectors import TSVM
 from mergelab.methods.ties import TIES
@@ -22,6 +24,7 @@ __all__ = [
     "DARE",
     "DELLA",
     "SCE",
+    "SLERP",
     "TIES",
     "TSVM",
     "AdaMerging",
@@ -29,6 +32,7 @@ __all__ = [
     "FisherMerging",
     "IsoC",
     "IsoCTS",
+    "KarcherMean",
     "MergeMethod",
     "MetaGPT",
     "ModelStock",

@@ -120,9 +120,12 @@ class TaskVectorMethod(MergeMethod, ChunkMethod):
     def merge(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
         return merge_in_memory(self, base, experts)
 
-    def combine(self, vectors: Sequence[Mapping[str, Tensor]]) -> tv.StateDict:
-        """The merged task vector of in-memory task vectors."""
-        return combine_in_memory(self, vectors)
+    def combine(
+        self, vectors: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None = None
+    ) -> tv.StateDict:
+        """The merged task vector of in-memory task vectors (formed against ``base``, which a method that
+        ``needs_base`` requires)."""
+        return combine_in_memory(self, vectors, base=base)
 
 
 class WrappedMethod(TaskVectorMethod):
@@ -135,7 +138,7 @@ class WrappedMethod(TaskVectorMethod):
     def __init__(self, inner: Any, option: str) -> None:
         self.inner: TaskVectorMethod = build_method(inner, option, TaskVectorMethod)
         self.stat_passes, self.elementwise = self.inner.stat_passes, self.inner.elementwise
-        self.parallel_chunks = self.inner.parallel_chunks
+        self.parallel_chunks, self.needs_base = self.inner.parallel_chunks, self.inner.needs_base
         self._view: Any = None  # the pool as inner sees it (ModelPool.transformed), formed once per pool
 
     @abstractmethod

@@ -73,9 +73,13 @@ class DARE(WrappedMethod, Sparsifier):
         return out
 
     def combine(
-        self, vectors: Sequence[Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]] | None = None
+        self,
+        vectors: Sequence[Mapping[str, Tensor]],
+        masks: Sequence[Mapping[str, Tensor]] | None = None,
+        base: Mapping[str, Tensor] | None = None,
     ) -> tv.StateDict:
-        """The merged task vector; with ``masks`` (True = keep) injected instead of drawn."""
+        """The merged task vector; with ``masks`` (True = keep) injected instead of drawn (``base``: see
+        :meth:`TaskVectorMethod.combine`)."""
         if masks is not None:
-            return combine_in_memory(self.inner, self.drop(vectors, masks))
-        return super().combine(vectors)
+            return combine_in_memory(self.inner, self.drop(vectors, masks), base=base)
+        return super().combine(vectors, base)

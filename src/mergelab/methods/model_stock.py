@@ -13,17 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block
 from mergelab.methods.base import TaskVectorMethod
-
-
-def _row_dots(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b) of each row in float64 (each element for a 0-/1-D tensor): a function of the row alone, so exact
-    sums of them do not depend on how the tensor is cut into row blocks."""
-    if a.dim() <= 1:
-        return (a.reshape(-1).to(torch.float64) * b.reshape(-1).to(torch.float64)).reshape(-1)
-    return (a.reshape(a.shape[0], -1).to(torch.float64) * b.reshape(b.shape[0], -1).to(torch.float64)).sum(1)
+from mergelab.methods.tensor_gram import TensorGrams
 
 
 def interpolation(cos: Tensor | float, n: int) -> Tensor | float:
@@ -68,38 +60,27 @@ class ModelStock(TaskVectorMethod):
         return not self.filter_wise or len(block.shape) < 2
 
     def begin(self, names: Sequence[str]) -> None:
-        self._dots: dict[str, list[list[Tensor]]] = {}
+        self._grams = TensorGrams()
         self._t: dict[str, float] = {}
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         if len(vectors) < 2:
             raise ValueError(f"Model Stock needs at least 2 experts (the base plus two or more), got {len(vectors)}")
-        if not self._whole(block):
-            return None
-        n = len(vectors)
-        return [_row_dots(vectors[i], vectors[j]) for i in range(n) for j in range(i, n)]
+        return TensorGrams.block_parts(vectors) if self._whole(block) else None
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
         if stats is not None:
-            acc = self._dots.setdefault(block.name, [[] for _ in stats])
-            for a, s in zip(acc, stats, strict=True):
-                a.append(s)
+            self._grams.add(block.name, stats)
 
     def end_pass(self, pass_idx: int) -> None:
-        for name, parts in self._dots.items():
-            sums = iter([tv.exact_sum(p) for p in parts])
-            n = round(((8 * len(parts) + 1) ** 0.5 - 1) / 2)  # len(parts) = n (n + 1) / 2
-            gram = torch.zeros(n, n, dtype=torch.float64)
-            for i in range(n):
-                for j in range(i, n):
-                    gram[i, j] = gram[j, i] = next(sums)
+        for name, gram in self._grams.matrices().items():
+            n = gram.shape[0]
             norms = gram.diagonal().sqrt()
             cos = [
                 float((gram[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
                 for i, j in itertools.combinations(range(n), 2)
             ]
             self._t[name] = float(interpolation(sum(cos) / len(cos), n))
-        self._dots = {}
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         mean = vectors[0].clone()

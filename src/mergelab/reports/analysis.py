@@ -183,6 +183,7 @@ class _Analysis(ChunkMethod):
         self.method, self.transform = method, transformation(method)
         self.stat_passes = method.stat_passes if self.transform is not None else 0
         self.elementwise = bool(getattr(method, "elementwise", True))
+        self.needs_base = self.transform is not None and bool(getattr(method, "needs_base", False))
         self.before = StageStatistics(n_tasks)
         self.after = StageStatistics(n_tasks) if self.transform is not None else None
 
