@@ -8,13 +8,13 @@ computes:
 
 - ``fit``: the default fit on the six embedded experts (row, l2, alpha 0.1, Adam, lr 0.01 x rms(tau); ``--steps``):
   sha256 of delta's bytes and of the history, L_O at steps 0 and 1 and at the end, the best steps, the time;
-- ``compare``: the 300-step default fit of an older awd_fit/awd_module (``--old``, e.g. copied from
+- ``compare``: the 300-step default fit of an older AWD implementation (``--old``, e.g. copied from
   ``git show HEAD:...``) and of this checkout, one thread each: time, best steps and the difference of the deltas.
 
 The other trained artifacts (experts, AdaMerging's coefficients, Fisher/RegMean statistics) are not measured here.
 
     python experiments/awd_kernels.py --only fit --steps 20 [--configs avx512/1,default/1,...]   # this checkout
-    python experiments/awd_kernels.py --only fit --steps 20 --old /tmp/awdk/old      # an older awd_fit/awd_module
+    python experiments/awd_kernels.py --only fit --steps 20 --old /tmp/awdk/old      # an older AWD (AWD_MODULES)
     python experiments/awd_kernels.py --only compare --old /tmp/awdk/old             # 300 steps, older vs this one
 """
 
@@ -34,6 +34,9 @@ from pathlib import Path
 from kernel_choices import ROOT, cpu_seconds, run_in_process, table_experts  # experiments/, beside this file
 
 OUT = ROOT / "experiments" / "awd_kernels.json"
+
+#: AWD's modules under mergelab/methods, each after the ones it imports (what ``--old`` replaces).
+AWD_MODULES = ("awd_arithmetic", "awd_objective", "awd_fit", "awd_module")
 
 #: Kernel choices: (name, environment, torch threads). ``ATEN_CPU_CAPABILITY`` picks torch's own kernels (SIMD
 #: width of its vectorised loops and reductions); ``MKL_ENABLE_INSTRUCTIONS`` caps the instruction set of MKL's
@@ -69,7 +72,8 @@ def sha(*tensors: object) -> str:
 
 
 def setup_child(threads: int, old: str | None) -> None:
-    """Threads, mkldnn, and (``old``) an older awd_fit/awd_module imported in place of this checkout's."""
+    """Threads, mkldnn, and (``old``) an older AWD implementation imported in place of this checkout's: each of
+    its modules the dir holds (an older checkout has only awd_fit and awd_module), dependencies first."""
     import torch
 
     torch.set_num_threads(threads)
@@ -78,9 +82,11 @@ def setup_child(threads: int, old: str | None) -> None:
     if old:
         import importlib.util
 
-        for mod in ("awd_fit", "awd_module"):
-            name = f"mergelab.methods.{mod}"
-            spec = importlib.util.spec_from_file_location(name, Path(old) / f"{mod}.py")
+        for mod in AWD_MODULES:
+            name, path = f"mergelab.methods.{mod}", Path(old) / f"{mod}.py"
+            if not path.is_file():
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -118,8 +124,9 @@ CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False, "ena
 
 def child_fit(steps: int) -> dict:
     """The default fit on the embedded experts."""
-    from mergelab.methods.awd_fit import Objective, OptimizerConfig
+    from mergelab.methods.awd_fit import OptimizerConfig
     from mergelab.methods.awd_module import fit_delta
+    from mergelab.methods.awd_objective import Objective
 
     names, shapes, load = embedded_problem()
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -144,8 +151,9 @@ def save_delta(path: str, steps: int) -> dict:
     across implementations."""
     from safetensors.torch import save_file
 
-    from mergelab.methods.awd_fit import Objective, OptimizerConfig
+    from mergelab.methods.awd_fit import OptimizerConfig
     from mergelab.methods.awd_module import fit_delta
+    from mergelab.methods.awd_objective import Objective
 
     names, shapes, load = embedded_problem()
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -167,7 +175,7 @@ def save_delta(path: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="fit", help="comma-separated measurements: fit, compare")
-    ap.add_argument("--old", default=None, help="dir holding an older awd_fit.py and awd_module.py")
+    ap.add_argument("--old", default=None, help="dir holding an older AWD_MODULES (.py)")
     ap.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

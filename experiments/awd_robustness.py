@@ -39,8 +39,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergelab.methods.awd_fit import Objective, OptimizerConfig, fixed_sum, objective_terms, tau_gram
+from mergelab.methods.awd_arithmetic import fixed_sum
+from mergelab.methods.awd_fit import OptimizerConfig
 from mergelab.methods.awd_module import fit_delta
+from mergelab.methods.awd_objective import Objective, objective_terms, tau_gram
 
 CPU = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False}
 POOLS = ("embedded", "embedded_x0.1", "smollm2", "clip")

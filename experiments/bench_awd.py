@@ -117,8 +117,9 @@ def child(name: str) -> None:
 
     import torch
 
-    from mergelab.methods.awd_fit import Objective, OptimizerConfig
+    from mergelab.methods.awd_fit import OptimizerConfig
     from mergelab.methods.awd_module import fit_delta
+    from mergelab.methods.awd_objective import Objective
 
     spec = RUNS[name]
     names, shapes, load, n_tasks = embedded_loader() if spec["pool"] == "embedded" else llama_loader()

@@ -17,17 +17,10 @@ import torch.nn.functional as F
 from mergelab import task_vectors as tv
 from mergelab.engine.passes import combine_in_memory
 from mergelab.methods import AWD, TIES, TaskArithmetic
-from mergelab.methods.awd_fit import (
-    Objective,
-    OptimizerConfig,
-    RowProducts,
-    cosines,
-    fixed_sum,
-    objective_terms,
-    stack_rows,
-    tau_gram,
-)
+from mergelab.methods.awd_arithmetic import fixed_sum
+from mergelab.methods.awd_fit import OptimizerConfig
 from mergelab.methods.awd_module import fit_delta
+from mergelab.methods.awd_objective import Objective, RowProducts, cosines, objective_terms, stack_rows, tau_gram
 from mergelab.run import method_candidates, run
 from tests.conftest import ListPool, make_cfg
 

@@ -27,8 +27,9 @@ def fit_hashes() -> dict[str, str]:
     norms and SGD with momentum."""
     import hashlib
 
-    from mergelab.methods.awd_fit import Objective, OptimizerConfig
+    from mergelab.methods.awd_fit import OptimizerConfig
     from mergelab.methods.awd_module import fit_delta
+    from mergelab.methods.awd_objective import Objective
 
     # Integers, not randn: randn's own kernel (Box-Muller with vectorised log/sin) differs with the capability.
     g = torch.Generator().manual_seed(5)

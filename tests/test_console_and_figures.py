@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from mergelab.io.atomic import figure_format
 from mergelab.methods import AdaMerging
 from mergelab.methods import awd as awd_module
-from mergelab.reports import sweep as sweep_module
-from mergelab.reports.sweep import SweepSummary, write_summary
+from mergelab.reports import sweep_plots
+from mergelab.reports.sweep_summary import SweepSummary, write_summary
 from mergelab.reports.tables import (
     markdown_table,
     percent,
@@ -421,8 +421,8 @@ def test_adamerging_plot_and_sweep_summary_follow_the_format(tmp_path: Path, mon
 def recorded_sweep_figure(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The axes of the figure :func:`write_summary` draws for ``sweep`` (None: none drawn)."""
     saved: list[Any] = []
-    save = sweep_module.atomic_save_figure
-    monkeypatch.setattr(sweep_module, "atomic_save_figure", lambda fig, path: saved.append(fig) or save(fig, path))
+    save = sweep_plots.atomic_save_figure
+    monkeypatch.setattr(sweep_plots, "atomic_save_figure", lambda fig, path: saved.append(fig) or save(fig, path))
     write_summary(sweep)
     return saved[-1].axes[0] if saved else None
 

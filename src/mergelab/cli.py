@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mergelab.errors import MergelabError
 from mergelab.locations import CONFIG_DIR, ROOT_DIR, output_root
 from mergelab.overrides import override_key
-from mergelab.reports import sweep
-from mergelab.reports.sweep import FAILED_FILE, METRICS_FILE
+from mergelab.reports import sweep_summary
+from mergelab.reports.sweep import FAILED_FILE, METRICS_FILE, STOPPED
 
 log = logging.getLogger("mergelab")
 
@@ -243,7 +243,7 @@ def close_progress_bars() -> None:
 def interrupted_line(argv: list[str]) -> str:
     """What Ctrl-C leaves, in one line: for a sweep, the jobs done (its summary is rewritten) and the command that
     resumes it; for a single run, whether it finished and the command that reruns it in its dir."""
-    state = sweep.interrupted()
+    state = sweep_summary.interrupted()
     if state is not None:
         done, n, resume, local = state
         line = f"{done} of {n} job(s) done"
@@ -317,7 +317,7 @@ def main() -> None:
     except BaseException as e:
         if not (INTERRUPTED or isinstance(e, KeyboardInterrupt)):
             with contextlib.suppress(Exception):  # a sweep stopped by an error: its summary says so
-                sweep.interrupted(sweep.STOPPED)
+                sweep_summary.interrupted(STOPPED)
             raise
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
         close_progress_bars()

@@ -21,7 +21,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from torch import Tensor
@@ -241,17 +241,32 @@ def read_header(path: Path, name: str | None = None) -> tuple[dict[str, Any], in
     who = f"{name}: " if name else ""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{who}{path} is not a safetensors file: {size} bytes, too short for the header length")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES:
-            raise ValueError(f"{who}{path} is not a safetensors file: header length {n} (the limit is 100 MB)")
-        if 8 + n > size:
-            raise ValueError(
-                f"{who}{path} is not a safetensors file or is truncated: header length {n} runs past its {size} bytes"
-            )
+        n = _header_length(f, size, path, who)
         blob = f.read(n)
+    header = _header_object(blob, path, who)
+    spans = [(*_tensor_span(info, f"{who}tensor '{key}' in {path}"), key) for key, info in header.items()]
+    _check_data_layout(spans, size - 8 - n, path, who)
+    return header, 8 + n
+
+
+def _header_length(f: BinaryIO, size: int, path: Path, who: str) -> int:
+    """Read the 8-byte header length at the start of ``f`` (a file of ``size`` bytes) and check that the header fits
+    the file and the limit."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{who}{path} is not a safetensors file: {size} bytes, too short for the header length")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"{who}{path} is not a safetensors file: header length {n} (the limit is 100 MB)")
+    if 8 + n > size:
+        raise ValueError(
+            f"{who}{path} is not a safetensors file or is truncated: header length {n} runs past its {size} bytes"
+        )
+    return n
+
+
+def _header_object(blob: bytes, path: Path, who: str) -> dict[str, Any]:
+    """The header's bytes parsed as a JSON object of tensor entries, its ``__metadata__`` checked and removed."""
     try:
         header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError as e:
@@ -273,35 +288,42 @@ def read_header(path: Path, name: str | None = None) -> tuple[dict[str, Any], in
         for k, v in meta.items():
             if not isinstance(v, str):
                 raise ValueError(f"{who}{path}: __metadata__ '{k}' is {_json_kind(v)}, not a string")
-    spans = []
-    for key, info in header.items():
-        where = f"{who}tensor '{key}' in {path}"
-        if not isinstance(info, dict):
-            raise ValueError(f"{where}: {_json_kind(info)}, not an object with dtype, shape and data_offsets")
-        dtype = info.get("dtype")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            if "dtype" not in info:
-                raise ValueError(f"{where}: no dtype")
-            if dtype in SAFETENSORS_DTYPES:
-                raise ValueError(f"{where}: unsupported dtype {dtype} (mergelab reads {', '.join(DTYPES)})")
-            raise ValueError(f"{where}: unknown dtype {dtype!r}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
-            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        offsets = info.get("data_offsets")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
-            raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] of non-negative integers")
-        begin, end = offsets
-        if begin > end:
-            raise ValueError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
-        nbytes = math.prod(shape) * dtype_size(DTYPES[dtype])
-        if end - begin != nbytes:
-            raise ValueError(
-                f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, shape {shape} of {dtype} "
-                f"needs {nbytes}"
-            )
-        spans.append((begin, end, key))
-    # The data is the tensors back to back: anything else means some tensor would be read from another's bytes.
+    return header
+
+
+def _tensor_span(info: Any, where: str) -> tuple[int, int]:
+    """The ``[begin, end)`` data offsets of one tensor's header entry, after checking its dtype, its shape and that
+    the span holds exactly shape x itemsize bytes (``where`` names the tensor and the file in errors)."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: {_json_kind(info)}, not an object with dtype, shape and data_offsets")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        if "dtype" not in info:
+            raise ValueError(f"{where}: no dtype")
+        if dtype in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {dtype} (mergelab reads {', '.join(DTYPES)})")
+        raise ValueError(f"{where}: unknown dtype {dtype!r}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = info.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] of non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    nbytes = math.prod(shape) * dtype_size(DTYPES[dtype])
+    if end - begin != nbytes:
+        raise ValueError(
+            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, shape {shape} of {dtype} needs {nbytes}"
+        )
+    return begin, end
+
+
+def _check_data_layout(spans: list[tuple[int, int, str]], data_bytes: int, path: Path, who: str) -> None:
+    """Check that the tensors' ``(begin, end, name)`` spans tile the ``data_bytes`` after the header exactly: back to
+    back from 0, no gap, no overlap, nothing left over (anything else means some tensor would be read from another's
+    bytes)."""
     pos, prev = 0, ""
     for begin, end, key in sorted(spans):
         after = f"tensor '{prev}'" if prev else "the start of the data"
@@ -315,7 +337,6 @@ def read_header(path: Path, name: str | None = None) -> tuple[dict[str, Any], in
                 f"bytes after {after} (ending at {pos}); tensors must be contiguous"
             )
         pos, prev = end, key
-    data_bytes = size - 8 - n
     if pos > data_bytes:
         raise ValueError(
             f"{who}tensor '{prev}' is truncated in {path}: its data ends at byte {pos} of the data, the file "
@@ -326,7 +347,6 @@ def read_header(path: Path, name: str | None = None) -> tuple[dict[str, Any], in
             f"{who}{path}: {data_bytes - pos} bytes after the last tensor's data are not described by the header "
             "(not a valid safetensors file)"
         )
-    return header, 8 + n
 
 
 # O_DIRECT wants file offsets, lengths and buffer addresses aligned to the device's logical block size;

@@ -28,7 +28,8 @@ from mergelab.io.artifacts import check_artifact
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.methods.awd_fit import FitResult, History, Objective, OptimizerConfig, cosines, mean_abs_cos
+from mergelab.methods.awd_fit import FitResult, History, OptimizerConfig
+from mergelab.methods.awd_objective import Objective, cosines, mean_abs_cos
 from mergelab.methods.base import WrappedMethod, check_choice
 
 if TYPE_CHECKING:

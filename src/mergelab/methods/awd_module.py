@@ -1,7 +1,8 @@
 """AWD's optimisation as a Lightning module: delta fitted under ``trainer.fit`` (:func:`fit_delta`).
 
-Kept apart from :mod:`mergelab.methods.awd_fit` (the objective, the optimiser settings, the guard and the
-results), which every run imports to check AWD's options: Lightning is imported only when a fit runs."""
+Kept apart from :mod:`mergelab.methods.awd_objective` (the objective) and :mod:`mergelab.methods.awd_fit` (the
+optimiser settings, the guard and the results), which every run imports to check AWD's options: Lightning is
+imported only when a fit runs."""
 
 from __future__ import annotations
 
@@ -15,20 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mergelab.methods.awd_fit import (
-    FitResult,
-    GroupGuard,
-    Guard,
-    History,
-    Objective,
-    OptimizerConfig,
-    fixed_sum,
-    mean_abs_cos,
-    objective_terms,
-    row_gram,
-    row_view,
-    stack_rows,
-)
+from mergelab.methods.awd_arithmetic import fixed_sum
+from mergelab.methods.awd_fit import FitResult, GroupGuard, Guard, History, OptimizerConfig
+from mergelab.methods.awd_objective import Objective, mean_abs_cos, objective_terms, row_gram, row_view, stack_rows
 from mergelab.training.distributed import trainer_arguments
 
 
@@ -84,7 +74,8 @@ class AWDModule(L.LightningModule):
                 raise ValueError(f"AWD: task vectors of {n} have shape {tuple(v.shape[1:])}, expected {shapes[n]}")
             if v.shape[0] < 2:
                 raise ValueError(f"AWD needs at least two task vectors, got {v.shape[0]}")
-            # Row granularity reads each row's T task-vector rows together (awd_fit.RowProducts): laid out so once.
+            # Row granularity reads each row's T task-vector rows together (awd_objective.RowProducts): laid out
+            # so once.
             rows = stack_rows(v) if rowwise else row_view(v)
             # The Gram matrices in a fixed order (per row; summed over rows for tensor/model), like every product.
             gram = row_gram(rows) if rowwise else fixed_sum(row_gram(rows), dim=0)

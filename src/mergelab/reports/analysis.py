@@ -38,7 +38,7 @@ from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.io.atomic import FIGURE_FORMATS, atomic_save_figure, atomic_write_json, guard_output_dir
 from mergelab.io.atomic import figure_format as figures_in
 from mergelab.methods.awd import LAYER_INDEX
-from mergelab.methods.awd_fit import cosines, tau_gram
+from mergelab.methods.awd_objective import cosines, tau_gram
 from mergelab.methods.base import MergeMethod, WrappedMethod
 from mergelab.task_vectors import release_workspace
 

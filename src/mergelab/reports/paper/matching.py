@@ -229,34 +229,13 @@ def build_report(
     if not runs:
         raise ReportError("no runs to report")
     method_map = dict(method_map or {})
-    for name in method_map:
-        table.method(name)  # raises naming the table's methods
-    for name, row in method_map.items():
-        if not any(row in r.rows for r in runs):
-            raise ReportError(f"--map {name}={row}: no run has a row {row!r}")
-    mapped_rows = set(method_map.values())
+    _check_method_map(table, runs, method_map)
     columns = resolve_tasks(table, runs, task_map)
-    scale = UNITS[table.unit]
-    norm_scale = UNITS[table.normalized_unit]
-
-    def values(run: Run, row: str) -> dict[str, float | None]:
-        scores = run.rows[row]["scores"]
-        return {
-            t: None if col is None or col not in scores else scores[col].get(table.metric_key)
-            for t, col in columns.items()
-        }
-
     chosen: dict[tuple[int, str], str] = {}
     considered: set[tuple[int, str]] = set()
     out = []
     for method in table.methods:
-        if method.name in method_map:
-            candidates = [(r, method_map[method.name]) for r in runs if method_map[method.name] in r.rows]
-        else:
-            # A row the user assigned with --map stands for that method only.
-            candidates = [
-                (r, row) for r in runs for row in r.rows if row not in mapped_rows and _matches(method, r, row)
-            ]
+        candidates = _candidates(method, runs, method_map)
         considered.update((id(r), row) for r, row in candidates)
         pick, note = _choose(method, candidates)
         ours: dict[str, float | None] = dict.fromkeys(columns)
@@ -272,13 +251,7 @@ def build_report(
                 )
             chosen[key] = method.name
             source = run.label(row)
-            raw = values(run, row)
-            ours = {t: None if v is None else scale * v for t, v in raw.items()}
-            if all(v is not None for v in raw.values()):
-                ours_avg = scale * sum(raw.values()) / len(raw)  # type: ignore[arg-type]
-            if "experts" in run.rows:
-                value = normalized_average(raw, values(run, "experts"), definition)
-                ours_norm = None if value is None else norm_scale * value
+            ours, ours_avg, ours_norm = _our_numbers(table, run, row, columns, definition)
         paper_norm, derived = _paper_normalized(table, method, definition)
         out.append(
             ReportRow(
@@ -297,6 +270,50 @@ def build_report(
     check_something_matches(table, runs, out, columns)
     unused = tuple(r.label(row) for r in runs for row in r.rows if (id(r), row) not in considered)
     return Report(table, definition, columns, tuple(out), tuple(runs), unused)
+
+
+def _check_method_map(table: PaperTable, runs: Sequence[Run], method_map: Mapping[str, str]) -> None:
+    """Raise a ReportError unless every ``--map`` names one of the table's methods and a row some run has."""
+    for name in method_map:
+        table.method(name)  # raises naming the table's methods
+    for name, row in method_map.items():
+        if not any(row in r.rows for r in runs):
+            raise ReportError(f"--map {name}={row}: no run has a row {row!r}")
+
+
+def _candidates(method: PaperMethod, runs: Sequence[Run], method_map: Mapping[str, str]) -> list[tuple[Run, str]]:
+    """The run rows that may stand for ``method``: the row ``method_map`` names for it, else every row that
+    matches it (by name and recorded options) and that ``method_map`` does not assign to another method."""
+    if method.name in method_map:
+        return [(r, method_map[method.name]) for r in runs if method_map[method.name] in r.rows]
+    # A row the user assigned with --map stands for that method only.
+    mapped_rows = set(method_map.values())
+    return [(r, row) for r in runs for row in r.rows if row not in mapped_rows and _matches(method, r, row)]
+
+
+def _row_scores(run: Run, row: str, columns: Mapping[str, str | None], metric_key: str) -> dict[str, float | None]:
+    """``run``'s ``row`` score per paper task (``columns``: paper task -> run task), as recorded; None where the run
+    lacks the task or the score."""
+    scores = run.rows[row]["scores"]
+    return {t: None if col is None or col not in scores else scores[col].get(metric_key) for t, col in columns.items()}
+
+
+def _our_numbers(
+    table: PaperTable, run: Run, row: str, columns: Mapping[str, str | None], definition: str
+) -> tuple[dict[str, float | None], float | None, float | None]:
+    """Our per-task scores, their average (None unless every task has a score) and their normalized average under
+    ``definition`` against the experts row of the same run (None without one), in ``table``'s display units."""
+    scale = UNITS[table.unit]
+    raw = _row_scores(run, row, columns, table.metric_key)
+    ours = {t: None if v is None else scale * v for t, v in raw.items()}
+    average = None
+    if all(v is not None for v in raw.values()):
+        average = scale * sum(raw.values()) / len(raw)  # type: ignore[arg-type]
+    normalized = None
+    if "experts" in run.rows:
+        value = normalized_average(raw, _row_scores(run, "experts", columns, table.metric_key), definition)
+        normalized = None if value is None else UNITS[table.normalized_unit] * value
+    return ours, average, normalized
 
 
 def check_something_matches(

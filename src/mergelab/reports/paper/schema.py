@@ -146,75 +146,10 @@ def _decimals(value: Any, where: str) -> int:
 
 def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperTable:
     """Load and check a paper table: a name in ``tables_dir`` (e.g. ``awd_vit_b32``) or a path to a YAML file."""
-    path = Path(table)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        path = Path(tables_dir) / f"{table}.yaml"
-        if not path.is_file():
-            raise ReportError(
-                f"unknown table '{table}'; available: {', '.join(available_tables(tables_dir)) or '(none)'}"
-                f" (in {tables_dir}), or pass a path to a table YAML"
-            )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ReportError(f"{path}: not valid YAML: {e}") from None
-    doc = mapping(raw, str(path))
-    for key in ("name", "title", "metric", "tasks", "methods"):
-        if key not in doc:
-            raise ReportError(f"{path}: missing key '{key}'")
-    if doc["name"] != path.stem:
-        raise ReportError(f"{path}: name: {doc['name']!r} differs from the file name {path.stem!r}")
-
-    tasks = []
-    if not isinstance(doc["tasks"], list) or not doc["tasks"]:
-        raise ReportError(f"{path}: tasks: expected a non-empty list")
-    for i, t in enumerate(doc["tasks"]):
-        where = f"{path}: tasks[{i}]"
-        t = mapping(t, where)
-        if not isinstance(t.get("name"), str):
-            raise ReportError(f"{where}: missing the task's name")
-        info = {k: v for k, v in t.items() if k not in ("name", "aliases")}
-        tasks.append(PaperTask(t["name"], strings(t.get("aliases", []), f"{where}.aliases"), info))
-    task_names = [t.name for t in tasks]
-    if len(set(task_names)) != len(task_names):
-        raise ReportError(f"{path}: tasks: duplicate task names in {task_names}")
-
-    methods = []
-    if not isinstance(doc["methods"], list) or not doc["methods"]:
-        raise ReportError(f"{path}: methods: expected a non-empty list")
-    for i, m in enumerate(doc["methods"]):
-        m = mapping(m, f"{path}: methods[{i}]")
-        if not isinstance(m.get("name"), str):
-            raise ReportError(f"{path}: methods[{i}]: missing the method's name")
-        where = f"{path}: methods[{i}] ({m['name']})"
-        unknown = set(m) - {"name", "method", "rows", "options", "scores", "average", "normalized", "source"}
-        if unknown:
-            raise ReportError(f"{where}: unknown keys {sorted(unknown)}")
-        method = m.get("method")
-        if method is not None and not isinstance(method, str):
-            raise ReportError(f"{where}.method: expected a method name or null, got {method!r}")
-        rows = strings(m["rows"], f"{where}.rows") if "rows" in m else ((method,) if method else ())
-        scores = dict(mapping(m.get("scores") or {}, f"{where}.scores"))
-        for task, value in scores.items():
-            if task not in task_names:
-                raise ReportError(f"{where}.scores: unknown task {task!r} (tasks: {', '.join(task_names)})")
-            scores[task] = number(value, f"{where}.scores.{task}")
-        methods.append(
-            PaperMethod(
-                name=m["name"],
-                method=method,
-                rows=rows,
-                options=dict(mapping(m.get("options") or {}, f"{where}.options")),
-                scores=scores,
-                average=_optional_number(m.get("average"), f"{where}.average"),
-                normalized=_optional_number(m.get("normalized"), f"{where}.normalized"),
-                source=m.get("source"),
-            )
-        )
-    method_names = [m.name for m in methods]
-    if len(set(method_names)) != len(method_names):
-        raise ReportError(f"{path}: methods: duplicate method names in {method_names}")
-
+    path = _table_path(table, tables_dir)
+    doc = _table_document(path)
+    tasks = _load_tasks(doc["tasks"], path)
+    methods = _load_methods(doc["methods"], path, [t.name for t in tasks])
     unit = choice(doc.get("unit", "percent"), list(UNITS), f"{path}: unit")
     decimals = _decimals(doc.get("decimals", 2), f"{path}: decimals")
     norm = mapping(doc.get("normalized") or {"definition": "none"}, f"{path}: normalized")
@@ -230,9 +165,96 @@ def load_table(table: str | Path, tables_dir: str | Path = PAPERS_DIR) -> PaperT
         normalized=choice(norm.get("definition", "none"), DEFINITIONS, f"{path}: normalized.definition"),
         normalized_unit=choice(norm.get("unit", unit), list(UNITS), f"{path}: normalized.unit"),
         normalized_decimals=_decimals(norm.get("decimals", decimals), f"{path}: normalized.decimals"),
-        tasks=tuple(tasks),
-        methods=tuple(methods),
+        tasks=tasks,
+        methods=methods,
         path=path,
+    )
+
+
+def _table_path(table: str | Path, tables_dir: str | Path) -> Path:
+    """The YAML file of ``table``: the path itself when it is a YAML file, else ``tables_dir/<table>.yaml``."""
+    path = Path(table)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        path = Path(tables_dir) / f"{table}.yaml"
+        if not path.is_file():
+            raise ReportError(
+                f"unknown table '{table}'; available: {', '.join(available_tables(tables_dir)) or '(none)'}"
+                f" (in {tables_dir}), or pass a path to a table YAML"
+            )
+    return path
+
+
+def _table_document(path: Path) -> Mapping[str, Any]:
+    """The table's YAML mapping, checked to hold the required keys and the file's own name."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ReportError(f"{path}: not valid YAML: {e}") from None
+    doc = mapping(raw, str(path))
+    for key in ("name", "title", "metric", "tasks", "methods"):
+        if key not in doc:
+            raise ReportError(f"{path}: missing key '{key}'")
+    if doc["name"] != path.stem:
+        raise ReportError(f"{path}: name: {doc['name']!r} differs from the file name {path.stem!r}")
+    return doc
+
+
+def _load_tasks(value: Any, path: Path) -> tuple[PaperTask, ...]:
+    """The table's ``tasks``: a non-empty list of ``{name, aliases, ...}`` with distinct names."""
+    tasks = []
+    if not isinstance(value, list) or not value:
+        raise ReportError(f"{path}: tasks: expected a non-empty list")
+    for i, t in enumerate(value):
+        where = f"{path}: tasks[{i}]"
+        t = mapping(t, where)
+        if not isinstance(t.get("name"), str):
+            raise ReportError(f"{where}: missing the task's name")
+        info = {k: v for k, v in t.items() if k not in ("name", "aliases")}
+        tasks.append(PaperTask(t["name"], strings(t.get("aliases", []), f"{where}.aliases"), info))
+    task_names = [t.name for t in tasks]
+    if len(set(task_names)) != len(task_names):
+        raise ReportError(f"{path}: tasks: duplicate task names in {task_names}")
+    return tuple(tasks)
+
+
+def _load_methods(value: Any, path: Path, task_names: Sequence[str]) -> tuple[PaperMethod, ...]:
+    """The table's ``methods``: a non-empty list of method entries (:func:`_load_method`) with distinct names."""
+    if not isinstance(value, list) or not value:
+        raise ReportError(f"{path}: methods: expected a non-empty list")
+    methods = [_load_method(m, f"{path}: methods[{i}]", task_names) for i, m in enumerate(value)]
+    method_names = [m.name for m in methods]
+    if len(set(method_names)) != len(method_names):
+        raise ReportError(f"{path}: methods: duplicate method names in {method_names}")
+    return tuple(methods)
+
+
+def _load_method(value: Any, at: str, task_names: Sequence[str]) -> PaperMethod:
+    """One entry of the table's ``methods`` (``at``: where it is, for errors), its scores over ``task_names``."""
+    m = mapping(value, at)
+    if not isinstance(m.get("name"), str):
+        raise ReportError(f"{at}: missing the method's name")
+    where = f"{at} ({m['name']})"
+    unknown = set(m) - {"name", "method", "rows", "options", "scores", "average", "normalized", "source"}
+    if unknown:
+        raise ReportError(f"{where}: unknown keys {sorted(unknown)}")
+    method = m.get("method")
+    if method is not None and not isinstance(method, str):
+        raise ReportError(f"{where}.method: expected a method name or null, got {method!r}")
+    rows = strings(m["rows"], f"{where}.rows") if "rows" in m else ((method,) if method else ())
+    scores = dict(mapping(m.get("scores") or {}, f"{where}.scores"))
+    for task, score in scores.items():
+        if task not in task_names:
+            raise ReportError(f"{where}.scores: unknown task {task!r} (tasks: {', '.join(task_names)})")
+        scores[task] = number(score, f"{where}.scores.{task}")
+    return PaperMethod(
+        name=m["name"],
+        method=method,
+        rows=rows,
+        options=dict(mapping(m.get("options") or {}, f"{where}.options")),
+        scores=scores,
+        average=_optional_number(m.get("average"), f"{where}.average"),
+        normalized=_optional_number(m.get("normalized"), f"{where}.normalized"),
+        source=m.get("source"),
     )
 
 
