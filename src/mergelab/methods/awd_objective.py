@@ -224,14 +224,6 @@ class RowCosines(torch.autograd.Function):
         return None, da, dsq
 
 
-def gram_of_differences(tau: Tensor, delta: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Gram matrix ``[T, T]`` of ``tau_t - delta`` from ``gram`` = :func:`tau_gram` ``(tau)`` and delta's squared norm
-    (:class:`RowProducts` over the rows, summed over rows), never materialising the T differences."""
-    a, sq = RowProducts.apply(row_view(tau), delta)
-    a, sq = fixed_sum(a, dim=0), fixed_sum(sq)
-    return gram - a[:, None] - a[None, :] + sq, sq
-
-
 def objective_terms(
     objective: Objective,
     taus: Sequence[Tensor],
