@@ -1,11 +1,11 @@
 """How far each row of a results table moves between runs made under different CPU kernel choices.
 
-Each ``--run NAME=DIR`` is one complete run of the same table (its ``metrics.json``), made on this machine with
-torch's and MKL's kernels forced to one choice (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``; see
-``kernel_choices.py``), from its own expert cache, so that everything trained or optimised (experts, statistics,
-AdaMerging's coefficients, AWD's delta) is rebuilt under that choice. The result states, per row, every run's
-average and per-task accuracy and the spread (largest minus smallest, in points), which ``scripts/docs_regions.py``
-shows beside the committed table::
+Each ``--run NAME=DIR`` is one run of the same table (its ``results.csv``; rows it has not written yet are left
+out), made on this machine with torch's and MKL's kernels forced to one choice (``ATEN_CPU_CAPABILITY``,
+``MKL_ENABLE_INSTRUCTIONS``; see ``kernel_choices.py``), from its own expert cache, so that everything trained or
+optimised (experts, statistics, AdaMerging's coefficients, AWD's delta) is rebuilt under that choice. The result
+states, per row, every run's average and per-task accuracy and the spread (largest minus smallest, in points),
+which ``scripts/docs_regions.py`` shows beside the committed table::
 
     python experiments/table_spread.py --run avx512=/tmp/tables/avx512 --run avx2=/tmp/tables/avx2 \
         --env avx2="ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" \
@@ -15,6 +15,7 @@ shows beside the committed table::
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -22,19 +23,20 @@ from pathlib import Path
 from typing import Any
 
 
-def load_rows(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
-    """The tasks and rows of ``run_dir``'s ``metrics.json``; exits naming the file when it is not a table run."""
-    path = run_dir / "metrics.json"
+def load_rows(run_dir: Path) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The tasks and the rows written so far of ``run_dir``'s ``results.csv`` (points, as the table prints them; a
+    table writes each row as it finishes, so an unfinished run gives its finished rows); exits naming the file
+    when it is not a table's results."""
+    path = run_dir / "results.csv"
     try:
-        data = json.loads(path.read_text())
-        return list(data["tasks"]), dict(data["rows"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{path}: not a finished table run's metrics.json ({e})") from None
-
-
-def points(score: Any) -> float | None:
-    """An accuracy in [0, 1] as points (%), rounded as the table prints it; None for a missing score."""
-    return round(100 * score, 2) if isinstance(score, int | float) else None
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            tasks = fields[1 : fields.index("avg_acc")]
+            rows = {r["method"]: {k: float(r[k]) for k in (*tasks, "avg_acc") if r.get(k)} for r in reader}
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a table run's results.csv ({e})") from None
+    return tasks, rows
 
 
 def spread(values: list[float | None]) -> float | None:
@@ -44,24 +46,18 @@ def spread(values: list[float | None]) -> float | None:
 
 
 def row_spread(name: str, runs: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
-    """One row across the runs: each run's average and task scores, and the spreads."""
-    avg = {run: points((rows.get(name) or {}).get("avg_acc")) for run, rows in runs.items()}
-    per_task = {
-        task: {
-            run: points(((rows.get(name) or {}).get("scores") or {}).get(task, {}).get("acc"))
-            for run, rows in runs.items()
-        }
-        for task in tasks
-    }
+    """One row across the runs: each run's average and task scores (None: that run has not written the row), and
+    the spreads."""
+    avg = {run: (rows.get(name) or {}).get("avg_acc") for run, rows in runs.items()}
+    per_task = {task: {run: (rows.get(name) or {}).get(task) for run, rows in runs.items()} for task in tasks}
     task_spreads = {task: spread(list(scores.values())) for task, scores in per_task.items()}
-    moved = [t for t, s in task_spreads.items() if s]
     return {
         "avg_acc": avg,
         "avg_spread": spread(list(avg.values())),
         "task_acc": per_task,
         "task_spread": task_spreads,
         "max_task_spread": max((s for s in task_spreads.values() if s is not None), default=None),
-        "tasks_moved": moved,
+        "tasks_moved": [t for t, s in task_spreads.items() if s],
     }
 
 

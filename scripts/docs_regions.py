@@ -326,7 +326,7 @@ def kernel_spreads(root: Path, name: str) -> dict[str, str] | None:
     out = {}
     for row, r in rows.items():
         value = r.get("avg_spread") if isinstance(r, dict) else None
-        out[row] = "-" if not isinstance(value, int | float) else f"{value:.2f}"
+        out[row] = "not measured" if not isinstance(value, int | float) else f"{value:.2f}"
     return out
 
 
