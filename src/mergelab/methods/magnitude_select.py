@@ -1,4 +1,4 @@
-"""Exact k-th largest magnitudes: a full sort in memory, or a two-level radix select over blocks streamed in order.
+"""Exact k-th largest magnitudes: in memory (:func:`kth_largest`), or by a two-level radix select over blocks streamed.
 
 The radix select's per-block histograms (:func:`high_histograms`, :func:`low_histograms`) are what
 :class:`mergelab.methods.magnitude_threshold.MagnitudeRanks` accumulates over a model's blocks; :func:`locate_rank`
@@ -8,7 +8,7 @@ and :func:`bits_to_float` turn the accumulated histograms into the magnitude its
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,18 +19,6 @@ from mergelab.engine.scratch import workspace
 def topk_count(numel: int, k_percent: float) -> int:
     """Number of coordinates kept by a top-k% trim of ``numel`` coordinates (at least one)."""
     return max(1, math.ceil(numel * k_percent / 100.0))
-
-
-def magnitude_threshold(tensors: Iterable[Tensor], k_percent: float) -> float:
-    """Smallest magnitude among the top-k% largest-magnitude coordinates of the concatenated tensors.
-
-    Keeping ``|x| >= threshold`` keeps exactly the top-k% (plus any coordinates tied with the threshold).
-    """
-    mags = [t.detach().abs().flatten() for t in tensors]
-    rank = topk_count(sum(m.numel() for m in mags), k_percent)
-    if all(m.dtype == torch.float32 for m in mags):
-        return radix_kth_largest(mags, rank)  # the same float as kth_largest, several times faster
-    return kth_largest(mags, rank)
 
 
 # Exact top-k over a whole model without holding it (a two-level radix select): the bit pattern of a
