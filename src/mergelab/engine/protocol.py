@@ -55,8 +55,8 @@ class ChunkMethod(ABC):
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What statistics pass ``pass_idx`` takes from one block's task vectors (passed to :meth:`add_statistics`).
 
-        May overwrite ``vectors`` when they are the engine's scratch (:attr:`ChunkVectors.writable
-        <mergelab.engine.scratch.ChunkVectors>`).
+        May overwrite ``vectors`` when they are the engine's scratch (``writable``
+        :class:`~mergelab.engine.scratch.ChunkVectors`).
         """
         return None
 
