@@ -90,7 +90,13 @@ def test_the_detector_sees_a_cycle() -> None:
 
 def test_layers() -> None:
     graph = import_graph(runtime_only=True)
-    below_methods = ["mergelab.task_vectors", "mergelab.engine.chunks", "mergelab.engine.protocol"]
+    below_methods = [
+        "mergelab.task_vectors",
+        "mergelab.weight_checks",
+        "mergelab.engine.scratch",
+        "mergelab.engine.chunks",
+        "mergelab.engine.protocol",
+    ]
     for low in below_methods:
         assert not any(t.startswith("mergelab.methods") for t in graph[low]), low
     for name, targets in graph.items():

@@ -9,6 +9,7 @@ import torch
 from mergelab import task_vectors as tv
 from mergelab.engine.passes import merge_in_memory
 from mergelab.methods import DARE, TIES, TaskArithmetic, WeightAveraging
+from mergelab.weight_checks import check_compatible, check_finite
 
 SHAPES = {"layer.weight": (4, 6), "layer.bias": (6,), "other.weight": (3, 5)}
 
@@ -210,7 +211,7 @@ def test_checks_name_the_parameter() -> None:
     bad = dict(experts[0])
     bad["layer.bias"] = torch.tensor([float("nan")] * 6)
     with pytest.raises(ValueError, match=r"expert 'x': parameter 'layer\.bias' contains 6 NaN/inf"):
-        tv.check_finite(bad, "expert 'x'")
+        check_finite(bad, "expert 'x'")
     bad["layer.bias"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"parameter 'layer.bias' has shape \(7,\), pretrained has \(6,\)"):
-        tv.check_compatible(base, bad, "expert 'x'")
+        check_compatible(base, bad, "expert 'x'")

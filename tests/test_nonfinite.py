@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergelab import task_vectors as tv
 from mergelab.callbacks import MergeCallback
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
@@ -21,6 +20,7 @@ from mergelab.methods import TIES, TaskArithmetic
 from mergelab.reports.loggers import flat_metrics
 from mergelab.reports.tables import markdown_table
 from mergelab.run import run
+from mergelab.weight_checks import NonFiniteMergeError
 from tests.conftest import ListPool, make_cfg
 
 
@@ -63,7 +63,7 @@ def test_streamed_overflow_past_the_output_dtype_is_refused(
 
     monkeypatch.setattr(streaming, "PIPELINE", pipeline)
     base, experts = fp16_pool
-    with pytest.raises(tv.NonFiniteMergeError, match=rf"{type(method).__name__} merged tensor '[\w.]+' into 0 NaN"):
+    with pytest.raises(NonFiniteMergeError, match=rf"{type(method).__name__} merged tensor '[\w.]+' into 0 NaN"):
         stream_merge(method, base, experts, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".tmp-*"))
@@ -94,12 +94,12 @@ def state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tens
 
 def test_in_memory_merges_are_checked_before_use() -> None:
     pool = ListPool(state(0), [state(1), state(2)])
-    with pytest.raises(tv.NonFiniteMergeError, match=r"NaNMerge merged tensor 'a.q_proj.weight' into 12 NaN"):
+    with pytest.raises(NonFiniteMergeError, match=r"NaNMerge merged tensor 'a.q_proj.weight' into 12 NaN"):
         MergeCallback(NaNMerge(0.3), pool).merged_state()
     # float16 weights: the merge is cast back to the pretrained dtype, where 1e6 * tau overflows
     half = ListPool(state(0, torch.float16), [state(1, torch.float16), state(2, torch.float16)])
     overflow = r"TaskArithmetic merged tensor 'a\.[\w.]+' into 0 NaN and \d+ inf"
-    with pytest.raises(tv.NonFiniteMergeError, match=overflow):
+    with pytest.raises(NonFiniteMergeError, match=overflow):
         MergeCallback(TaskArithmetic(1e6), half).merged_state()
     merged = MergeCallback(TaskArithmetic(0.3), half).merged_state()
     assert merged["a.bias"].dtype == torch.float16
@@ -137,7 +137,7 @@ class NaNSingleTask(TaskArithmetic):
 )
 def test_a_run_with_a_non_finite_merge_fails_and_writes_no_result(tmp_path: Path, target: str, match: str) -> None:
     cfg = make_cfg(tmp_path / "run", ["method=task_arithmetic", f"method._target_={target}"])
-    with pytest.raises(tv.NonFiniteMergeError, match=match):
+    with pytest.raises(NonFiniteMergeError, match=match):
         run(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
     # The table written as rows finished holds the reference rows only, titled as unfinished: no merged row.

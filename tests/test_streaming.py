@@ -19,7 +19,8 @@ from mergelab.engine.passes import combine_in_memory
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import TIES, MetaGPT, TaskArithmetic, WeightAveraging
+from mergelab.methods import TIES, MetaGPT, TaskArithmetic, WeightAveraging, ties_ops
+from mergelab.methods.magnitude_select import kth_largest, radix_kth_largest
 
 VOCAB = 64
 
@@ -299,22 +300,22 @@ def test_ties_kernels_match_the_reference_bit_for_bit() -> None:
         th = [0.0] * n_tasks if trial % 4 == 0 else [float(t) for t in torch.randint(0, 4, (n_tasks,), generator=g)]
         for reduce in ("sum", "mean"):
             for majority in (1.0, -1.0, None):
-                trimmed = tv.trim(list(x), th)
-                maj = tv.majority_sign(tv.sign_total(trimmed)) if majority is None else majority
-                ref = tv.disjoint_merge(trimmed, tv.elect_sign(trimmed, maj), reduce)
-                fast = tv.ties_merge_(x.clone(), th, majority, reduce)
+                trimmed = ties_ops.trim(list(x), th)
+                maj = ties_ops.majority_sign(ties_ops.sign_total(trimmed)) if majority is None else majority
+                ref = ties_ops.disjoint_merge(trimmed, ties_ops.elect_sign(trimmed, maj), reduce)
+                fast = ties_ops.ties_merge_(x.clone(), th, majority, reduce)
                 assert torch.equal(fast, ref) and torch.equal(fast.signbit(), ref.signbit()), (trial, reduce)
-                if majority is None or n_tasks > tv.SEQUENTIAL_SUM_ROWS:
+                if majority is None or n_tasks > ties_ops.SEQUENTIAL_SUM_ROWS:
                     continue
-                merged, total, alt = tv.ties_merge_folded_(x.clone(), th, 1.0, reduce)
-                assert total == tv.sign_total(trimmed)
+                merged, total, alt = ties_ops.ties_merge_folded_(x.clone(), th, 1.0, reduce)
+                assert total == ties_ops.sign_total(trimmed)
                 if majority < 0 and alt is not None:
                     merged.view(-1)[alt[0]] = alt[1]
                 assert torch.equal(merged, ref) and torch.equal(merged.signbit(), ref.signbit()), (trial, reduce)
-            assert tv.sign_total_(x.clone(), th) == tv.sign_total(tv.trim(list(x), th))
+            assert ties_ops.sign_total_(x.clone(), th) == ties_ops.sign_total(ties_ops.trim(list(x), th))
         mags = x.float().abs().flatten()
         rank = int(torch.randint(1, mags.numel() + 1, (1,), generator=g))
-        assert tv.radix_kth_largest([mags], rank) == tv.kth_largest([mags], rank)
+        assert radix_kth_largest([mags], rank) == kth_largest([mags], rank)
 
 
 def tie_pool(root: Path, sign: float) -> tuple[Path, list[Path]]:
@@ -356,7 +357,7 @@ def test_folded_ties_sign_pass_is_exact(
     vecs = tv.task_vectors(base, [load_all(e) for e in expert_dirs])
     groups = [list(base)] if prune == "global" else [[k] for k in base]
     for names in groups:
-        trimmed = tv.trim(
+        trimmed = ties_ops.trim(
             [torch.cat([v[k].flatten() for k in names]) for v in vecs],
             method._thresholds["" if len(groups) == 1 else names[0]],
         )

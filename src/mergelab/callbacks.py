@@ -9,6 +9,7 @@ import lightning as L
 
 from mergelab import task_vectors as tv
 from mergelab.methods.base import MergeMethod
+from mergelab.weight_checks import require_finite_merge
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -40,7 +41,7 @@ class MergeCallback(L.Callback):
         if self.state is None:
             state = self.method.run(self.pool)
             for name, t in state.items():  # every in-memory merge passes here before it is scored or saved
-                tv.require_finite_merge(t, name, self.method)
+                require_finite_merge(t, name, self.method)
             self.state = state
             if self.method.report():
                 log.info("%s: %s", type(self.method).__name__, self.method.report())

@@ -24,7 +24,6 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mergelab import task_vectors as tv
 from mergelab.config_types import check_option_types
 from mergelab.errors import TableRowsFailed
 from mergelab.io.atomic import (
@@ -45,6 +44,7 @@ from mergelab.reports.sweep import FAILED_FILE
 from mergelab.suites import scoring as ev
 from mergelab.suites.base import EvalSuite
 from mergelab.training import distributed as distributed
+from mergelab.weight_checks import require_finite_merge
 
 if TYPE_CHECKING:
     import lightning as L
@@ -605,7 +605,7 @@ def _run(cfg: DictConfig) -> float:
                     single = merge.method.single_task_states(pool) if pool.scorable else {}
                     for t, state in single.items():
                         for tensor, value in state.items():
-                            tv.require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
+                            require_finite_merge(value, tensor, f"{type(merge.method).__name__} (task '{t}' alone)")
                     if single:  # e.g. AWD's retention: each theta_0 + tau_t - delta alone on its own task
                         own = {t: pool.columns_of(t) for t in single}
                         extra[f"{name} (single-task)"] = row(

@@ -30,6 +30,7 @@ from mergelab.suites.base import file_digest
 from mergelab.suites.scoring import run_test
 from mergelab.text.pool import adapter_location, checkpoint_location, load_model
 from mergelab.training.experts import ExpertFinetuner, cached_build, fit, model_fingerprint, training_precision
+from mergelab.weight_checks import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class CausalLMPool(ModelPool):
                 model = load_model(AutoModelForCausalLM, f"expert '{task}'", path, self.trust_remote_code)
             self.check_architecture(where, model.config.model_type)
             state = untied_state(model)
-            tv.check_finite(state, where)
+            check_finite(state, where)
             self.add_expert(task, path, where, base, state)
 
     def harness_experts(self, suite: LMHarnessSuite) -> tuple[GenerativeSuite | None, dict[str, str | None]]:

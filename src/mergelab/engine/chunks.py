@@ -1,7 +1,8 @@
 """The chunk vocabulary every merge method and engine part speaks: blocks, sources and one chunk of task vectors.
 
 A *block* is a range of rows of one tensor (or the whole tensor); a *chunk* is that block of the pretrained
-weights in the compute dtype plus the task vectors of every expert over it. Methods see only chunks, so the same
+weights in the compute dtype plus the task vectors of every expert over it (:mod:`mergelab.engine.scratch` says
+which of them a method may overwrite). Methods see only chunks, so the same
 method code runs on in-memory state dicts and on checkpoints streamed from disk. This module sits below the
 methods and the pass drivers: it imports neither.
 """
@@ -12,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-import torch
 from torch import Tensor
 
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.task_vectors import compute_dtype, subtract_base
 
 # Rows are grouped so that a chunk holds at most this many elements per task (4 MiB in float32): small enough
@@ -94,46 +95,18 @@ def read_bounds(shape: tuple[int, ...], start: int | None, stop: int | None) -> 
     return start, stop
 
 
-class ScratchChunk(list):
-    """The task vectors of one chunk, in buffers the engine owns and reuses once the call returns.
-
-    A method may overwrite them in place (and return one of them); it must not keep references to them.
-    ``stacked`` is all of them as one ``[T, *block_shape]`` tensor.
-    """
-
-    def __init__(self, stacked: Tensor) -> None:
-        super().__init__(stacked.unbind(0))
-        self.stacked = stacked
-
-
-def is_scratch(vectors: Sequence[Tensor]) -> bool:
-    """Whether a method may overwrite ``vectors`` (see :class:`ScratchChunk`)."""
-    return isinstance(vectors, ScratchChunk)
-
-
-def writable_stack(vectors: Sequence[Tensor]) -> Tensor:
-    """The chunk's task vectors as one ``[T, ...]`` tensor a method may overwrite: the engine's own buffer when
-    ``vectors`` is a :class:`ScratchChunk`, else a fresh stack (the caller's tensors stay as they are)."""
-    return vectors.stacked if isinstance(vectors, ScratchChunk) else torch.stack(list(vectors))
-
-
-def output_buffer(vectors: Sequence[Tensor]) -> Tensor | None:
-    """Where a method may accumulate its merged block: the first scratch vector (the engine's, reused after the
-    call), or None when the vectors are the caller's."""
-    return vectors[0] if isinstance(vectors, ScratchChunk) else None
-
-
 @dataclass
 class Chunk:
     """One block in flight: the pretrained block (compute dtype), the task vectors and an output buffer.
 
-    ``base`` is None when the chunk was made from task vectors alone; ``out`` is a free buffer of the block's
+    ``base`` is None when the chunk was made from task vectors alone; ``vectors`` say whether a method may
+    overwrite them (:class:`~mergelab.engine.scratch.ChunkVectors`); ``out`` is a free buffer of the block's
     shape owned by the engine, or None (results are then fresh tensors).
     """
 
     block: Block
     base: Tensor | None
-    vectors: Sequence[Tensor]
+    vectors: ChunkVectors
     out: Tensor | None = None
 
 
@@ -147,7 +120,7 @@ def load_chunk(block: Block, base: TensorSource, experts: Sequence[TensorSource]
     """The chunk of ``block``: the pretrained rows in the compute dtype and tau_t = theta_t - theta_0 over them."""
     s, e = read_bounds(block.shape, block.start, block.stop)
     b = _base_rows(block, base)
-    return Chunk(block, b, [subtract_base(x.get_rows(block.name, s, e), b) for x in experts])
+    return Chunk(block, b, ChunkVectors([subtract_base(x.get_rows(block.name, s, e), b) for x in experts]))
 
 
 def vector_chunk(block: Block, vectors: Sequence[TensorSource], base: TensorSource | None = None) -> Chunk:
@@ -155,4 +128,4 @@ def vector_chunk(block: Block, vectors: Sequence[TensorSource], base: TensorSour
     when ``base`` is given (for methods that need them), else the chunk has none."""
     s, e = read_bounds(block.shape, block.start, block.stop)
     b = _base_rows(block, base) if base is not None else None
-    return Chunk(block, b, [v.get_rows(block.name, s, e) for v in vectors])
+    return Chunk(block, b, ChunkVectors([v.get_rows(block.name, s, e) for v in vectors]))

@@ -27,7 +27,8 @@ from mergelab.engine.chunks import (
     vector_chunk,
 )
 from mergelab.engine.protocol import ChunkMethod, FoldsLastPass, folds
-from mergelab.task_vectors import StateDict, add_base, release_workspace
+from mergelab.engine.scratch import release_workspace
+from mergelab.task_vectors import StateDict, add_base
 
 # finish(chunk, merged task vector, flat index or None) -> what the pass yields for the block (e.g. theta)
 Finish = Callable[[Chunk, Tensor, Tensor | None], Tensor]
@@ -103,37 +104,18 @@ def run_passes(
     method that folds its last statistics pass (:func:`mergelab.engine.protocol.folds`) does so; its corrections
     go to ``deferred`` as ``finish(chunk, values, flat index)``, and ``deferred.needed`` is set after the pass.
     ``executor`` is a :class:`SequentialExecutor` or a :class:`~mergelab.engine.pipeline.ChunkPipeline`.
+    The method's :meth:`~mergelab.engine.protocol.ChunkMethod.prior_stages` run their statistics passes first.
     """
     parallel = bool(method.parallel_chunks)
     fold = deferred is not None and folds(method, executor.n_tasks)
-    needs_base = bool(method.needs_base)
-
-    def located(c: Chunk) -> Block:
-        """The block the hooks see: with the pretrained rows for a method that declares ``needs_base``."""
-        if not needs_base:
-            return c.block
-        assert c.base is not None, "a method that needs the pretrained weights was handed task vectors alone"
-        return c.block._replace(base=c.base)
-
-    method.begin(list(dict.fromkeys(b.name for b in blocks)))
-    for p in range(method.stat_passes - (1 if fold else 0)):
-        bar = tqdm(total=len(blocks), desc=f"statistics pass {p + 1}/{method.stat_passes}", disable=not progress)
-
-        def stats(c: Chunk, p: int = p) -> Any:
-            return method.chunk_statistics(p, located(c), c.vectors)
-
-        for chunk, st in executor.map(blocks, stats, parallel):
-            method.add_statistics(p, chunk.block, st)
-            bar.update()
-        bar.close()
-        method.end_pass(p)
+    _run_statistics(method, blocks, executor, method.stat_passes - (1 if fold else 0), progress)
 
     def merge(c: Chunk) -> Any:
         if not fold:
-            delta = method.merge_chunk(located(c), c.vectors)
+            delta = method.merge_chunk(located(method, c), c.vectors)
             return finish(c, delta, None) if finish is not None else delta
         assert isinstance(method, FoldsLastPass)
-        delta, stat, alt = method.merge_chunk_folded(located(c), c.vectors)
+        delta, stat, alt = method.merge_chunk_folded(located(method, c), c.vectors)
         if alt is not None and finish is not None:
             alt = (alt[0], finish(c, alt[1], alt[0]))
         return (finish(c, delta, None) if finish is not None else delta), stat, alt
@@ -157,11 +139,46 @@ def run_passes(
         deferred.needed = bool(wrong)
 
 
+def located(method: ChunkMethod, c: Chunk) -> Block:
+    """The block ``method``'s hooks see: with the pretrained rows when it declares ``needs_base``."""
+    if not method.needs_base:
+        return c.block
+    assert c.base is not None, "a method that needs the pretrained weights was handed task vectors alone"
+    return c.block._replace(base=c.base)
+
+
+def _run_statistics(method: ChunkMethod, blocks: Sequence[Block], executor: Any, passes: int, progress: bool) -> None:
+    """``method``'s prior stages (each with all its statistics passes), its ``begin``, then its first ``passes``
+    statistics passes over ``blocks``: everything before its merge pass."""
+    names = list(dict.fromkeys(b.name for b in blocks))
+    for stage in method.prior_stages():
+        _run_statistics(stage, blocks, executor, stage.stat_passes, progress)
+    method.begin(names)
+    label = f"{type(method).__name__} statistics pass"
+    for p in range(passes):
+        bar = tqdm(total=len(blocks), desc=f"{label} {p + 1}/{method.stat_passes}", disable=not progress)
+
+        def stats(c: Chunk, p: int = p) -> Any:
+            return method.chunk_statistics(p, located(method, c), c.vectors)
+
+        for chunk, st in executor.map(blocks, stats, bool(method.parallel_chunks)):
+            method.add_statistics(p, chunk.block, st)
+            bar.update()
+        bar.close()
+        method.end_pass(p)
+
+
 def method_blocks(
     method: ChunkMethod, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], chunk_elems: int | None
 ) -> list[Block]:
-    """The blocks ``method`` sees: row blocks of ``chunk_elems`` elements, or whole tensors if not elementwise."""
-    return plan_blocks(names, shapes, chunk_elems if method.elementwise else None)
+    """The blocks ``method`` sees: row blocks of ``chunk_elems`` elements, or whole tensors if it or one of its
+    prior stages is not elementwise."""
+    return plan_blocks(names, shapes, chunk_elems if all_elementwise(method) else None)
+
+
+def all_elementwise(method: ChunkMethod) -> bool:
+    """Whether ``method`` and all its prior stages (recursively) can work on row blocks."""
+    return bool(method.elementwise) and all(all_elementwise(s) for s in method.prior_stages())
 
 
 def _gather(stream: Iterator[tuple[Chunk, Tensor]]) -> dict[str, Tensor]:

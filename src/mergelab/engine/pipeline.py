@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from mergelab.engine.chunks import Block, Chunk, ScratchChunk, read_bounds
+from mergelab.engine.chunks import Block, Chunk, read_bounds
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.task_vectors import compute_dtype, subtract_base
 
 
@@ -129,7 +130,7 @@ class ChunkPipeline:
         base.copy_(b_raw)  # the same conversion as .to(dtype)
         for tau, raw in zip(stacked.unbind(0), e_raw, strict=True):
             subtract_base(raw, base, out=tau)
-        return Chunk(slot.block, base, ScratchChunk(stacked), out)
+        return Chunk(slot.block, base, ChunkVectors.scratch(stacked), out)
 
     @property
     def n_tasks(self) -> int:

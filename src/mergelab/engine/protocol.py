@@ -4,6 +4,8 @@ A method of the form theta_0 + f(tau_1, ..., tau_T) is run as ``stat_passes`` st
 of every merged tensor, then one merge pass. Every hook the driver may call is declared here with its contract,
 and the driver calls nothing else, so a method behaves the same in memory, streamed, on one thread or several:
 
+- first, each of :meth:`ChunkMethod.prior_stages` in turn, all of it but its merge pass (its own prior stages,
+  ``begin``, its statistics passes), over the same blocks;
 - :meth:`ChunkMethod.begin` once, with the merged tensor names;
 - per statistics pass ``p``: :meth:`~ChunkMethod.chunk_statistics` per block (on worker threads when the method
   declares ``parallel_chunks``), then :meth:`~ChunkMethod.add_statistics` with that result **in block order** on
@@ -58,7 +60,8 @@ class ChunkMethod(ABC):
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What statistics pass ``pass_idx`` takes from one block's task vectors (passed to :meth:`add_statistics`).
 
-        May overwrite ``vectors`` when they are scratch (:func:`mergelab.engine.chunks.is_scratch`).
+        May overwrite ``vectors`` when they are the engine's scratch (``writable``
+        :class:`~mergelab.engine.scratch.ChunkVectors`).
         """
         return None
 
@@ -74,6 +77,12 @@ class ChunkMethod(ABC):
 
         May overwrite (and return) scratch ``vectors``; must not keep references to them.
         """
+
+    def prior_stages(self) -> Sequence[ChunkMethod]:
+        """Methods whose statistics passes the driver runs, in this order, before this method's ``begin``: each
+        one's ``begin`` and passes, not its merge pass (a :class:`Sparsifier` whose kept entries this method merges,
+        so that its ``sparsify_chunk`` is ready). They see the same blocks and vectors; none by default."""
+        return ()
 
     def extra_rows(self, name: str, rows: Sequence[Tensor]) -> Tensor:
         """Rows past the pretrained model's (added tokens), from the experts that have them: their mean.
@@ -129,11 +138,13 @@ def folds(method: ChunkMethod, n_tasks: int) -> bool:
     return bool(method.fold_last_pass(n_tasks))
 
 
-class Sparsifier(ABC):
-    """Opt-in: a method that can hand out each task's kept entries of a block (for methods that reweight them).
+class Sparsifier(ChunkMethod):
+    """A method that can also hand out each task's kept entries of a block (for methods that reweight them).
 
     MetaGPT's ``sparsify`` takes any method with this hook: TIES (trimmed, sign-agreeing entries), DARE (dropped
-    and rescaled), TALL masks / consensus (masked). The method's own statistics passes run first.
+    and rescaled), TALL masks / consensus (masked). What :meth:`sparsify_chunk` needs comes from the sparsifier's
+    own statistics passes: a method using one declares it in :meth:`~ChunkMethod.prior_stages`, and the driver
+    runs those passes first.
     """
 
     @abstractmethod

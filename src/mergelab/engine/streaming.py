@@ -21,10 +21,12 @@ from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Chunk
 from mergelab.engine.passes import DeferredValues, SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.pipeline import ChunkPipeline, single_threaded_torch
 from mergelab.engine.protocol import ChunkMethod
+from mergelab.engine.scratch import release_workspace
 from mergelab.io.files import TOKENIZER_FILES, CheckpointReader
 from mergelab.io.reader import open_checkpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.task_vectors import add_base, release_workspace, require_finite_merge
+from mergelab.task_vectors import add_base
+from mergelab.weight_checks import require_finite_merge
 
 log = logging.getLogger(__name__)
 

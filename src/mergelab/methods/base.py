@@ -195,6 +195,10 @@ class WrappedMethod(TaskVectorMethod):
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         return self.inner.merge_chunk(block, self.transform(block, vectors))
 
+    def prior_stages(self) -> Sequence[ChunkMethod]:
+        """``inner``'s prior stages, seeing the transformed vectors as ``inner`` does."""
+        return TransformedStage(self.inner, self.transform).prior_stages()
+
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         """The transformed vectors, sparsified further by ``inner`` when it can (see :class:`Sparsifier`)."""
         out = self.transform(block, vectors)
@@ -206,6 +210,34 @@ class WrappedMethod(TaskVectorMethod):
     def check_experts(self, names: Sequence[str]) -> None:
         super().check_experts(names)
         self.inner.check_experts(names)
+
+
+class TransformedStage(ChunkMethod):
+    """The statistics passes of ``stage`` run on ``transform``-ed task vectors (a wrapped method's prior stage
+    sees the vectors as the wrapped method does). Only its statistics passes run: it has no merge pass."""
+
+    def __init__(self, stage: ChunkMethod, transform: Callable[[Block, Sequence[Tensor]], Sequence[Tensor]]) -> None:
+        self.stage, self.transform = stage, transform
+        self.stat_passes, self.elementwise = stage.stat_passes, stage.elementwise
+        self.parallel_chunks = stage.parallel_chunks
+
+    def prior_stages(self) -> Sequence[ChunkMethod]:
+        return [TransformedStage(s, self.transform) for s in self.stage.prior_stages()]
+
+    def begin(self, names: Sequence[str]) -> None:
+        self.stage.begin(names)
+
+    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
+        return self.stage.chunk_statistics(pass_idx, block, self.transform(block, vectors))
+
+    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
+        self.stage.add_statistics(pass_idx, block, stats)
+
+    def end_pass(self, pass_idx: int) -> None:
+        self.stage.end_pass(pass_idx)
+
+    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
+        raise TypeError(f"{type(self.stage).__name__} runs here as a prior stage: statistics passes only")
 
 
 # ----------------------------------------------------------------------------------------------- building

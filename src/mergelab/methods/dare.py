@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,25 @@ from mergelab.methods.base import WrappedMethod, check_range
 #: DARE draws its masks on these fixed row blocks of each tensor, whatever blocks the engine hands it, so the
 #: same seed gives the same masks for any chunk size, thread count, and in memory or streamed.
 MASK_BLOCK_ELEMS = DEFAULT_CHUNK_ELEMS
+
+
+def tensor_seed(seed: int, name: str, index: int, chunk: int = 0) -> int:
+    """A seed for one (parameter, mask block, task) that does not depend on the order tensors are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(f"{name}#{chunk}".encode()) * 31 + index) % (2**63 - 1)
+
+
+def drop_and_rescale(
+    t: Tensor, p: float, generator: torch.Generator | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """DARE: zero each coordinate with probability ``p`` and rescale the survivors by 1 / (1 - p).
+
+    ``mask`` (True = keep) may be injected; otherwise it is drawn from ``generator``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
+    if mask is None:
+        mask = torch.rand(t.shape, generator=generator) >= p
+    return torch.where(mask, t / (1.0 - p), torch.zeros((), dtype=t.dtype))
 
 
 class DARE(WrappedMethod, Sparsifier):
@@ -41,7 +61,7 @@ class DARE(WrappedMethod, Sparsifier):
         s, e = read_bounds(block.shape, block.start, block.stop)
         shape = block.shape
         if not shape or shape[0] == 0:
-            gen = torch.Generator().manual_seed(tv.tensor_seed(self.seed, block.name, task, 0))
+            gen = torch.Generator().manual_seed(tensor_seed(self.seed, block.name, task, 0))
             return torch.rand(shape, generator=gen) >= self.p
         assert s is not None and e is not None
         parts = []
@@ -49,14 +69,14 @@ class DARE(WrappedMethod, Sparsifier):
             lo, hi = (0, shape[0]) if ms is None or me is None else (ms, me)
             if hi <= s or lo >= e:
                 continue  # this mask block does not overlap the requested rows
-            gen = torch.Generator().manual_seed(tv.tensor_seed(self.seed, block.name, task, c))
+            gen = torch.Generator().manual_seed(tensor_seed(self.seed, block.name, task, c))
             full = torch.rand((hi - lo, *shape[1:]), generator=gen) >= self.p
             parts.append(full[max(s, lo) - lo : min(e, hi) - lo])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def transform(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Dropped-and-rescaled task vectors of one block."""
-        return [tv.drop_and_rescale(t, self.p, mask=self.masks(block, i)) for i, t in enumerate(vectors)]
+        return [drop_and_rescale(t, self.p, mask=self.masks(block, i)) for i, t in enumerate(vectors)]
 
     def drop(
         self, vectors: Sequence[Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]] | None = None
@@ -64,7 +84,7 @@ class DARE(WrappedMethod, Sparsifier):
         """Whole dropped task vectors (the masks a merge draws); ``masks`` (True = keep) replace the draw."""
         if masks is not None:
             pairs = zip(vectors, masks, strict=True)
-            return [{n: tv.drop_and_rescale(t, self.p, mask=m[n]) for n, t in v.items()} for v, m in pairs]
+            return [{n: drop_and_rescale(t, self.p, mask=m[n]) for n, t in v.items()} for v, m in pairs]
         out: list[tv.StateDict] = [{} for _ in vectors]
         for n, t in vectors[0].items():
             block = Block(n, 0, None, None, tuple(t.shape))

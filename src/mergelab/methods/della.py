@@ -24,7 +24,7 @@ from mergelab.methods.base import (
     expert_weights,
 )
 from mergelab.methods.breadcrumbs import mix
-from mergelab.methods.dare import MASK_BLOCK_ELEMS
+from mergelab.methods.dare import MASK_BLOCK_ELEMS, tensor_seed
 
 RESCALE_MODES = ("l1", "probability", "none")
 
@@ -36,14 +36,14 @@ def uniforms(seed: int, block: Block, task: int) -> Tensor:
     s, e = read_bounds(block.shape, block.start, block.stop)
     shape = block.shape
     if not shape or shape[0] == 0:
-        return torch.rand(shape, generator=torch.Generator().manual_seed(tv.tensor_seed(seed, block.name, task, 0)))
+        return torch.rand(shape, generator=torch.Generator().manual_seed(tensor_seed(seed, block.name, task, 0)))
     assert s is not None and e is not None
     parts = []
     for c, (ms, me) in enumerate(row_blocks(shape, MASK_BLOCK_ELEMS)):
         lo, hi = (0, shape[0]) if ms is None or me is None else (ms, me)
         if hi <= s or lo >= e:
             continue
-        gen = torch.Generator().manual_seed(tv.tensor_seed(seed, block.name, task, c))
+        gen = torch.Generator().manual_seed(tensor_seed(seed, block.name, task, c))
         full = torch.rand((hi - lo, *shape[1:]), generator=gen)
         parts.append(full[max(s, lo) - lo : min(e, hi) - lo])
     return parts[0] if len(parts) == 1 else torch.cat(parts)

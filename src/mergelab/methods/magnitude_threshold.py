@@ -1,9 +1,10 @@
 """Exact streamed magnitude thresholds for every magnitude mask (TIES, Breadcrumbs, SCE's variance selection).
 
 :class:`MagnitudeRanks` finds, for each key (the whole model ``""`` or one tensor) and each task, the float32
-magnitudes at given ranks (1 = largest) by the two-level radix select of :mod:`mergelab.task_vectors`: its first
-pass histograms the top 16 bits of every |x|, its second the low 16 bits inside the bucket holding each rank. The
-two halves are the rank's float32 magnitude itself: what a full sort gives, with no tensor ever held whole.
+magnitudes at given ranks (1 = largest) by the two-level radix select of :mod:`mergelab.methods.magnitude_select`:
+its first pass histograms the top 16 bits of every |x|, its second the low 16 bits inside the bucket holding each
+rank. The two halves are the rank's float32 magnitude itself: what a full sort gives, with no tensor ever held
+whole.
 
 A method drives it from its own statistics hooks, for two consecutive passes ``p`` (0 then 1 below)::
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergelab import task_vectors as tv
+from mergelab.methods.magnitude_select import bits_to_float, high_histograms, locate_rank, low_histograms
 
 #: ranks(key, numel) -> per task, the ranks wanted (1 = largest, at most ``numel``); every task the same count.
 RankRule = Callable[[str, int], Sequence[Sequence[int]]]
@@ -59,12 +60,10 @@ class MagnitudeRanks:
         ``inplace``: ``stacked`` may be overwritten (the engine's scratch buffer). Thread-safe.
         """
         if pass_idx == 0:
-            return tv.high_histograms(stacked, inplace=inplace), stacked[0].numel()
+            return high_histograms(stacked, inplace=inplace), stacked[0].numel()
         highs = self._high[key]
         n_ranks = len(highs[0])
-        return torch.stack(
-            [tv.low_histograms(stacked, [h[j][0] for h in highs], inplace=inplace) for j in range(n_ranks)]
-        )
+        return torch.stack([low_histograms(stacked, [h[j][0] for h in highs], inplace=inplace) for j in range(n_ranks)])
 
     def add_statistics(self, pass_idx: int, key: str, stats: Any) -> None:
         """Accumulate one block's :meth:`chunk_statistics` (in block order)."""
@@ -87,11 +86,11 @@ class MagnitudeRanks:
             return
         if pass_idx == 0:
             wanted = self.ranks(key, self._numel[key])
-            self._high[key] = [[tv.locate_rank(h, int(r)) for r in rs] for h, rs in zip(hist, wanted, strict=True)]
+            self._high[key] = [[locate_rank(h, int(r)) for r in rs] for h, rs in zip(hist, wanted, strict=True)]
             return
         highs = self._high.pop(key)  # hist: [rank, task, buckets]
         self._values[key] = [
-            [tv.bits_to_float(b, tv.locate_rank(hist[j][t], rank)[0]) for j, (b, rank) in enumerate(per_task)]
+            [bits_to_float(b, locate_rank(hist[j][t], rank)[0]) for j, (b, rank) in enumerate(per_task)]
             for t, per_task in enumerate(highs)
         ]
 

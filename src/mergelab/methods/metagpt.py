@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, output_buffer
-from mergelab.engine.protocol import Sparsifier
+from mergelab.engine.chunks import Block
+from mergelab.engine.protocol import ChunkMethod, Sparsifier
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.methods.base import TaskVectorMethod, build_method, check_choice, check_range
 
 
@@ -25,8 +26,8 @@ class MetaGPT(TaskVectorMethod):
         sparsify: null / ``none`` (the paper's MetaGPT), or a method that sparsifies each task vector before the
             lambda-weighted sum (any :class:`~mergelab.engine.protocol.Sparsifier`: ``ties`` keeps each task's
             trimmed, sign-agreeing entries, ``dare`` drops and rescales - Table 4's combinations), given as a config
-            node with ``_target_``, a ``conf/method`` YAML name, or an instance; its own statistics passes run
-            first and its merge coefficient (``scaling``) is not used.
+            node with ``_target_``, a ``conf/method`` YAML name, or an instance; the engine runs its statistics
+            passes first (:meth:`prior_stages`) and its merge coefficient (``scaling``) is not used.
         lambda_from: with sparsify, compute the norms on the ``original`` or on the ``sparsified`` task vectors.
     """
 
@@ -49,36 +50,31 @@ class MetaGPT(TaskVectorMethod):
         self.sparsifier: Sparsifier | None = None
         if sparsify is not None and sparsify != "none":
             self.sparsifier = build_method(sparsify, "sparsify", Sparsifier)
-        inner: Any = self.sparsifier
-        inner_passes = inner.stat_passes if inner is not None else 0
+        inner = self.sparsifier
         self.parallel_chunks = inner is None or bool(inner.parallel_chunks)
-        self.stat_passes = inner_passes + 1
+        self.stat_passes = 1  # the norms; the sparsifier's own passes run before it (prior_stages)
         self.elementwise = inner.elementwise if inner is not None else True
-        self._norm_pass = inner_passes
 
     def _sparse(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         return self.sparsifier.sparsify_chunk(block, vectors) if self.sparsifier is not None else vectors
 
+    def prior_stages(self) -> Sequence[ChunkMethod]:
+        """The sparsifier, whose statistics passes (TIES's thresholds and signs) its ``sparsify_chunk`` needs."""
+        return [self.sparsifier] if self.sparsifier is not None else []
+
     def begin(self, names: Sequence[str]) -> None:
-        if self.sparsifier is not None:
-            self.sparsifier.begin(names)  # type: ignore[attr-defined]
         # tensor name -> [T, rows] float64 squared sums of each row (each element of a 1-D tensor), filled block
         # by block on the consumer's thread: one buffer per tensor, not one small tensor per block and task
         self._sq: dict[str, Tensor] = {}
         self._lambdas: dict[str, list[float]] = {}
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        """One block's contribution to pass ``pass_idx`` (thread-safe): its squared norms in the norm pass."""
-        if pass_idx < self._norm_pass:
-            return self.sparsifier.chunk_statistics(pass_idx, block, vectors)  # type: ignore[union-attr]
+        """One block's contribution to the norm pass (thread-safe): the squared norms of its rows."""
         used = vectors if self.lambda_from == "original" else self._sparse(block, vectors)
         return [tv.row_squared_sums(v) for v in used]
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
         """Accumulate one block's :meth:`chunk_statistics` (called in block order, so sums are reproducible)."""
-        if pass_idx < self._norm_pass:
-            self.sparsifier.add_statistics(pass_idx, block, stats)  # type: ignore[union-attr]
-            return
         acc = self._sq.get(block.name)
         if acc is None:  # rows of the tensor: its first dimension (elements of a 1-D tensor; one for a scalar)
             acc = self._sq[block.name] = torch.empty(
@@ -88,9 +84,6 @@ class MetaGPT(TaskVectorMethod):
         acc[:, start : start + stats[0].numel()] = torch.stack(stats)
 
     def end_pass(self, pass_idx: int) -> None:
-        if pass_idx < self._norm_pass:
-            self.sparsifier.end_pass(pass_idx)  # type: ignore[union-attr]
-            return
         # Exact sums of the row values: the same norms (and lambdas) whatever the chunking or thread count.
         buffers = list(self._sq.values())
         if self.granularity == "model" and buffers:
@@ -119,7 +112,7 @@ class MetaGPT(TaskVectorMethod):
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         used = self._sparse(block, vectors)
-        return tv.weighted_sum(used, self.lambdas(block.name), out=output_buffer(used))
+        return tv.weighted_sum(used, self.lambdas(block.name), out=ChunkVectors.of(used).output_buffer())
 
     def report(self) -> dict[str, Any]:
         if not self._lambdas:

@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, output_buffer
+from mergelab.engine.chunks import Block
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.methods.base import TaskVectorMethod, check_expert_weights, check_range, expert_weights
 
 
@@ -37,4 +38,4 @@ class TaskArithmetic(TaskVectorMethod):
         return [self.scaling * w for w in expert_weights(self.weights, names)]
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=output_buffer(vectors))
+        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=ChunkVectors.of(vectors).output_buffer())

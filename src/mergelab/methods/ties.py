@@ -7,11 +7,22 @@ from typing import Any
 
 from torch import Tensor
 
-from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, is_scratch, writable_stack
+from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
+from mergelab.methods.magnitude_select import topk_count
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
+from mergelab.methods.ties_ops import (
+    SEQUENTIAL_SUM_ROWS,
+    agreeing,
+    elect_sign,
+    majority_sign,
+    sign_total_,
+    ties_merge_,
+    ties_merge_folded_,
+    trim,
+)
 
 PRUNE_MODES = ("global", "per_tensor")
 DISJOINT_MODES = ("sum", "mean")
@@ -30,8 +41,8 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     Pruning is exact and streams at either granularity: passes 1 and 2 find the k-th largest float32 magnitude
     of each task vector (``global``) or of each tensor of it (``per_tensor``) by a two-level radix select over
-    row blocks (see :mod:`mergelab.task_vectors`), pass 3 sums the elected signs for the majority sign (of the
-    model, or of each tensor). Task vectors are float32, so these are the thresholds a full sort would give, and
+    row blocks (:mod:`mergelab.methods.magnitude_select`), pass 3 sums the elected signs for the majority sign (of
+    the model, or of each tensor). Task vectors are float32, so these are the thresholds a full sort would give, and
     no tensor is ever held whole. Blocks arrive tensor by tensor in order, so a per-tensor statistic is
     concluded when the next tensor starts: one tensor's histograms are held at a time.
     Every per-chunk step is a pure function of the chunk, so the engine runs chunks on several threads. The
@@ -65,15 +76,15 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def _keep_ranks(self, key: str, numel: int) -> list[list[int]]:
         """The rank of the smallest kept magnitude, for every task: the top-k% of ``numel`` coordinates."""
-        return [[tv.topk_count(numel, self.k)]] * self._n_tasks
+        return [[topk_count(numel, self.k)]] * self._n_tasks
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
-        stacked = writable_stack(vectors)
+        stacked = ChunkVectors.of(vectors).writable_stack()
         key = self._key(block)
         if pass_idx < MagnitudeRanks.passes:
             return self._ranks.chunk_statistics(pass_idx, key, stacked, inplace=True)
-        return tv.sign_total_(stacked, self._thresholds[key])
+        return sign_total_(stacked, self._thresholds[key])
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
         """Accumulate one block's :meth:`chunk_statistics` (called in block order)."""
@@ -91,7 +102,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
             if pass_idx == 1:
                 self._thresholds = {key: [v[0] for v in vals] for key, vals in self._ranks.all_values().items()}
         else:
-            self._majority = {key: tv.majority_sign(total) for key, total in self._sign_total.items()}
+            self._majority = {key: majority_sign(total) for key, total in self._sign_total.items()}
             self._sign_total = {}
 
     # ------------------------------------------------------------------------------- merging
@@ -99,13 +110,13 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     def trim_and_elect(self, block: Block, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Trimmed task vectors of one chunk (stacked, one row per task) and the elected sign per coordinate."""
         key = self._key(block)
-        trimmed = tv.trim(vectors, self._thresholds[key])
-        return trimmed, tv.elect_sign(trimmed, self._majority[key])
+        trimmed = trim(vectors, self._thresholds[key])
+        return trimmed, elect_sign(trimmed, self._majority[key])
 
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task's surviving entries: trimmed, and agreeing with the elected sign (for combinations)."""
         trimmed, sign = self.trim_and_elect(block, vectors)
-        return list(tv.agreeing(trimmed, sign)[0])
+        return list(agreeing(trimmed, sign)[0])
 
     # ------------------------------------------------------------------------------- folded sign pass
 
@@ -114,20 +125,21 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def fold_last_pass(self, n_tasks: int) -> bool:
         """Whether the engine may skip the sign pass and run :meth:`merge_chunk_folded` instead."""
-        return n_tasks <= tv.SEQUENTIAL_SUM_ROWS
+        return n_tasks <= SEQUENTIAL_SUM_ROWS
 
     def merge_chunk_folded(
         self, block: Block, vectors: Sequence[Tensor]
     ) -> tuple[Tensor, float, tuple[Tensor, Tensor] | None]:
         """The merge with the provisional majority, this chunk's sign total (the skipped pass's statistic, for
         :meth:`add_statistics`) and the exact ties with their values under the other majority."""
-        merged, total, alt = tv.ties_merge_folded_(
-            writable_stack(vectors), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
+        chunk = ChunkVectors.of(vectors)
+        merged, total, alt = ties_merge_folded_(
+            chunk.writable_stack(), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
         )
         if alt is not None:
             alt = (alt[0], alt[1].mul_(self.scaling))
         merged = merged.mul_(self.scaling)
-        return (merged if is_scratch(vectors) else merged.clone()), total, alt
+        return chunk.owned(merged), total, alt
 
     def folded_values_hold(self, name: str) -> bool:
         """After the sign pass's :meth:`end_pass`: whether the provisional majority was the one elected for the
@@ -137,6 +149,6 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         key = self._key(block)
-        stacked = writable_stack(vectors)
-        merged = tv.ties_merge_(stacked, self._thresholds[key], self._majority[key], self.disjoint).mul_(self.scaling)
-        return merged if is_scratch(vectors) else merged.clone()  # not a view pinning the stacked copy
+        chunk = ChunkVectors.of(vectors)
+        merged = ties_merge_(chunk.writable_stack(), self._thresholds[key], self._majority[key], self.disjoint)
+        return chunk.owned(merged.mul_(self.scaling))

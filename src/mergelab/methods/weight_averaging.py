@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.engine.chunks import Block, output_buffer
+from mergelab.engine.chunks import Block
+from mergelab.engine.scratch import ChunkVectors
 from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
 
 
@@ -38,4 +39,4 @@ class WeightAveraging(TaskVectorMethod):
         return [v / sum(w) for v in w]
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=output_buffer(vectors))
+        return tv.weighted_sum(vectors, self.coefficients(len(vectors)), out=ChunkVectors.of(vectors).output_buffer())

@@ -32,6 +32,7 @@ from torch import nn
 
 from mergelab import task_vectors as tv
 from mergelab.engine.chunks import Block, DictSource, TensorSource, load_chunk
+from mergelab.weight_checks import check_compatible, check_finite
 
 if TYPE_CHECKING:  # Lightning is imported by the pools that build models, not by a merge of checkpoints
     import lightning as L
@@ -253,7 +254,7 @@ class ModelPool(ABC):
         self, task: str, path: str, where: str, base: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
     ) -> None:
         """Keep ``task``'s expert weights for the keys of ``base``, after checking names and shapes match."""
-        tv.check_compatible(base, state, where)
+        check_compatible(base, state, where)
         self.resolved[task] = path
         self._expert_states[task] = {k: state[k].detach() for k in base}
 
@@ -276,7 +277,7 @@ class ModelPool(ABC):
     def check_pretrained(self, base: Mapping[str, torch.Tensor], where: str) -> None:
         """Refuse pretrained weights holding NaN/inf, or of which the pool's selection (``exclude``) merges nothing
         (a run would then report the pretrained model as a merge); called by ``setup`` before experts are built."""
-        tv.check_finite(base, where)
+        check_finite(base, where)
         if base and not self.mergeable(base):
             raise ValueError(
                 f"model.exclude={[p.pattern for p in self.exclude]} leaves no floating-point tensor of the {where} to "

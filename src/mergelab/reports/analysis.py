@@ -35,12 +35,12 @@ from torch import Tensor
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block
 from mergelab.engine.passes import SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
+from mergelab.engine.scratch import release_workspace
 from mergelab.io.atomic import FIGURE_FORMATS, atomic_save_figure, atomic_write_json, guard_output_dir
 from mergelab.io.atomic import figure_format as figures_in
 from mergelab.methods.awd import LAYER_INDEX
 from mergelab.methods.awd_objective import cosines, tau_gram
 from mergelab.methods.base import MergeMethod, WrappedMethod
-from mergelab.task_vectors import release_workspace
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,9 @@ class _Analysis(ChunkMethod):
         self.needs_base = self.transform is not None and bool(getattr(method, "needs_base", False))
         self.before = StageStatistics(n_tasks)
         self.after = StageStatistics(n_tasks) if self.transform is not None else None
+
+    def prior_stages(self) -> Sequence[ChunkMethod]:
+        return self.method.prior_stages() if self.transform is not None else ()
 
     def begin(self, names: Sequence[str]) -> None:
         if self.transform is not None:

@@ -24,6 +24,7 @@ from mergelab.suites.base import subsample
 from mergelab.text.model import METRICS, MultiTaskClassifier, evaluate, split_backbone
 from mergelab.text.suite import TextClassificationSuite
 from mergelab.training.experts import build_expert, model_fingerprint
+from mergelab.weight_checks import check_finite
 
 HEADS_FILE = "task_heads.safetensors"
 
@@ -157,7 +158,7 @@ class ClassifierPool(ModelPool):
             self.check_architecture(where, model.config.model_type)
             self._check_labels(task, model, suite, where)
             state = {k: v.detach() for k, v in model.state_dict().items()}
-            tv.check_finite(state, where)
+            check_finite(state, where)
             backbone, shell = split_backbone(model)
             # An expert saved in another precision (fp16/bf16 over an fp32 base) keeps its weights for merging;
             # its head runs on the pool's backbones, so it takes their dtype (upcasting is exact).

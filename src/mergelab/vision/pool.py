@@ -36,6 +36,7 @@ from mergelab.vision.suite import (
     ImageCollator,
     ZeroShotImageSuite,
 )
+from mergelab.weight_checks import check_finite
 
 
 class CLIPVisionPool(ModelPool):
@@ -114,7 +115,7 @@ class CLIPVisionPool(ModelPool):
                     )
                 vision = load_model(CLIPVisionModel, f"expert '{task}'", path, self.trust_remote_code)
                 state = {k: v.detach() for k, v in vision.state_dict().items()}
-            tv.check_finite(state, where)
+            check_finite(state, where)
             self.add_expert(task, path, where, base, state)
         self.build_heads(suite)
 
