@@ -73,8 +73,8 @@ def score_row(setup: RunSetup, progress: TableProgress, name: str, tuned: TunedP
     report, tune_split = setup.report, setup.tune_split
     assert report is not None and tune_split is not None
     # One split only (lm-eval's): the tuned candidate's scores are the report's (in the same precision).
-    same = tuned.tune_scores is not None and tune_split == report and setup.tune_kwargs is setup.trainer_kwargs
-    test_scores = tuned.tune_scores if same and tuned.tune_scores is not None else merge.score(report)
+    reuse = tune_split == report and setup.tune_kwargs is setup.trainer_kwargs
+    test_scores = tuned.tune_scores if reuse and tuned.tune_scores is not None else merge.score(report)
     if len(setup.candidates[name]) > 1:
         progress.objective = tuned.value
     elif tune_split == report:

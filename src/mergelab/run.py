@@ -253,9 +253,9 @@ def run(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig) -> float:
-    """:func:`run` inside its figure format and lock: the output dir claimed (or a finished job skipped), the run
-    built (:func:`build_run`), the reference rows, the method rows (:mod:`mergelab.method_rows`) and the results
-    (:mod:`mergelab.run_results`)."""
+    """:func:`run` inside its figure format, lock and config root (for named methods): the output dir claimed (or
+    a finished job skipped), the run built (:func:`build_run`), the reference rows, the method rows
+    (:mod:`mergelab.method_rows`) and the results (:mod:`mergelab.run_results`)."""
     started = time.perf_counter()
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
@@ -270,7 +270,7 @@ def _run(cfg: DictConfig) -> float:
     setup, setup_s = build_run(cfg, out_dir, multirun, started)
     progress = TableProgress(timings={"setup_s": round(setup_s, 1)})
     progress.expert_scores = reference_rows(setup)
-    merged_path = None
+    merged_path: Path | None = None
     try:
         run_rows(setup, progress)
         if not progress.chosen:
@@ -318,7 +318,7 @@ def check_config(cfg: DictConfig, multirun: bool) -> CheckedConfig:
             raise ValueError("table: a merge-only run (eval=none) writes one merged model; a table needs a suite")
         if any(len(c) > 1 for c in candidates.values()):
             raise ValueError("tune=true picks a grid point on the suite's tune split: it needs a suite, not eval=none")
-    return CheckedConfig(trainer_kwargs, tune_kwargs, tuning, method_cfgs, candidates)  # type: ignore[arg-type]
+    return CheckedConfig(trainer_kwargs, tune_kwargs, tuning, method_cfgs, candidates)
 
 
 def build_pool_and_suite(
