@@ -103,7 +103,8 @@ import json, sys, time
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from mergelab.cli import CONFIG_DIR
-from mergelab.run import InMemoryMerge, build, method_candidates
+from mergelab.merge_candidates import InMemoryMerge
+from mergelab.run import build, method_candidates
 with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
     cfg = compose("config", overrides=["trainer.enable_progress_bar=false", "logger=none", *json.loads(sys.argv[2])])
 trainer = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import save_file
 
 from mergelab.io.reader import LazyCheckpoint
+from mergelab.merge_candidates import InMemoryMerge
 from mergelab.provenance import identity
 from mergelab.provenance.identity import PACKAGES, checkpoint_identity
 from mergelab.provenance.mergekit import (
@@ -30,7 +31,7 @@ from mergelab.provenance.mergekit import (
     read_mergekit,
 )
 from mergelab.provenance.recipe import CARD_FILE, RECIPE_FILE
-from mergelab.run import InMemoryMerge, run
+from mergelab.run import run
 from tests import test_run_flow
 from tests.conftest import make_cfg
 from tests.test_run_flow import pool_overrides

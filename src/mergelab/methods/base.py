@@ -24,7 +24,7 @@ from mergelab.config_types import check_option_types
 from mergelab.engine.chunks import Block
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
-from mergelab.locations import CONFIG_DIR
+from mergelab.method_config import named_method_config
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -243,37 +243,11 @@ class TransformedStage(ChunkMethod):
 # ----------------------------------------------------------------------------------------------- building
 
 
-def method_node(name: str) -> dict[str, Any]:
-    """The config of ``conf/method/<name>.yaml`` as a plain dict, nested ``/method@key: other`` defaults expanded.
-
-    Interpolations into the root config (``${seed}``) are left as strings: :func:`build_method` drops them so the
-    constructor's default applies; inside the app, :func:`mergelab.run.method_candidates` resolves them instead.
-    """
-    import yaml
-
-    path = CONFIG_DIR / "method" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
-        raise ValueError(f"no method config '{name}' ({path} does not exist); known: {known}")
-    node = yaml.safe_load(path.read_text()) or {}
-    for entry in node.pop("defaults", []) or []:
-        if isinstance(entry, Mapping):
-            for key, value in entry.items():
-                group, _, package = str(key).removeprefix("override ").partition("@")
-                if group.strip("/") == "method" and package and value is not None:
-                    node[package] = {**method_node(str(value)), **(node.get(package) or {})}
-    return node
-
-
 def strip_config_keys(node: Any) -> Any:
-    """A method config without :data:`NOT_METHOD_OPTIONS` (and unresolved ``${...}``), nested method nodes too."""
+    """A method config without :data:`NOT_METHOD_OPTIONS`, nested method nodes too."""
     if isinstance(node, Mapping):
         is_method = "_target_" in node
-        return {
-            k: strip_config_keys(v)
-            for k, v in node.items()
-            if not (is_method and k in NOT_METHOD_OPTIONS) and not (isinstance(v, str) and v.startswith("${"))
-        }
+        return {k: strip_config_keys(v) for k, v in node.items() if not (is_method and k in NOT_METHOD_OPTIONS)}
     if isinstance(node, (list, tuple)):
         return [strip_config_keys(v) for v in node]
     return node
@@ -296,12 +270,13 @@ def option_summary(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def set_option(node: dict[str, Any], key: str, value: Any) -> None:
-    """Set a (dotted) option of a method config; an inner method given by name is expanded to its YAML first."""
+    """Set a (dotted) option of a method config; an inner method given by name is expanded to its config first
+    (:func:`~mergelab.method_config.named_method_config`)."""
     *path, leaf = key.split(".")
     for part in path:
         inner = node.get(part)
         if isinstance(inner, str):
-            inner = node[part] = method_node(inner)
+            inner = node[part] = named_method_config(inner)
         if not isinstance(inner, dict):
             raise ValueError(f"grid key '{key}': '{part}' is not a method config (got {inner!r})")
         node = inner
@@ -339,12 +314,12 @@ def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
     """The method ``spec`` names, for the wrapping method's option ``option``.
 
     ``spec``: an instance, a config mapping with ``_target_`` (e.g. a Hydra node), or the name of a
-    ``conf/method`` YAML (its defaults). Raises a ValueError naming the option when it is none of these or the
-    built object is not a ``kind``.
+    ``conf/method`` YAML (its defaults, composed and resolved by :func:`~mergelab.method_config.named_method_config`).
+    Raises a ValueError naming the option when it is none of these or the built object is not a ``kind``.
     """
     if isinstance(spec, str):
         try:
-            spec = method_node(spec)
+            spec = named_method_config(spec)
         except ValueError as e:
             raise ValueError(f"method option '{option}': {e}") from None
     if isinstance(spec, Mapping) and not isinstance(spec, dict):

@@ -392,6 +392,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     into ``paths.output_dir``; refuses a dir holding an earlier analysis unless ``overwrite=true``. Every check of the
     config runs before the pool is loaded. Returns what ``analysis.json`` holds.
     """
+    from mergelab.method_config import resolving_against
     from mergelab.pools.base import check_pool
     from mergelab.run import build, method_candidates, quiet_libraries, seed_everything
     from mergelab.training.distributed import multi_process
@@ -413,7 +414,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     method: MergeMethod | None = None
     name, options = None, {}
     if cfg.get("method"):
-        ((options, method),) = method_candidates(cfg.method, tune=False)
+        with resolving_against(cfg):  # methods named inside it resolve ${seed} against this config, as runs do
+            ((options, method),) = method_candidates(cfg.method, tune=False)
         name = str(cfg.method.get("name") or type(method).__name__)
     transforms = transformation(method) is not None
     # What the method learns (AWD's delta) goes beside the analysis, not over a run's artifacts/<name> in the same dir.
