@@ -139,9 +139,13 @@ def test_a_mergekit_config_mergelab_cannot_translate_is_refused_in_one_line(pool
     proc = cli(f"mergekit={bad}", f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
+    from mergelab.methods.registry import mergekit_readers
+
+    known = sorted(mergekit_readers())  # every method's declared MergeKit reads
+    assert {"task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "sce", "model_stock"} <= set(known)
     assert lines == [
         f"mergelab: error: mergekit config {bad}: merge_method: 'slerp' has no mergelab equivalent (mergelab imports "
-        "task_arithmetic, ties, dare_ties, dare_linear, linear)"
+        f"{', '.join(known)})"
     ]
     assert not (tmp_path / "out").exists()
 

@@ -203,6 +203,10 @@ class MergeKitMapping:
     #: The MergeKit merge methods this mapping reads.
     reads: tuple[MergeKitMethod, ...] = ()
 
+    #: Option values under which the method's conf/method YAMLs export (none: they do as they are), for the docs
+    #: and the round-trip test.
+    expressible: Mapping[str, Any] = {}
+
     def export(self, method: Any, n_experts: int) -> Exported:
         """``method`` (an instance of the declaring class) merging ``n_experts`` experts, in MergeKit's terms;
         :class:`NotExpressible` for option combinations MergeKit does not compute."""

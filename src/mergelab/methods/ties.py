@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from torch import Tensor
 
@@ -29,6 +29,7 @@ class TiesMergeKit(MergeKitMapping):
     weight 1, ``normalize: true``, ``lambda`` = scaling) for per-tensor pruning only."""
 
     reads = (task_arithmetic_family("ties", normalize=True, rescale=False, density=1.0),)
+    expressible: ClassVar[dict[str, Any]] = {"prune": "per_tensor"}
 
     def export(self, method: Any, n_experts: int) -> Exported:
         if method.prune != "per_tensor":
