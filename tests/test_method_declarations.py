@@ -144,3 +144,13 @@ def test_each_mergekit_method_is_read_by_one_declaration() -> None:
     assert {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce"} <= set(readers)
     for name, (schema, mapping) in readers.items():
         assert schema.name == name and schema in mapping.reads
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_yaml_options_carry_no_comment_of_their_own(name: str) -> None:
+    """An option's doc is its class's ``Doc(...)`` (checked above and rendered into docs/methods.md): a comment
+    beside the option in the YAML would be a second copy that nothing keeps true."""
+    for line in method_yamls()[name].read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in yaml_options(name):
+            assert "#" not in line.split(":", 1)[1], f"conf/method/{name}.yaml: {line!r}"

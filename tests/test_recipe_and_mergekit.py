@@ -101,7 +101,10 @@ def test_streaming_run_writes_recipe_card_and_mergekit_config_that_round_trips(p
 
     card = (out / CARD_FILE).read_text()
     # A local dir is no Hub id: no base_model in the metadata (the Hub would refuse it), the text names the dir.
-    assert card_header(card) == {"tags": ["mergelab", "merge", "ties"], "library_name": "transformers"}
+    assert card_header(card) == {
+        "tags": ["mergelab", "merge", "ties", "arxiv:2306.01708"],
+        "library_name": "transformers",
+    }
     assert f"Pretrained model: `{base}`. No Hugging Face Hub id is known for it" in card
     assert recipe["command"] in card and "| prune | per_tensor |" in card and "Not scored" in card
 

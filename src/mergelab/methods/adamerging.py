@@ -66,7 +66,10 @@ class AdaMerging(TaskVectorMethod):
             0.0,
             1.0,
         ),
-        split: Annotated[Split, Doc("the split whose unlabeled inputs the entropy is measured on")] = "test",
+        split: Annotated[
+            Split,
+            Doc("whose unlabeled inputs the entropy is measured on: test (the paper), validation keeps test unseen"),
+        ] = "test",
         max_examples: Annotated[int | None, Range(low=1), Doc("examples per task (seeded subset); null: all")] = None,
         steps: Annotated[Count, Doc("Adam steps, each one batch of every task")] = 500,
         lr: Annotated[float, Range(0.0, float("inf"), low_open=True, high_open=True), Doc("Adam's learning rate")] = (

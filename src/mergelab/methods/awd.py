@@ -97,10 +97,16 @@ class AWD(WrappedMethod):
         norm: Annotated[Literal[NORMS], Doc("the norm of delta in L_R")] = "l2",
         alpha: Annotated[float, Range(0.0, float("inf"), high_open=True), Doc("weight of the norm term L_R")] = 0.1,
         optimizer: Annotated[Literal[OPTIMIZERS], Doc("full-batch optimiser of delta")] = "adam",
-        lr: Annotated[float, Range(0.0, float("inf"), low_open=True, high_open=True), Doc("learning rate")] = 0.01,
+        lr: Annotated[
+            float,
+            Range(0.0, float("inf"), low_open=True, high_open=True),
+            Doc("relative (lr_relative): a step moves delta by about lr x rms(tau) per entry"),
+        ] = 0.01,
         momentum: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("sgd only")] = 0.0,
         steps: Annotated[int, Range(low=1), Doc("optimiser steps")] = 300,
-        lr_relative: Annotated[bool, Doc("lr relative to each tensor's task-vector scale")] = True,
+        lr_relative: Annotated[
+            bool, Doc("lr x rms(tau) per tensor (adam; sgd: x rms(tau)^2): one lr fits pools of any scale")
+        ] = True,
         rise_tol: Annotated[
             float, Range(0.0, float("inf"), high_open=True), Doc("relative loss rise that undoes an iterate")
         ] = 1e-3,
@@ -108,10 +114,17 @@ class AWD(WrappedMethod):
         include: Annotated[Sequence[str], Doc("regexes of the parameters disentangled")] = DEFAULT_INCLUDE,
         exclude: Annotated[Sequence[str], Doc("regexes of parameters left out")] = (),
         matrices_only: Annotated[bool, Doc("only 2-D weights")] = True,
-        mode: Annotated[Literal["whole", "per_tensor"], Doc("one fit, or one tensor in memory at a time")] = "whole",
-        delta_path: Annotated[str | None, Doc("reuse a saved delta file or dir instead of fitting")] = None,
+        mode: Annotated[
+            Literal["whole", "per_tensor"],
+            Doc("one fit, or one tensor's task vectors in memory at a time (row/tensor granularity)"),
+        ] = "whole",
+        delta_path: Annotated[
+            str | None, Doc("reuse a delta.safetensors (or a streaming run's delta/ dir) instead of fitting")
+        ] = None,
         score_single_task: Annotated[bool, Doc("also score each theta_0 + tau_t - delta on its task")] = True,
-        trainer: Annotated[Mapping[str, Any] | None, Doc("extra Lightning Trainer arguments for the fit")] = None,
+        trainer: Annotated[
+            Mapping[str, Any] | None, Doc("extra Trainer arguments for the fit, e.g. {enable_checkpointing: true}")
+        ] = None,
     ) -> None:
         super().__init__(merge, "merge")
         self.objective = Objective(granularity, norm, float(alpha))

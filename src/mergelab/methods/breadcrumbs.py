@@ -133,10 +133,17 @@ class Breadcrumbs(TaskVectorMethod):
 
     def __init__(
         self,
-        density: Annotated[float, Range(0.0, 1.0, low_open=True), Doc("fraction of each task vector kept")] = 0.9,
-        gamma: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("fraction of largest magnitudes removed")] = 0.01,
+        density: Annotated[
+            float,
+            Range(0.0, 1.0, low_open=True),
+            Doc("fraction of each task vector kept; 1 keeps all (no outlier removal either)"),
+        ] = 0.9,
+        gamma: Annotated[
+            float, Range(0.0, 1.0, high_open=True), Doc("fraction of the largest magnitudes removed first")
+        ] = 0.01,
         weights: Annotated[
-            ExpertWeights, Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}")
+            ExpertWeights,
+            Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}; < 0 subtracts"),
         ] = None,
         consensus: Annotated[bool, Doc("TIES sign election by sum (MergeKit breadcrumbs_ties)")] = False,
         normalize: Annotated[bool, Doc("divide by the sum of the (agreeing) weights (MergeKit normalize)")] = False,

@@ -110,7 +110,9 @@ class FisherMerging(TaskVectorMethod):
         ] = "sample",
         split: Annotated[Split, Doc("the split the examples come from")] = "train",
         floor: Annotated[
-            float, Range(0.0, float("inf"), low_open=True, high_open=True), Doc("least Fisher value")
+            float,
+            Range(0.0, float("inf"), low_open=True, high_open=True),
+            Doc("least Fisher value (the paper's), so untouched coordinates still average"),
         ] = 1e-6,
         normalize: Annotated[bool, Doc("divide each expert's Fisher by its L2 norm first (FusionBench)")] = False,
         task_weights: Annotated[ExpertWeights, Doc("per-task w_t: null (all 1), a list or {task: weight}")] = None,
