@@ -154,3 +154,93 @@ def test_yaml_options_carry_no_comment_of_their_own(name: str) -> None:
         key = line.split(":", 1)[0]
         if key in yaml_options(name):
             assert "#" not in line.split(":", 1)[1], f"conf/method/{name}.yaml: {line!r}"
+
+
+@pytest.mark.parametrize(
+    ("method", "why"),
+    [
+        (methods.Breadcrumbs(prune="global"), "Breadcrumbs with prune=global"),
+        (methods.DELLA(rescale="probability"), "rescale=probability divides each survivor"),
+        (methods.SCE(scaling=0.5), "SCE with scaling=0.5"),
+    ],
+)
+def test_option_combinations_mergekit_cannot_express_say_why(method: Any, why: str) -> None:
+    found = export_merge(method, "base", NAMES, streamed=True, pool="checkpoint pool")
+    assert found.config is None and why in (found.reason or "")
+
+
+def mergekit_file(tmp_path: Path, body: str) -> Path:
+    """A MergeKit config with a real base checkpoint ({base}) and expert dirs ({a}, {b})."""
+    base = write_checkpoint(tiny_pool()[0], tmp_path / "base")
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+    path = tmp_path / "in.yml"
+    path.write_text(body.format(base=base, a=tmp_path / "a", b=tmp_path / "b"))
+    return path
+
+
+MODELS = (
+    "  - model: {a}\n    parameters: {{weight: 1.0{extra}}}\n  - model: {b}\n    parameters: {{weight: 2.0{extra}}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("head", "extra", "want"),
+    [  # MergeKit's defaults: della normalizes and rescales (L1), della_linear rescales; breadcrumbs neither
+        (
+            "merge_method: della_linear",
+            ", density: 0.5, epsilon: 0.1",
+            ["method=della_linear", "method.density=0.5", "method.epsilon=0.1", "method.normalize=false"],
+        ),
+        ("merge_method: della", ", density: 0.5", ["method=della", "method.epsilon=0.15", "method.normalize=true"]),
+        (
+            "merge_method: breadcrumbs_ties\nparameters: {{lambda: 0.5}}",
+            ", density: 0.8",
+            ["method=breadcrumbs_ties", "method.density=0.8", "method.gamma=0.01", "method.scaling=0.5"],
+        ),
+    ],
+)
+def test_mergekit_defaults_map_onto_mergelab_options(tmp_path: Path, head: str, extra: str, want: list[str]) -> None:
+    body = head + "\nbase_model: {base}\nmodels:\n" + MODELS.replace("{extra}", extra.replace("{", "{{"))
+    found = read_mergekit(mergekit_file(tmp_path, body)).method
+    assert set(want) <= set(found), found
+    assert "method.weights={a: 1.0, b: 2.0}" in found
+    if "della" in head:
+        assert "method.rescale=l1" in found
+
+
+@pytest.mark.parametrize(
+    ("body", "at_fault"),
+    [
+        (
+            "merge_method: breadcrumbs\nbase_model: {base}\nparameters: {{rescale: true}}\nmodels:\n"
+            + MODELS.replace("{extra}", ""),
+            "parameters.rescale: true",
+        ),
+        (
+            "merge_method: della\nbase_model: {base}\nmodels:\n"
+            "  - model: {a}\n    parameters: {{weight: 1, density: 0.5}}\n"
+            "  - model: {b}\n    parameters: {{weight: 1, density: 0.6}}\n",
+            "models[].parameters.density: [0.5, 0.6] differ",
+        ),
+        (
+            "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 1.5}}\nmodels:\n"
+            "  - model: {a}\n  - model: {b}\n",
+            "parameters.select_topk: 1.5 is not in (0, 1]",
+        ),
+        (
+            "merge_method: sce\nbase_model: {base}\nparameters: {{lambda: 2}}\nmodels:\n  - model: {a}\n",
+            "parameters.lambda",
+        ),
+        ("merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n", "two or more models"),
+        (
+            "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n",
+            "models[0].parameters.weight: not a per-model parameter of model_stock",
+        ),
+    ],
+)
+def test_new_mergekit_methods_refuse_what_they_cannot_read(tmp_path: Path, body: str, at_fault: str) -> None:
+    path = mergekit_file(tmp_path, body)
+    with pytest.raises(ValueError) as err:
+        read_mergekit(path)
+    assert str(err.value).startswith(f"mergekit config {path}: ") and at_fault in str(err.value), str(err.value)

@@ -26,12 +26,7 @@ from mergelab.methods.declaration import (
     same_or_each,
 )
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
-from mergelab.methods.mergekit_terms import (
-    read_lambda,
-    read_unit_interval,
-    task_arithmetic_family,
-    weights_override,
-)
+from mergelab.methods.mergekit_terms import read_sparsified_mix, task_arithmetic_family
 
 
 def mix(sparse: Sequence[Tensor], weights: Sequence[float], consensus: bool, normalize: bool) -> Tensor:
@@ -90,17 +85,7 @@ class BreadcrumbsMergeKit(MergeKitMapping):
     def read(self, config: MergeKitInput) -> Import:
         if config.shared["rescale"]:
             raise config.fail("parameters.rescale", "true: mergelab's Breadcrumbs does not rescale the kept entries")
-        density = read_unit_interval(config, "density")
-        gamma = read_unit_interval(config, "gamma", low_open=False, high_open=True)
-        overrides = [
-            f"method={config.merge_method}",
-            f"method.density={density!r}",
-            f"method.gamma={gamma!r}",
-            f"method.normalize={str(config.shared['normalize']).lower()}",
-            f"method.scaling={read_lambda(config)!r}",
-            "method.prune=per_tensor",
-        ]
-        return config.imported(overrides + weights_override(config))
+        return read_sparsified_mix(config, "gamma", ["method.prune=per_tensor"])
 
 
 class Breadcrumbs(TaskVectorMethod):

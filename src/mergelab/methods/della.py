@@ -29,12 +29,7 @@ from mergelab.methods.declaration import (
     NotExpressible,
     same_or_each,
 )
-from mergelab.methods.mergekit_terms import (
-    read_lambda,
-    read_unit_interval,
-    task_arithmetic_family,
-    weights_override,
-)
+from mergelab.methods.mergekit_terms import read_sparsified_mix, task_arithmetic_family
 
 
 class DellaMergeKit(MergeKitMapping):
@@ -60,17 +55,9 @@ class DellaMergeKit(MergeKitMapping):
         return Exported("della" if method.consensus else "della_linear", same_or_each(each), shared, notes)
 
     def read(self, config: MergeKitInput) -> Import:
-        density = read_unit_interval(config, "density")
-        epsilon = read_unit_interval(config, "epsilon", low_open=False, high_open=True)
-        overrides = [
-            f"method={config.merge_method}",
-            f"method.density={density!r}",
-            f"method.epsilon={epsilon!r}",
-            f"method.normalize={str(config.shared['normalize']).lower()}",
-            f"method.rescale={'l1' if config.shared['rescale'] else 'none'}",
-            f"method.scaling={read_lambda(config)!r}",
-        ]
-        return config.imported(overrides + weights_override(config))
+        return read_sparsified_mix(
+            config, "epsilon", [f"method.rescale={'l1' if config.shared['rescale'] else 'none'}"]
+        )
 
 
 def uniforms(seed: int, block: Block, task: int) -> Tensor:

@@ -11,10 +11,11 @@ MAGPRUNE), multiplied by the model's ``weight``; with sign consensus (``ties``, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mergelab.methods.declaration import REQUIRED, MergeKitInput, MergeKitMethod, decimal
+from mergelab.methods.declaration import REQUIRED, Import, MergeKitInput, MergeKitMethod, decimal
 
 LAMBDA_NOTE = "lambda (a global scale of the merged task vector) needs a MergeKit version that has it"
 
@@ -104,6 +105,23 @@ def read_unit_interval_value(
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
         raise config.fail(where, f"{value:g} is not in {interval}")
     return float(value)
+
+
+def read_sparsified_mix(config: MergeKitInput, second: str, extra: Sequence[str] = ()) -> Import:
+    """A Breadcrumbs or DELLA config as the conf/method YAML of its merge method's name: the one ``density`` in
+    (0, 1], the one ``second`` sparsifier parameter (``gamma``, ``epsilon``) in [0, 1), ``normalize``, ``lambda`` as
+    ``scaling``, then ``extra`` overrides and the per-expert weights."""
+    density = read_unit_interval(config, "density")
+    value = read_unit_interval(config, second, low_open=False, high_open=True)
+    overrides = [
+        f"method={config.merge_method}",
+        f"method.density={density!r}",
+        f"method.{second}={value!r}",
+        f"method.normalize={str(config.shared['normalize']).lower()}",
+        f"method.scaling={read_lambda(config)!r}",
+        *extra,
+    ]
+    return config.imported(overrides + weights_override(config))
 
 
 def weights_override(config: MergeKitInput, option: str = "method.weights") -> list[str]:
