@@ -9,6 +9,7 @@ from the files it documents, so the docs cannot drift from them:
   class's reference and its MergeKit equivalent or why it has none;
 - ``methods_table``: the README's one-line-per-method table (what it is, its scalar options and defaults, its
   MergeKit merge methods);
+- ``mergekit_table``: each method's MergeKit translation or why it has none (docs/provenance.md);
 - ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
 - ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
   ``experiments/<name>/metrics.json``.
@@ -87,12 +88,12 @@ def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
     opts = options(cls)
     mapping = mergekit_of(cls)
     if isinstance(mapping, str):
-        mergekit, names = f"no equivalent: {mapping}", []
+        mergekit, names = f"no equivalent: {prose(mapping)}", []
     else:
         names = exported_as(node, mapping)
         when = ", ".join(f"{k}={v}" for k, v in mapping.expressible.items())
         summary = " ".join((type(mapping).__doc__ or "").split())
-        mergekit = f"{', '.join(code(n) for n in names)}{f' (with {when})' if when else ''}: {summary}"
+        mergekit = f"{', '.join(code(n) for n in names)}{f' (with {when})' if when else ''}: {prose(summary)}"
     return Declared(
         docs={o.name: o.doc for o in opts},
         allowed={o.name: o.allowed() for o in opts},
@@ -258,6 +259,16 @@ def render_methods(root: Path) -> str:
     return "\n".join(out).strip()
 
 
+def render_mergekit_table(root: Path) -> str:
+    """The MergeKit page's table: each method YAML, the MergeKit merge method it exports to and reads back from
+    with how (its mapping's docstring), or why it has none (its declared reason)."""
+    rows = ["| `method=` | MergeKit |", "|---|---|"]
+    for doc in method_docs(root):
+        found = doc.declared.mergekit if doc.declared is not None else "-"
+        rows.append(f"| [`{doc.name}`](methods.md#{doc.name}) | {found.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
 def scalar(default: str) -> bool:
     """Whether a default as written is one short value (not a list, a mapping or a long pattern)."""
     return not default.startswith(("[", "{")) and len(default) <= 16 and "|" not in default
@@ -417,6 +428,7 @@ MEASURED_RUNS = ("embedded_table", "smollm2_generative", "smollm2_data_free", "t
 RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "methods": render_methods,
     "methods_table": render_methods_table,
+    "mergekit_table": render_mergekit_table,
     "first_hour": render_first_hour,
     **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
@@ -425,6 +437,7 @@ RENDERERS: dict[str, Callable[[Path], str | None]] = {
 SOURCES = {
     "methods": "conf/method/*.yaml",
     "methods_table": "conf/method/*.yaml",
+    "mergekit_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
     **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,

@@ -109,12 +109,19 @@ def checked_init(init: Callable[..., None]) -> Callable[..., None]:
                 cached["hints"] = {}
         bound = cached["signature"].bind(self, *args, **kwargs)
         bound.apply_defaults()
-        values = {k: v for k, v in list(bound.arguments.items())[1:] if k in cached["hints"]}
+        # A config object (an OmegaConf node) is checked when the method builds it (build_method), resolved.
+        arguments = list(bound.arguments.items())[1:]
+        values = {k: v for k, v in arguments if k in cached["hints"] and not _unresolved_mapping(v)}
         check_values(cached["hints"], values, OPTION_LABEL.format)
         init(self, *args, **kwargs)
 
     wrapper.__checks_options__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _unresolved_mapping(value: Any) -> bool:
+    """A mapping that is not a plain dict (an OmegaConf node, whose ``${...}`` may need its root to resolve)."""
+    return isinstance(value, Mapping) and not isinstance(value, dict)
 
 
 # ----------------------------------------------------------------------------------------------- MergeKit
