@@ -92,7 +92,7 @@ def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
     else:
         names = exported_as(node, mapping)
         when = ", ".join(f"{k}={v}" for k, v in mapping.expressible.items())
-        summary = " ".join((type(mapping).__doc__ or "").split())
+        summary = " ".join((type(mapping).__doc__ or "").split()).replace("``", "`")  # reST literals as markdown
         mergekit = f"{', '.join(code(n) for n in names)}{f' (with {when})' if when else ''}: {prose(summary)}"
     return Declared(
         docs={o.name: o.doc for o in opts},
