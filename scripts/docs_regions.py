@@ -4,8 +4,12 @@ A region is everything between ``<!-- generated:NAME -->`` and ``<!-- /generated
 from the files it documents, so the docs cannot drift from them:
 
 - ``methods``: one section per ``conf/method/*.yaml``: its header comment, then each option with its default as
-  written in the YAML and the YAML's comment on it;
-- ``methods_table``: the README's one-line-per-method table (what it is, its scalar options and defaults);
+  written in the YAML, and its doc and range or choices as the class declares them on its constructor
+  (:mod:`mergelab.methods.declaration`; a YAML whose class does not import: the YAML's comment on it), the
+  class's reference and its MergeKit equivalent or why it has none;
+- ``methods_table``: the README's one-line-per-method table (what it is, its scalar options and defaults, its
+  MergeKit merge methods);
+- ``mergekit_table``: each method's MergeKit translation or why it has none (docs/provenance.md);
 - ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
 - ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
   ``experiments/<name>/metrics.json``.
@@ -30,6 +34,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's mergelab, whatever the environment installed
 #: An opening marker, its body and its matching closing marker, each marker on a line of its own (so that prose
 #: may quote the syntax in a code span).
 REGION = re.compile(
@@ -59,6 +64,59 @@ class Option:
 
 
 @dataclass
+class Declared:
+    """What a method YAML's class declares (:mod:`mergelab.methods.declaration`): its options' docs and allowed
+    values, its reference and MergeKit equivalent (or the reason)."""
+
+    docs: dict[str, str]
+    allowed: dict[str, str]
+    reference: str
+    mergekit: str
+    mergekit_names: list[str]
+
+
+def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
+    """The declaration of the class ``target`` names, for the YAML config ``node``; None when the class does not
+    import (e.g. a test's YAML)."""
+    try:
+        from mergelab.methods.declaration import declared, mergekit_of, options
+        from mergelab.methods.registry import target_class
+
+        cls = target_class(target)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    opts = options(cls)
+    mapping = mergekit_of(cls)
+    if isinstance(mapping, str):
+        mergekit, names = f"no equivalent: {prose(mapping)}", []
+    else:
+        names = exported_as(node, mapping)
+        when = ", ".join(f"{k}={v}" for k, v in mapping.expressible.items())
+        summary = " ".join((type(mapping).__doc__ or "").split()).replace("``", "`")  # reST literals as markdown
+        mergekit = f"{', '.join(code(n) for n in names)}{f' (with {when})' if when else ''}: {prose(summary)}"
+    return Declared(
+        docs={o.name: o.doc for o in opts},
+        allowed={o.name: o.allowed() for o in opts},
+        reference=str(declared(cls, "reference") or ""),
+        mergekit=mergekit,
+        mergekit_names=names,
+    )
+
+
+def exported_as(node: dict[str, Any], mapping: Any) -> list[str]:
+    """The MergeKit merge method the YAML ``node`` exports to (with the mapping's ``expressible`` options), else
+    every one the mapping reads."""
+    from mergelab.methods.base import MergeMethod, build_method
+    from mergelab.methods.declaration import NotExpressible
+
+    try:
+        method = build_method({**node, **mapping.expressible}, "docs", MergeMethod)
+        return [mapping.export(method, 2).merge_method]
+    except (NotExpressible, ValueError):
+        return [r.name for r in mapping.reads]
+
+
+@dataclass
 class MethodDoc:
     """What a method YAML says about itself."""
 
@@ -66,6 +124,7 @@ class MethodDoc:
     target: str
     summary: str  # the header comment, its lines joined
     options: list[Option]
+    declared: Declared | None = None
 
     @property
     def title(self) -> str:
@@ -142,11 +201,18 @@ def read_method(path: Path) -> MethodDoc:
         last = Option(key, default, comment, " ".join(note))
         options.append(last)
         note = []
+    declared = declared_by(str(parsed["_target_"]), parsed)
+    if declared is not None:  # the docs and allowed values the class declares replace the YAML's comments
+        for o in options:
+            allowed = declared.allowed.get(o.key, "")
+            doc = declared.docs.get(o.key) or o.comment
+            o.comment = f"{doc} ({allowed})" if allowed and doc else doc or allowed
     return MethodDoc(
         name=str(parsed.get("name", path.stem)),
         target=str(parsed["_target_"]),
         summary=" ".join(header),
         options=options,
+        declared=declared,
     )
 
 
@@ -188,7 +254,19 @@ def render_methods(root: Path) -> str:
             line = f"- {code(opt.key)} = {code(opt.default)}"
             out.append(f"{line} — {prose(opt.comment)}" if opt.comment else line)
         out.append("")
+        if doc.declared is not None:
+            out += [f"Reference: {prose(doc.declared.reference)}.", "", f"MergeKit: {doc.declared.mergekit}", ""]
     return "\n".join(out).strip()
+
+
+def render_mergekit_table(root: Path) -> str:
+    """The MergeKit page's table: each method YAML, the MergeKit merge method it exports to and reads back from
+    with how (its mapping's docstring), or why it has none (its declared reason)."""
+    rows = ["| `method=` | MergeKit |", "|---|---|"]
+    for doc in method_docs(root):
+        found = doc.declared.mergekit if doc.declared is not None else "-"
+        rows.append(f"| [`{doc.name}`](methods.md#{doc.name}) | {found.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
 
 
 def scalar(default: str) -> bool:
@@ -198,13 +276,15 @@ def scalar(default: str) -> bool:
 
 def render_methods_table(root: Path) -> str:
     """The README's table: each method (linked to its section), what it is, its scalar options and defaults."""
-    rows = ["| `method=` | what | options (defaults) |", "|---|---|---|"]
+    rows = ["| `method=` | what | options (defaults) | MergeKit |", "|---|---|---|---|"]
     for doc in method_docs(root):
         opts = ", ".join(
             f"`{o.key}` ({o.default})" for o in doc.options if o.key not in ("grid", "trainer") and scalar(o.default)
         )
         what = prose(doc.title).replace("|", "\\|")
-        rows.append(f"| [`{doc.name}`](docs/methods.md#{doc.name}) | {what} | {opts or '-'} |")
+        names = doc.declared.mergekit_names if doc.declared is not None else []
+        mergekit = ", ".join(f"`{n}`" for n in names) or "-"
+        rows.append(f"| [`{doc.name}`](docs/methods.md#{doc.name}) | {what} | {opts or '-'} | {mergekit} |")
     return "\n".join(rows)
 
 
@@ -374,6 +454,7 @@ MEASURED_RUNS = ("embedded_table", "smollm2_generative", "smollm2_data_free", "t
 RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "methods": render_methods,
     "methods_table": render_methods_table,
+    "mergekit_table": render_mergekit_table,
     "first_hour": render_first_hour,
     **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
@@ -382,6 +463,7 @@ RENDERERS: dict[str, Callable[[Path], str | None]] = {
 SOURCES = {
     "methods": "conf/method/*.yaml",
     "methods_table": "conf/method/*.yaml",
+    "mergekit_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
     **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,

@@ -190,7 +190,7 @@ def test_the_generator_renders_a_method_yaml_and_finds_it_stale(
     row = next(line for line in text.splitlines() if line.startswith("| [`tiny`]"))
     assert row == (
         "| [`tiny`](docs/methods.md#tiny) | Tiny merging (Nobody et al. 2030) "
-        "| `merge` (task_arithmetic), `alpha` (0.25), `mode` (fast), `seed` (7) |"
+        "| `merge` (task_arithmetic), `alpha` (0.25), `mode` (fast), `seed` (7) | - |"
     )
     assert text.endswith("The end.\n") and "old text" not in text
     capsys.readouterr()

@@ -178,18 +178,27 @@ def test_per_model_weights_round_trip_through_mergekit(
 
 
 @pytest.mark.parametrize(
-    ("cls", "mergekit_name"),
-    [("Breadcrumbs", "breadcrumbs"), ("DELLA", "della"), ("ModelStock", "model_stock"), ("SCE", "sce")],
+    ("cls", "options", "mergekit_name"),
+    [
+        ("Breadcrumbs", {}, "breadcrumbs"),
+        ("Breadcrumbs", {"consensus": True}, "breadcrumbs_ties"),
+        ("DELLA", {}, "della"),
+        ("DELLA", {"consensus": False, "normalize": False}, "della_linear"),
+        ("ModelStock", {}, "model_stock"),
+        ("SCE", {}, "sce"),
+    ],
 )
-def test_methods_mergekit_has_say_so_when_not_exported(cls: str, mergekit_name: str, tmp_path: Path) -> None:
-    """The stated reason is true: MergeKit does compute these (never "no MergeKit merge method computes it")."""
+def test_methods_mergekit_has_are_exported_as_mergekit_names_them(
+    cls: str, options: dict[str, object], mergekit_name: str
+) -> None:
+    """Merges MergeKit computes get its config (never "no MergeKit merge method computes it")."""
     import mergelab.methods as methods
     from mergelab.provenance.mergekit import export_merge
 
-    method = getattr(methods, cls)()
+    method = getattr(methods, cls)(**options)
     found = export_merge(method, "base", ["a", "b"], streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
-    assert found.config is None
-    assert f"MergeKit's {mergekit_name}" in (found.reason or "") and "does not write or read" in (found.reason or "")
+    assert found.config is not None, found.reason
+    assert found.config["merge_method"] == mergekit_name
 
 
 def test_dare_into_globally_pruned_ties_is_not_exported_as_dare_ties() -> None:

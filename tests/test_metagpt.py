@@ -124,8 +124,8 @@ def test_with_dare_uses_the_dare_masks() -> None:
         ({"granularity": "layer"}, "'granularity'"),
         ({"sparsify": "magic"}, "'sparsify'"),
         ({"lambda_from": "both"}, "'lambda_from'"),
-        ({"sparsify": {"_target_": "mergelab.methods.TIES", "k": 0}}, "'k'"),
-        ({"sparsify": {"_target_": "mergelab.methods.DARE", "p": 1.0}}, "'p'"),
+        ({"sparsify": {"_target_": "mergelab.methods.TIES", "k": 0}}, "'sparsify.k'"),
+        ({"sparsify": {"_target_": "mergelab.methods.DARE", "p": 1.0}}, "'sparsify.p'"),
         ({"sparsify": "task_arithmetic"}, "'sparsify' must be a Sparsifier"),
     ],
 )

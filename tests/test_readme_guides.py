@@ -160,11 +160,10 @@ def test_method_guide_compositions_and_conformance(checkout: Path, method_guide:
         assert method["name"] == command[1].split("=")[1] != "median"
         assert method["merge"]["_target_"] == "mergelab.methods.median.Median"
     # The conformance matrix finds the new YAML and passes (in memory = streamed, chunking, threads, inside DARE/AWD,
-    # bad options refused): the guide's `pytest tests/test_conformance.py -k median`, run in the copy.
-    proc = run_in(
-        checkout,
-        ["python", "-m", "pytest", "tests/test_conformance.py", "-k", "median", "-v", "-p", "no:cacheprovider"],
-    )
+    # bad options refused), and so does its declaration: the guide's `pytest tests/test_conformance.py
+    # tests/test_method_declarations.py -k median`, run in the copy.
+    tests = ["tests/test_conformance.py", "tests/test_method_declarations.py"]
+    proc = run_in(checkout, ["python", "-m", "pytest", *tests, "-k", "median", "-v", "-p", "no:cacheprovider"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     passed = set(re.findall(r"::(\w+)\[median\] PASSED", proc.stdout))
     assert passed >= {
@@ -173,6 +172,8 @@ def test_method_guide_compositions_and_conformance(checkout: Path, method_guide:
         "test_threaded_equals_sequential",
         "test_composes_inside_dare_and_awd",
         "test_bad_options_are_refused_naming_the_option",
+        "test_each_yaml_round_trips_through_mergekit_or_says_why_not",
+        "test_every_yaml_option_is_a_documented_constructor_option",
     }, proc.stdout[-3000:]
 
 

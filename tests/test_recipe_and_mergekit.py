@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.merge_candidates import InMemoryMerge
+from mergelab.methods.declaration import quote
 from mergelab.provenance import identity
 from mergelab.provenance.identity import PACKAGES, checkpoint_identity
 from mergelab.provenance.mergekit import (
     CONFIG_FILE,
     expand_command_line,
     mergekit_overrides,
-    quote,
     read_mergekit,
 )
 from mergelab.provenance.recipe import CARD_FILE, RECIPE_FILE
@@ -102,7 +102,10 @@ def test_streaming_run_writes_recipe_card_and_mergekit_config_that_round_trips(p
 
     card = (out / CARD_FILE).read_text()
     # A local dir is no Hub id: no base_model in the metadata (the Hub would refuse it), the text names the dir.
-    assert card_header(card) == {"tags": ["mergelab", "merge", "ties"], "library_name": "transformers"}
+    assert card_header(card) == {
+        "tags": ["mergelab", "merge", "ties", "arxiv:2306.01708"],
+        "library_name": "transformers",
+    }
     assert f"Pretrained model: `{base}`. No Hugging Face Hub id is known for it" in card
     assert recipe["command"] in card and "| prune | per_tensor |" in card and "Not scored" in card
 
@@ -135,14 +138,18 @@ def test_streaming_run_writes_recipe_card_and_mergekit_config_that_round_trips(p
 
 def test_a_mergekit_config_mergelab_cannot_translate_is_refused_in_one_line(pool_dirs: Pool, tmp_path: Path) -> None:
     base, experts = pool_dirs
-    bad = tmp_path / "slerp.yml"
-    bad.write_text(f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {experts['e0']}\n")
+    bad = tmp_path / "nearswap.yml"
+    bad.write_text(f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {experts['e0']}\n")
     proc = cli(f"mergekit={bad}", f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
+    from mergelab.methods.registry import mergekit_readers
+
+    known = sorted(mergekit_readers())  # every method's declared MergeKit reads
+    assert {"task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "sce", "model_stock", "slerp", "karcher"} <= set(known)
     assert lines == [
-        f"mergelab: error: mergekit config {bad}: merge_method: 'slerp' has no mergelab equivalent (mergelab imports "
-        "task_arithmetic, ties, dare_ties, dare_linear, linear)"
+        f"mergelab: error: mergekit config {bad}: merge_method: 'nearswap' has no mergelab equivalent (mergelab imports "
+        f"{', '.join(known)})"
     ]
     assert not (tmp_path / "out").exists()
 

@@ -185,7 +185,7 @@ def test_a_checkpoint_merge_of_a_local_dir_names_it_in_the_text_not_as_base_mode
     run(make_cfg(tmp_path, [*pool_overrides(pool_dirs), "method=task_arithmetic", "eval=none"], tiny=False))
     card = card_of(tmp_path)
     meta = hub_metadata(card)
-    assert "base_model" not in meta and meta["tags"] == ["mergelab", "merge", "task_arithmetic"]
+    assert "base_model" not in meta and meta["tags"] == ["mergelab", "merge", "task_arithmetic", "arxiv:2212.04089"]
     assert f"Pretrained model: `{base}`. No Hugging Face Hub id is known for it" in card
     assert "the metadata names no `base_model`" in card
     recipe = recipe_of(tmp_path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from mergelab.methods import DARE, SLERP, KarcherMean, TaskVectorMethod
 from mergelab.methods.slerp import layer_positions
 from mergelab.reports.analysis import analyze_pool
 from tests.conftest import ListPool
+from tests.test_method_declarations import composed
 
 SHAPES = {
     "model.embed_tokens.weight": (11, 6),
@@ -289,7 +292,7 @@ def test_karcher_skips_zero_tensors_and_refuses_bad_options() -> None:
         torch.testing.assert_close(out[k], experts[0][k] / 2, atol=1e-14, rtol=0)
     with pytest.raises(ValueError, match=r"option 'max_iter' must be a whole number, got 2\.5"):
         KarcherMean(max_iter=2.5)
-    with pytest.raises(ValueError, match=r"option 'tol' must be in \[0.0, inf\), got -1"):
+    with pytest.raises(ValueError, match=r"option 'tol' must be >= 0.0, got -1"):
         KarcherMean(tol=-1)
 
 
@@ -303,3 +306,49 @@ def test_the_analysis_of_a_wrapper_around_a_weight_method_hands_it_the_pretraine
     dropped = dare.drop(tv.task_vectors(base, experts))[0]
     want = math.sqrt(sum(float(v.double().square().sum()) for v in dropped.values()))
     assert after["norm"][0] == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- MergeKit configs
+
+
+def mergekit_round_trip(method: TaskVectorMethod, n_experts: int, tmp_path: Path) -> tuple[dict, Any]:
+    """``method``'s exported MergeKit config for a pool of ``n_experts`` and what mergelab reads back from it."""
+    from mergelab.io.writer import write_checkpoint
+    from mergelab.provenance.mergekit import export_merge, read_mergekit
+
+    base = write_checkpoint({"w": torch.ones(2, 2)}, tmp_path / "base")
+    experts = [write_checkpoint({"w": torch.full((2, 2), 2.0 + i)}, tmp_path / f"e{i}") for i in range(n_experts)]
+    method.task_names = [d.name for d in experts]
+    exported = export_merge(method, str(base), [str(d) for d in experts], True, "pool", base_dtypes=["float32"])
+    assert exported.config is not None, exported.reason
+    path = tmp_path / "mergekit_config.yml"
+    path.write_text(exported.yaml())
+    return exported.config, read_mergekit(path)
+
+
+def test_slerp_filters_and_gradients_go_to_mergekit_and_back(tmp_path: Path) -> None:
+    t = [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]
+    config, imported = mergekit_round_trip(SLERP(t=t), 1, tmp_path)
+    assert config["merge_method"] == "slerp" and config["parameters"] == {"t": t}  # MergeKit's own form
+    again = composed(imported.method)
+    assert isinstance(again, SLERP) and again.t == SLERP(t=t).t
+    from mergelab.provenance.mergekit import export_merge
+
+    other = export_merge(SLERP(dot_threshold=0.99), "base", ["e0"], True, "pool", base_dtypes=["float32"])
+    assert other.config is None and "fixes dot_threshold 0.9995" in str(other.reason)  # MergeKit fixes it
+
+
+def test_a_karcher_mean_of_the_experts_alone_has_no_base_model_and_reads_back_as_the_same_models(
+    tmp_path: Path,
+) -> None:
+    config, imported = mergekit_round_trip(KarcherMean(max_iter=7, tol=1e-6), 3, tmp_path)
+    assert "base_model" not in config and [m["model"] for m in config["models"]] == [
+        str(tmp_path / f"e{i}") for i in range(3)
+    ]
+    # No base_model: the first model is the pool's pretrained one, taken into the mean with the others.
+    assert imported.pretrained == str(tmp_path / "e0") and sorted(imported.experts.values()) == [
+        str(tmp_path / "e1"),
+        str(tmp_path / "e2"),
+    ]
+    again = composed(imported.method)
+    assert (again.max_iter, again.tol, again.include_pretrained) == (7, 1e-6, True)

@@ -39,7 +39,7 @@ def test_a_failed_run_says_why_in_one_line(pool_dirs: tuple[Path, dict[str, Path
     assert proc.returncode == 1
     lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
-    assert "option 'scaling' must be in [0.0, inf), got -1" in lines[0] and "HYDRA_FULL_ERROR=1" in lines[0]
+    assert "option 'scaling' must be >= 0.0, got -1" in lines[0] and "HYDRA_FULL_ERROR=1" in lines[0]
     assert not (tmp_path / "run" / "metrics.json").exists()
     full = mergelab(*args, full_error=True)
     assert full.returncode == 1 and "Traceback" in full.stderr and "option 'scaling'" in full.stderr

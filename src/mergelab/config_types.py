@@ -11,27 +11,57 @@ import importlib
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Range:
-    """A numeric option's range, declared on the constructor: ``chunk_elems: Annotated[int, Range(low=1)]``."""
+    """A numeric option's range, declared on the constructor: ``chunk_elems: Annotated[int, Range(low=1)]``;
+    ``low_open`` / ``high_open`` leave a bound out (``Range(0.0, 1.0, low_open=True)`` is (0, 1])."""
 
     low: float | None = None
     high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the range (NaN never does)."""
+        if math.isnan(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def describe(self) -> str:
+        """The range in words: ``in (0.0, 1.0]``, ``>= 1``, ``> 0.0``."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low!r}, {self.high!r}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low!r}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high!r}"
+        return "a number"
 
     def check(self, key: str, value: Any) -> None:
         """Refuse ``value`` outside the range (and NaN), naming ``key``."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             return  # the type check names it
-        inside = not math.isnan(value) and (self.low is None or value >= self.low)
-        inside = inside and (self.high is None or value <= self.high)
-        if not inside:
-            bounds = [f">= {self.low:g}" if self.low is not None else "", f"<= {self.high:g}" if self.high else ""]
-            raise ValueError(f"{key} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
+        if not self.contains(value):
+            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Doc:
+    """An option's one-line documentation, declared on the constructor beside its type and range:
+    ``density: Annotated[float, Range(0, 1), Doc("fraction of each task vector kept")] = 0.9``."""
+
+    text: str
+
+
+def literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal[...]`` among ``hint``'s alternatives (``Literal["a", "b"] | None`` -> a, b)."""
+    return tuple(v for h in _alternatives(hint) if typing.get_origin(h) is typing.Literal for v in typing.get_args(h))
 
 
 def constructor_hints(target: str) -> dict[str, Any]:
@@ -67,6 +97,15 @@ def _container_error(key: str, hint: Any, value: Any) -> str | None:
     return None
 
 
+def _forms_error(key: str, allowed: set[Any], value: Any) -> str:
+    """Why ``value`` is none of several container forms (and not null where null is allowed)."""
+    origins = {typing.get_origin(h) for h in allowed}
+    forms = ["null"] if type(None) in allowed else []
+    forms += ["a list"] if origins & {abc.Sequence, list, tuple} else []
+    forms += ["a mapping (name: value)"] if origins & {abc.Mapping, dict} else []
+    return f"{key} must be {', '.join(forms[:-1])} or {forms[-1]}, got {type(value).__name__} {value!r}"
+
+
 def _alternatives(hint: Any) -> set[Any]:
     origin = typing.get_origin(hint)
     return set(typing.get_args(hint)) if origin is typing.Union or origin is types.UnionType else {hint}
@@ -78,13 +117,21 @@ def check_option_types(node: Mapping[str, Any], label: Callable[[str], str], pre
     turns a dotted key into how the error names it (e.g. ``model.chunk_elems``)."""
     target = node.get("_target_")
     hints = constructor_hints(target) if isinstance(target, str) and "." in target else {}
-    for key, value in node.items():
-        if value == "???":  # OmegaConf's missing value: composition reports it, not a type
+    check_values(hints, node, label, prefix)
+
+
+def check_values(
+    hints: Mapping[str, Any], values: Mapping[str, Any], label: Callable[[str], str], prefix: str = ""
+) -> None:
+    """Check ``values`` against their annotations ``hints`` (type, ``Range``, ``Literal`` choices), as
+    :func:`check_option_types` does for a config node and a method's constructor does for its arguments."""
+    for key, value in values.items():
+        if isinstance(value, str) and value == "???":  # OmegaConf's missing value: composition reports it
             continue
         hint = hints.get(key) if not key.startswith("_") else None
         ranges = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
-        if ranges:
-            hint = typing.get_args(hint)[0]  # Annotated[int, Range(...)] -> int
+        if hint is not None and typing.get_origin(hint) is typing.Annotated:
+            hint = typing.get_args(hint)[0]  # Annotated[int, Range(...), Doc(...)] -> int
         allowed = _alternatives(hint) if hint is not None else set()
         if not (value is None and type(None) in allowed):
             containers = [h for h in allowed if typing.get_origin(h) in CONTAINERS]
@@ -92,17 +139,29 @@ def check_option_types(node: Mapping[str, Any], label: Callable[[str], str], pre
             if containers and only_containers and not any(h in allowed for h in (Any, str)):
                 problems = [_container_error(label(prefix + key), h, value) for h in containers]
                 if all(problems):
-                    raise ValueError(problems[0])
+                    raise ValueError(
+                        problems[0] if len(problems) == 1 else _forms_error(label(prefix + key), allowed, value)
+                    )
         if isinstance(value, Mapping):
             check_option_types(value, label, f"{prefix}{key}.")
             continue
-        if hint is None or any(typing.get_origin(h) is not None for h in allowed):
-            continue  # unannotated, or a container: checked above
-        if (value is None and type(None) in allowed) or str in allowed or Any in allowed:
+        choices = literal_choices(hint) if hint is not None else ()
+        if choices and not (value is None and type(None) in allowed):
+            if isinstance(value, bool) or value not in choices:
+                raise ValueError(f"{label(prefix + key)} must be one of {choices}, got {value!r}")
             continue
-        if {int, float} & allowed and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"{label(prefix + key)} must be a number, got {value!r}")
-        if int in allowed and float not in allowed and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{label(prefix + key)} must be a whole number, got {value!r}")
-        for r in ranges:
-            r.check(label(prefix + key), value)
+        _check_scalar(label(prefix + key), allowed, ranges, value)
+
+
+def _check_scalar(name: str, allowed: set[Any], ranges: Sequence[Range], value: Any) -> None:
+    """A number where the annotation ``allowed`` (its alternatives) wants one, whole for an int, in ``ranges``."""
+    if not allowed or any(typing.get_origin(h) is not None for h in allowed):
+        return  # unannotated, or a container: checked by the caller
+    if (value is None and type(None) in allowed) or str in allowed or Any in allowed:
+        return
+    if {int, float} & allowed and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if int in allowed and float not in allowed and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    for r in ranges:
+        r.check(name, value)

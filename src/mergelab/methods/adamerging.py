@@ -15,15 +15,19 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
-from mergelab.methods.task_statistics import check_split, positive_int, require_task_data
+from mergelab.methods.base import TaskVectorMethod
+from mergelab.methods.task_statistics import Count, Split, require_task_data
+
+#: A number that is finite (a learned coefficient's start).
+Finite = Range(float("-inf"), float("inf"), low_open=True, high_open=True)
 
 
 class AdaMerging(TaskVectorMethod):
@@ -47,39 +51,51 @@ class AdaMerging(TaskVectorMethod):
     needs_task_data = True
     parallel_chunks = True
 
+    reference = (
+        "Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024, arXiv 2310.02575"
+    )
+    mergekit = "AdaMerging learns its coefficients on task data; MergeKit merges without data"
+
     def __init__(
         self,
-        granularity: str = "layer",
-        init: float = 0.3,
-        clamp: Sequence[float] | None = (0.0, 1.0),
-        split: str = "test",
-        max_examples: int | None = None,
-        steps: int = 500,
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.9, 0.999),
-        batch_size: int = 16,
-        seed: int = 0,
-        trainer: Mapping[str, Any] | None = None,
+        granularity: Annotated[
+            Literal["layer", "task"], Doc("one coefficient per task and tensor (layer-wise) or per task")
+        ] = "layer",
+        init: Annotated[float, Finite, Doc("initial value of every coefficient")] = 0.3,
+        clamp: Annotated[Sequence[float] | None, Doc("[low, high] the coefficients are clamped to; null: none")] = (
+            0.0,
+            1.0,
+        ),
+        split: Annotated[
+            Split,
+            Doc("whose unlabeled inputs the entropy is measured on: test (the paper), validation keeps test unseen"),
+        ] = "test",
+        max_examples: Annotated[int | None, Range(low=1), Doc("examples per task (seeded subset); null: all")] = None,
+        steps: Annotated[Count, Doc("Adam steps, each one batch of every task")] = 500,
+        lr: Annotated[float, Range(0.0, float("inf"), low_open=True, high_open=True), Doc("Adam's learning rate")] = (
+            1e-3
+        ),
+        betas: Annotated[Sequence[float], Doc("Adam's betas, two numbers in [0, 1)")] = (0.9, 0.999),
+        batch_size: Annotated[Count, Doc("examples per task and step")] = 16,
+        seed: Annotated[int, Doc("seed of the subset and of the batch order")] = 0,
+        trainer: Annotated[Mapping[str, Any] | None, Doc("extra Lightning Trainer arguments for the fit")] = None,
     ) -> None:
-        check_choice("granularity", granularity, ("layer", "task"))
         self.granularity = granularity
-        check_range("init", float(init), -math.inf, math.inf, True, True)
         self.init = float(init)
         if clamp is not None:
             clamp = [float(c) for c in clamp]
             if len(clamp) != 2 or not all(math.isfinite(c) for c in clamp) or clamp[0] > clamp[1]:
                 raise ValueError(f"method option 'clamp' must be null or [low, high] with low <= high, got {clamp}")
         self.clamp = (clamp[0], clamp[1]) if clamp is not None else None
-        self.split = check_split("split", split)
-        self.max_examples = positive_int("max_examples", max_examples, allow_none=True)
-        self.steps = positive_int("steps", steps)
-        check_range("lr", float(lr), 0.0, math.inf, True, True)
+        self.split = split
+        self.max_examples = None if max_examples is None else int(max_examples)
+        self.steps = int(steps)
         self.lr = float(lr)
         betas = [float(b) for b in betas]
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"method option 'betas' must be two numbers in [0, 1), got {betas}")
         self.betas = (betas[0], betas[1])
-        self.batch_size = positive_int("batch_size", batch_size)
+        self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.trainer_options = dict(trainer or {})
         self.lambdas: Tensor | None = None

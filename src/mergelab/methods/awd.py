@@ -16,21 +16,22 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block, DictSource, load_chunk, read_bounds
 from mergelab.io.artifacts import check_artifact
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.methods.awd_fit import FitResult, History, OptimizerConfig
-from mergelab.methods.awd_objective import Objective, cosines, mean_abs_cos
-from mergelab.methods.base import WrappedMethod, check_choice
+from mergelab.methods.awd_fit import OPTIMIZERS, FitResult, History, OptimizerConfig
+from mergelab.methods.awd_objective import GRANULARITIES, NORMS, Objective, cosines, mean_abs_cos
+from mergelab.methods.base import WrappedMethod
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -75,28 +76,47 @@ class AWD(WrappedMethod):
         trainer: extra Lightning Trainer arguments for the fit (e.g. ``enable_checkpointing: true``).
     """
 
+    reference = "Xiong et al. 2024, Multi-Task Model Merging via Adaptive Weight Disentanglement, arXiv 2411.18729"
+    mergekit = "AWD subtracts a learned redundant vector from every task vector; MergeKit has no such method"
+
     def __init__(
         self,
-        merge: Any = "task_arithmetic",
-        granularity: str = "row",
-        norm: str = "l2",
-        alpha: float = 0.1,
-        optimizer: str = "adam",
-        lr: float = 0.01,
-        momentum: float = 0.0,
-        steps: int = 300,
-        lr_relative: bool = True,
-        rise_tol: float = 1e-3,
-        max_backoffs: int = 10,
-        include: Sequence[str] = DEFAULT_INCLUDE,
-        exclude: Sequence[str] = (),
-        matrices_only: bool = True,
-        mode: str = "whole",
-        delta_path: str | None = None,
-        score_single_task: bool = True,
-        trainer: Mapping[str, Any] | None = None,
+        merge: Annotated[Any, Doc("the method the disentangled vectors go into: a conf/method name or config")] = (
+            "task_arithmetic"
+        ),
+        granularity: Annotated[Literal[GRANULARITIES], Doc("granularity of the cosine and of delta's norm")] = "row",
+        norm: Annotated[Literal[NORMS], Doc("the norm of delta in L_R")] = "l2",
+        alpha: Annotated[float, Range(0.0, float("inf"), high_open=True), Doc("weight of the norm term L_R")] = 0.1,
+        optimizer: Annotated[Literal[OPTIMIZERS], Doc("full-batch optimiser of delta")] = "adam",
+        lr: Annotated[
+            float,
+            Range(0.0, float("inf"), low_open=True, high_open=True),
+            Doc("relative (lr_relative): a step moves delta by about lr x rms(tau) per entry"),
+        ] = 0.01,
+        momentum: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("sgd only")] = 0.0,
+        steps: Annotated[int, Range(low=1), Doc("optimiser steps")] = 300,
+        lr_relative: Annotated[
+            bool, Doc("lr x rms(tau) per tensor (adam; sgd: x rms(tau)^2): one lr fits pools of any scale")
+        ] = True,
+        rise_tol: Annotated[
+            float, Range(0.0, float("inf"), high_open=True), Doc("relative loss rise that undoes an iterate")
+        ] = 1e-3,
+        max_backoffs: Annotated[int, Range(low=0), Doc("back-offs before a tensor stops")] = 10,
+        include: Annotated[Sequence[str], Doc("regexes of the parameters disentangled")] = DEFAULT_INCLUDE,
+        exclude: Annotated[Sequence[str], Doc("regexes of parameters left out")] = (),
+        matrices_only: Annotated[bool, Doc("only 2-D weights")] = True,
+        mode: Annotated[
+            Literal["whole", "per_tensor"],
+            Doc("one fit, or one tensor's task vectors in memory at a time (row/tensor granularity)"),
+        ] = "whole",
+        delta_path: Annotated[
+            str | None, Doc("reuse a delta.safetensors (or a streaming run's delta/ dir) instead of fitting")
+        ] = None,
+        score_single_task: Annotated[bool, Doc("also score each theta_0 + tau_t - delta on its task")] = True,
+        trainer: Annotated[
+            Mapping[str, Any] | None, Doc("extra Trainer arguments for the fit, e.g. {enable_checkpointing: true}")
+        ] = None,
     ) -> None:
-        check_choice("mode", mode, ("whole", "per_tensor"))
         super().__init__(merge, "merge")
         self.objective = Objective(granularity, norm, float(alpha))
         self.optim = OptimizerConfig(

@@ -25,6 +25,7 @@ from mergelab.engine.chunks import Block
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.method_config import named_method_config
+from mergelab.methods.declaration import checked_init
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -47,6 +48,13 @@ class MergeMethod(ABC):
     #: Whether the method needs each task's examples from the pool (``ModelPool.task_data``): pools without them
     #: refuse it before any work (``ModelPool.check_method``).
     needs_task_data: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's own constructor checks its arguments against its annotations (type, range, choices) before
+        it runs, however the method is built (config, Python, a wrapper's inner method): :func:`checked_init`."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained.
@@ -343,30 +351,6 @@ def build_method(spec: Any, option: str, kind: type = TaskVectorMethod) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- option checks
-
-
-def check_number(name: str, value: object) -> None:
-    """Raise a ValueError naming the option when ``value`` is not a real number (a word from a mistyped override,
-    None, a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"method option '{name}' must be a number, got {value!r}")
-
-
-def check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    """Raise a ValueError naming the option when ``value`` is not a number or lies outside the interval (NaN is
-    never inside)."""
-    check_number(name, value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if below or above or math.isnan(value):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"method option '{name}' must be in {interval}, got {value}")
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raise a ValueError naming the option when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"method option '{name}' must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_expert_weights(option: Any, key: str = "weights", negative: bool = False) -> Any:

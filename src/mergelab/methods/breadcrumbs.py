@@ -6,24 +6,27 @@ Each task vector loses its ``gamma`` fraction of largest magnitudes (outliers) a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
-from mergelab.methods.base import (
-    TaskVectorMethod,
-    check_choice,
-    check_expert_weights,
-    check_range,
-    expert_weights,
+from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
+from mergelab.methods.declaration import (
+    ExpertWeights,
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    NotExpressible,
+    same_or_each,
 )
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
-
-PRUNE_MODES = ("per_tensor", "global")
+from mergelab.methods.mergekit_terms import read_sparsified_mix, task_arithmetic_family
 
 
 def mix(sparse: Sequence[Tensor], weights: Sequence[float], consensus: bool, normalize: bool) -> Tensor:
@@ -56,6 +59,35 @@ def breadcrumb_ranks(numel: int, density: float, gamma: float) -> tuple[int, int
     return top, keep
 
 
+class BreadcrumbsMergeKit(MergeKitMapping):
+    """MergeKit's ``breadcrumbs`` / ``breadcrumbs_ties`` (per-model weight, density, gamma; ``normalize``;
+    ``lambda`` = scaling; no ``rescale``) for per-tensor pruning."""
+
+    reads = (
+        task_arithmetic_family("breadcrumbs", normalize=False, rescale=False, density=1.0, gamma=0.01),
+        task_arithmetic_family("breadcrumbs_ties", normalize=False, rescale=False, density=1.0, gamma=0.01),
+    )
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if method.prune != "per_tensor":
+            raise NotExpressible(
+                "Breadcrumbs with prune=global ranks magnitudes over the whole model; MergeKit's breadcrumbs trims "
+                "each tensor on its own (method.prune=per_tensor is expressible)"
+            )
+        each = [{"weight": w, "density": method.density, "gamma": method.gamma} for w in method.coefficients(n_experts)]
+        shared = {"normalize": method.normalize, "rescale": False, "lambda": method.scaling}
+        notes = [
+            "the kept band: MergeKit sorts each tensor's magnitudes and keeps an arbitrary subset of those tied with a "
+            "bound, mergelab keeps (lower bound) or drops (upper bound) every tied entry"
+        ]
+        return Exported("breadcrumbs_ties" if method.consensus else "breadcrumbs", same_or_each(each), shared, notes)
+
+    def read(self, config: MergeKitInput) -> Import:
+        if config.shared["rescale"]:
+            raise config.fail("parameters.rescale", "true: mergelab's Breadcrumbs does not rescale the kept entries")
+        return read_sparsified_mix(config, "gamma", ["method.prune=per_tensor"])
+
+
 class Breadcrumbs(TaskVectorMethod):
     """theta_0 + scaling * mix_t(w_t * breadcrumb(tau_t)): outliers and small magnitudes of each tau_t removed.
 
@@ -78,21 +110,33 @@ class Breadcrumbs(TaskVectorMethod):
 
     parallel_chunks = True
     elementwise = True
+    reference = (
+        "Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
+        "arXiv 2312.06795"
+    )
+    mergekit = BreadcrumbsMergeKit()
 
     def __init__(
         self,
-        density: float = 0.9,
-        gamma: float = 0.01,
-        weights: Mapping[str, float] | Sequence[float] | None = None,
-        consensus: bool = False,
-        normalize: bool = False,
-        scaling: float = 1.0,
-        prune: str = "per_tensor",
+        density: Annotated[
+            float,
+            Range(0.0, 1.0, low_open=True),
+            Doc("fraction of each task vector kept; 1 keeps all (no outlier removal either)"),
+        ] = 0.9,
+        gamma: Annotated[
+            float, Range(0.0, 1.0, high_open=True), Doc("fraction of the largest magnitudes removed first")
+        ] = 0.01,
+        weights: Annotated[
+            ExpertWeights,
+            Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}; < 0 subtracts"),
+        ] = None,
+        consensus: Annotated[bool, Doc("TIES sign election by sum (MergeKit breadcrumbs_ties)")] = False,
+        normalize: Annotated[bool, Doc("divide by the sum of the (agreeing) weights (MergeKit normalize)")] = False,
+        scaling: Annotated[float, Range(low=0.0), Doc("lambda on the mixed task vector (MergeKit lambda)")] = 1.0,
+        prune: Annotated[
+            Literal["per_tensor", "global"], Doc("rank magnitudes per tensor (MergeKit) or over the whole model")
+        ] = "per_tensor",
     ) -> None:
-        check_range("density", density, 0.0, 1.0, low_open=True, high_open=False)
-        check_range("gamma", gamma, 0.0, 1.0, low_open=False, high_open=True)
-        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
-        check_choice("prune", prune, PRUNE_MODES)
         self.density, self.gamma, self.scaling, self.prune = float(density), float(gamma), float(scaling), prune
         self.weights = check_expert_weights(weights, negative=True)
         self.consensus, self.normalize = bool(consensus), bool(normalize)

@@ -10,14 +10,15 @@ consensus TA; ``ties``: consensus TIES). Everything is per coordinate, so it str
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import Sparsifier
-from mergelab.methods.base import WrappedMethod, check_range
+from mergelab.methods.base import WrappedMethod
 
 
 def tall_masks(vectors: Sequence[Tensor], tall_lambda: float) -> Tensor:
@@ -37,11 +38,20 @@ class Consensus(WrappedMethod, Sparsifier):
         merge: the method the masked task vectors go into (config node, conf/method name or instance).
     """
 
-    def __init__(self, k: int = 2, tall_lambda: float = 0.6, merge: Any = "task_arithmetic") -> None:
-        check_range("k", float(k), 0.0, float("inf"), low_open=False, high_open=True)
-        if int(k) != k:
-            raise ValueError(f"method option 'k' must be an integer, got {k}")
-        check_range("tall_lambda", tall_lambda, 0.0, float("inf"), low_open=True, high_open=True)
+    reference = (
+        "Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression, ICML 2024, "
+        "arXiv 2405.07813"
+    )
+    mergekit = "consensus merging keeps the weights where enough tasks' TALL masks agree; MergeKit has no such mask"
+
+    def __init__(
+        self,
+        k: Annotated[int, Range(low=0), Doc("tasks whose TALL masks must keep a weight (2 drops selfish ones)")] = 2,
+        tall_lambda: Annotated[float, Range(low=0.0, low_open=True), Doc("lambda of the TALL masks")] = 0.6,
+        merge: Annotated[Any, Doc("the method the masked vectors go into: a conf/method name or config")] = (
+            "task_arithmetic"
+        ),
+    ) -> None:
         self.k, self.tall_lambda = int(k), float(tall_lambda)
         super().__init__(merge, "merge")
 

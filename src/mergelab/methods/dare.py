@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block, read_bounds, row_blocks
 from mergelab.engine.passes import combine_in_memory
 from mergelab.engine.protocol import Sparsifier
-from mergelab.methods.base import WrappedMethod, check_range
+from mergelab.methods.base import WrappedMethod
+from mergelab.methods.declaration import (
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    NotExpressible,
+    decimal,
+    same_or_each,
+)
+from mergelab.methods.mergekit_terms import read_task_arithmetic, task_arithmetic_family, ties_parameters
+from mergelab.methods.task_arithmetic import TaskArithmetic
+from mergelab.methods.ties import TIES, TIES_NOTES
+from mergelab.methods.weight_averaging import WeightAveraging
 
 #: DARE draws its masks on these fixed row blocks of each tensor, whatever blocks the engine hands it, so the
 #: same seed gives the same masks for any chunk size, thread count, and in memory or streamed.
@@ -39,6 +53,69 @@ def drop_and_rescale(
     return torch.where(mask, t / (1.0 - p), torch.zeros((), dtype=t.dtype))
 
 
+def random_masks_note(seed: int) -> str:
+    """Why a random drop's merge is reproduced by mergelab, not by MergeKit (which draws its own masks)."""
+    return (
+        f"DARE's masks are random: MergeKit draws its own; `mergelab mergekit=mergekit_config.yml seed={seed}` draws "
+        f"these (method.seed {seed})"
+    )
+
+
+class DareMergeKit(MergeKitMapping):
+    """DARE into task arithmetic (or weight averaging) as MergeKit's ``dare_linear``, into TIES with k=100 and
+    per-tensor pruning as ``dare_ties``; DARE's 1/(1-p) is folded into the weights (``rescale: false``), so MergeKit
+    versions that rescale survivors to the task vector's norm instead give the same merge. Reading, ``rescale:
+    true`` is DARE's 1/density."""
+
+    reads = (
+        task_arithmetic_family("dare_ties", normalize=False, rescale=True, density=1.0),
+        task_arithmetic_family("dare_linear", normalize=False, rescale=True, density=1.0),
+    )
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        d, inner = 1.0 - method.p, method.inner
+        masks = random_masks_note(method.seed)
+        if type(inner) in (TaskArithmetic, WeightAveraging):  # exact classes: a subclass may merge differently
+            inner.task_names = inner.task_names or method.task_names  # as the merge passes them on (begin)
+            each = [{"density": d, "weight": c / d} for c in inner.coefficients(n_experts)]
+            return Exported("dare_linear", same_or_each(each), {"normalize": False, "rescale": False}, [masks])
+        if type(inner) is TIES:
+            if inner.prune != "per_tensor":  # its exact sign ties take the model's majority, MergeKit's the tensor's
+                raise NotExpressible(
+                    "DARE into TIES with prune=global elects the majority sign of exact ties over the whole model; "
+                    "MergeKit's dare_ties works tensor by tensor (method.merge.prune=per_tensor is expressible)"
+                )
+            if inner.k != 100.0:
+                raise NotExpressible(
+                    f"DARE into TIES with k={inner.k:g}: MergeKit's dare_ties elects signs without trimming by "
+                    "magnitude (method.merge.k=100 is expressible)"
+                )
+            per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+            shared = {**shared, "rescale": False}
+            return Exported("dare_ties", {"density": d, **per}, shared, [masks, TIES_NOTES[1], *notes])
+        raise NotExpressible(
+            f"DARE into {type(inner).__name__}: MergeKit's DARE merges the dropped vectors by task arithmetic "
+            "(dare_linear) or sign election without trimming (dare_ties) only"
+        )
+
+    def read(self, config: MergeKitInput) -> Import:
+        linear = config.merge_method == "dare_linear"
+        terms = read_task_arithmetic(config, sign_election=not linear, dropped=True)
+        overrides = ["method=dare", f"method.p={decimal(1.0 - terms.density)!r}"]
+        if linear:
+            overrides += ["method@method.merge=task_arithmetic", f"method.merge.scaling={terms.scaling!r}"]
+            overrides += [f"method.merge.weights={terms.weights}"] if terms.weights else []
+        else:
+            overrides += [
+                "method@method.merge=ties",
+                "method.merge.k=100.0",
+                "method.merge.prune=per_tensor",
+                f"method.merge.disjoint={terms.disjoint}",
+                f"method.merge.scaling={terms.scaling!r}",
+            ]
+        return config.imported(overrides)
+
+
 class DARE(WrappedMethod, Sparsifier):
     """Drop-and-rescale every task vector, then merge the results with another method.
 
@@ -51,8 +128,20 @@ class DARE(WrappedMethod, Sparsifier):
             ``conf/method`` YAML (default ``task_arithmetic``) or a method instance.
     """
 
-    def __init__(self, p: float = 0.5, seed: int = 0, merge: Any = "task_arithmetic") -> None:
-        check_range("p", p, 0.0, 1.0, low_open=False, high_open=True)
+    reference = (
+        "Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+        "arXiv 2311.03099"
+    )
+    mergekit = DareMergeKit()
+
+    def __init__(
+        self,
+        p: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("drop rate; survivors scaled by 1 / (1 - p)")] = 0.5,
+        seed: Annotated[int, Doc("masks drawn per (seed, tensor, fixed row block, task)")] = 0,
+        merge: Annotated[Any, Doc("the method the dropped vectors go into: a conf/method name or config")] = (
+            "task_arithmetic"
+        ),
+    ) -> None:
         self.p, self.seed = float(p), int(seed)
         super().__init__(merge, "merge")
 

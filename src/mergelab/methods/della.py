@@ -8,25 +8,56 @@ magnitudes (ranks along dim 1, as MergeKit; a 1-D tensor is one row). Survivors 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block, read_bounds, row_blocks
-from mergelab.methods.base import (
-    TaskVectorMethod,
-    check_choice,
-    check_expert_weights,
-    check_range,
-    expert_weights,
-)
+from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
 from mergelab.methods.breadcrumbs import mix
-from mergelab.methods.dare import MASK_BLOCK_ELEMS, tensor_seed
+from mergelab.methods.dare import MASK_BLOCK_ELEMS, random_masks_note, tensor_seed
+from mergelab.methods.declaration import (
+    ExpertWeights,
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    NotExpressible,
+    same_or_each,
+)
+from mergelab.methods.mergekit_terms import read_sparsified_mix, task_arithmetic_family
 
-RESCALE_MODES = ("l1", "probability", "none")
+
+class DellaMergeKit(MergeKitMapping):
+    """MergeKit's ``della`` / ``della_linear`` (per-model weight, density, epsilon; ``normalize``; ``rescale: true``
+    is mergelab's ``l1``, MergeKit 0.1.5's L1-norm restoration; ``lambda`` = scaling)."""
+
+    reads = (
+        task_arithmetic_family("della", normalize=True, rescale=True, density=1.0, epsilon=0.15),
+        task_arithmetic_family("della_linear", normalize=False, rescale=True, density=1.0, epsilon=0.15),
+    )
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if method.rescale == "probability":
+            raise NotExpressible(
+                "DELLA with rescale=probability divides each survivor by its keep probability (the paper); MergeKit "
+                "0.1.5 restores each tensor's L1 norm (method.rescale=l1 or none is expressible)"
+            )
+        each = [
+            {"weight": w, "density": method.density, "epsilon": method.epsilon} for w in method.coefficients(n_experts)
+        ]
+        shared = {"normalize": method.normalize, "rescale": method.rescale == "l1", "lambda": method.scaling}
+        notes = [random_masks_note(method.seed).replace("DARE's masks", "DELLA's drops")]
+        return Exported("della" if method.consensus else "della_linear", same_or_each(each), shared, notes)
+
+    def read(self, config: MergeKitInput) -> Import:
+        return read_sparsified_mix(
+            config, "epsilon", [f"method.rescale={'l1' if config.shared['rescale'] else 'none'}"]
+        )
 
 
 def uniforms(seed: int, block: Block, task: int) -> Tensor:
@@ -84,23 +115,30 @@ class DELLA(TaskVectorMethod):
 
     parallel_chunks = True
     elementwise = True
+    reference = (
+        "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, "
+        "arXiv 2406.11617"
+    )
+    mergekit = DellaMergeKit()
 
     def __init__(
         self,
-        density: float = 0.7,
-        epsilon: float = 0.15,
-        weights: Mapping[str, float] | Sequence[float] | None = None,
-        consensus: bool = True,
-        normalize: bool = True,
-        rescale: str = "l1",
-        scaling: float = 1.0,
-        seed: int = 0,
+        density: Annotated[float, Range(0.0, 1.0, low_open=True), Doc("mean keep probability; 1 keeps all")] = 0.7,
+        epsilon: Annotated[
+            float, Range(0.0, 0.5, high_open=True), Doc("half-width of the keep probabilities around density")
+        ] = 0.15,
+        weights: Annotated[
+            ExpertWeights, Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}")
+        ] = None,
+        consensus: Annotated[bool, Doc("TIES sign election by sum (della); false: della_linear")] = True,
+        normalize: Annotated[bool, Doc("divide by the sum of the (agreeing) weights (MergeKit normalize)")] = True,
+        rescale: Annotated[
+            Literal["l1", "probability", "none"],
+            Doc("l1: restore each tensor's L1 norm (MergeKit rescale); probability: 1/p (the paper); none"),
+        ] = "l1",
+        scaling: Annotated[float, Range(low=0.0), Doc("lambda on the mixed task vector (MergeKit lambda)")] = 1.0,
+        seed: Annotated[int, Doc("drops drawn per (seed, tensor, fixed row block, task)")] = 0,
     ) -> None:
-        check_range("density", density, 0.0, 1.0, low_open=True, high_open=False)
-        check_range("epsilon", epsilon, 0.0, 0.5, low_open=False, high_open=True)
-        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
-        check_range("seed", seed, float("-inf"), float("inf"), low_open=True, high_open=True)
-        check_choice("rescale", rescale, RESCALE_MODES)
         if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
             raise ValueError(
                 f"method option 'epsilon' must keep density -/+ epsilon inside (0, 1), got density {density} and "

@@ -11,23 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block, DictSource, read_bounds
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_expert_weights, expert_weights
+from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
+from mergelab.methods.declaration import ExpertWeights
 from mergelab.methods.task_statistics import (
+    Count,
+    Split,
     cached_statistics,
-    check_split,
     expert_model,
     merged_parameters,
-    positive_int,
     require_task_data,
 )
-
-LABEL_SOURCES = ("sample", "expected", "data")
 
 
 def fisher_diagonal(
@@ -98,22 +98,29 @@ class FisherMerging(TaskVectorMethod):
     needs_task_data = True
     parallel_chunks = True
 
+    reference = "Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging, arXiv 2111.09832"
+    mergekit = "Fisher merging weighs parameters by their Fisher information on task data; MergeKit uses no data"
+
     def __init__(
         self,
-        num_examples: int = 256,
-        labels: str = "sample",
-        split: str = "train",
-        floor: float = 1e-6,
-        normalize: bool = False,
-        task_weights: Sequence[float] | Mapping[str, float] | None = None,
-        seed: int = 0,
+        num_examples: Annotated[Count, Doc("examples per task (seeded subset)")] = 256,
+        labels: Annotated[
+            Literal["sample", "expected", "data"],
+            Doc("y sampled from the expert, the expectation over classes, or the data's labels (empirical)"),
+        ] = "sample",
+        split: Annotated[Split, Doc("the split the examples come from")] = "train",
+        floor: Annotated[
+            float,
+            Range(0.0, float("inf"), low_open=True, high_open=True),
+            Doc("least Fisher value (the paper's), so untouched coordinates still average"),
+        ] = 1e-6,
+        normalize: Annotated[bool, Doc("divide each expert's Fisher by its L2 norm first (FusionBench)")] = False,
+        task_weights: Annotated[ExpertWeights, Doc("per-task w_t: null (all 1), a list or {task: weight}")] = None,
+        seed: Annotated[int, Doc("seed of the example subset and the sampled labels")] = 0,
     ) -> None:
-        self.num_examples = positive_int("num_examples", num_examples)
-        check_choice("labels", labels, LABEL_SOURCES)
+        self.num_examples = int(num_examples)
         self.labels = labels
-        self.split = check_split("split", split)
-        if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
-            raise ValueError(f"method option 'floor' must be a finite number > 0, got {floor!r}")
+        self.split = split
         self.floor = float(floor)
         self.normalize = bool(normalize)
         self.task_weights_option = check_expert_weights(task_weights, "task_weights")

@@ -21,14 +21,20 @@ configs); alpha = 1.0, the value of FusionBench's configs: the paper selects alp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
-from mergelab.methods.base import TaskVectorMethod, check_range
+from mergelab.methods.base import TaskVectorMethod
 from mergelab.methods.task_singular_vectors import (
-    check_svd_options,
+    Alpha,
+    Niter,
+    Oversample,
+    SvdKind,
+    SvdSeed,
     linear_algebra_thread,
     polar_factor,
     task_arithmetic_mean,
@@ -62,9 +68,7 @@ class _Isotropic(TaskVectorMethod):
     elementwise = False  # each matrix is decomposed whole
     parallel_chunks = True  # merge_chunk is a pure function of the tensor (and its name, for lowrank's draws)
 
-    def __init__(self, alpha: float, svd: str, oversample: int, niter: int, seed: int) -> None:
-        check_range("alpha", alpha, 0.0, float("inf"), low_open=False, high_open=True)
-        check_svd_options(svd, oversample, niter, seed)
+    def __init__(self, alpha: Alpha, svd: SvdKind, oversample: Oversample, niter: Niter, seed: SvdSeed) -> None:
         self.alpha = float(alpha)
         self.svd, self.oversample, self.niter, self.seed = svd, int(oversample), int(niter), int(seed)
 
@@ -92,7 +96,20 @@ class IsoC(_Isotropic):
         oversample, niter, seed: ``lowrank``'s oversampling, power iterations and seed.
     """
 
-    def __init__(self, alpha: float = 1.0, svd: str = "full", oversample: int = 10, niter: int = 2, seed: int = 0):
+    reference = (
+        "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
+        "ICML 2025, arXiv 2502.04959"
+    )
+    mergekit = "Iso-C flattens the spectrum of each summed task matrix; MergeKit has no such method"
+
+    def __init__(
+        self,
+        alpha: Alpha = 1.0,
+        svd: SvdKind = "full",
+        oversample: Oversample = 10,
+        niter: Niter = 2,
+        seed: SvdSeed = 0,
+    ) -> None:
         super().__init__(alpha, svd, oversample, niter, seed)
 
     def merge_matrix(self, name: str, vectors: Sequence[Tensor]) -> Tensor:
@@ -113,16 +130,20 @@ class IsoCTS(_Isotropic):
         oversample, niter, seed: ``lowrank``'s oversampling, power iterations and seed.
     """
 
+    reference = IsoC.reference
+    mergekit = "Iso-CTS flattens the spectrum of a common and per-task subspaces; MergeKit has no such method"
+
     def __init__(
         self,
-        alpha: float = 1.0,
-        common_space_fraction: float = 0.8,
-        svd: str = "full",
-        oversample: int = 10,
-        niter: int = 2,
-        seed: int = 0,
+        alpha: Alpha = 1.0,
+        common_space_fraction: Annotated[
+            float, Range(0.0, 1.0), Doc("share of the rank for the common subspace; 1 is Iso-C")
+        ] = 0.8,
+        svd: SvdKind = "full",
+        oversample: Oversample = 10,
+        niter: Niter = 2,
+        seed: SvdSeed = 0,
     ) -> None:
-        check_range("common_space_fraction", common_space_fraction, 0.0, 1.0, low_open=False, high_open=False)
         self.common_space_fraction = float(common_space_fraction)
         super().__init__(alpha, svd, oversample, niter, seed)
 

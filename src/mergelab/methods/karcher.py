@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from mergelab.config_types import Range
-from mergelab.methods.base import check_range
+from mergelab.config_types import Doc, Range
+from mergelab.methods.declaration import Exported, Import, MergeKitInput, MergeKitMapping, MergeKitMethod
 from mergelab.methods.tensor_gram import GramCombination
 
 
@@ -76,6 +76,44 @@ def karcher_coefficients(gram: Tensor, max_iter: int, tol: float) -> tuple[list[
     return k, steps, converged
 
 
+class KarcherMergeKit(MergeKitMapping):
+    """MergeKit's ``karcher`` (``max_iter``, ``tol``; every model weighted alike). With ``include_pretrained`` the
+    config names the pretrained model as base_model (MergeKit adds it to the models); without, it has no
+    base_model. Reading a config without one, its first model becomes the pool's pretrained model and
+    ``include_pretrained`` true: the same models, the pretrained one taken last (rounding may differ)."""
+
+    reads = (MergeKitMethod("karcher", {"max_iter": 10, "tol": 1e-5}, {}, base_in_models=True),)
+    #: What reads back to the very same pool and options.
+    expressible: ClassVar[dict[str, Any]] = {"include_pretrained": True}
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        shared = {"max_iter": method.max_iter, "tol": method.tol}
+        return Exported("karcher", {}, shared, base_model=method.include_pretrained)
+
+    def read(self, config: MergeKitInput) -> Import:
+        iters = config.shared["max_iter"]
+        if iters < 0 or not float(iters).is_integer():
+            raise config.fail("parameters.max_iter", f"{iters!r} is not a whole number >= 0")
+        if config.shared["tol"] < 0:
+            raise config.fail("parameters.tol", f"{config.shared['tol']!r} < 0")
+        overrides = [
+            "method=karcher",
+            f"method.max_iter={int(iters)}",
+            f"method.tol={config.shared['tol']!r}",
+            "method.include_pretrained=true",
+        ]
+        experts = dict(config.experts)
+        if config.base is None:  # the first model as the pool's pretrained one, the mean over all of them
+            name, base = next(iter(experts.items()))
+            del experts[name]
+        else:
+            base = config.base
+            experts = {n: ref for n, ref in experts.items() if ref != base}
+        if not experts:
+            raise config.fail("models", "a Karcher mean needs a model besides the base model")
+        return Import(base, experts, overrides)
+
+
 class KarcherMean(GramCombination):
     """theta = the Karcher mean of the experts' weights (and the pretrained model's), per tensor.
 
@@ -90,16 +128,19 @@ class KarcherMean(GramCombination):
     iteration runs on it (:func:`karcher_coefficients`), so it streams in the engine's memory bound.
     """
 
+    reference = "Karcher 1977, Riemannian center of mass and mollifier smoothing; MergeKit's karcher"
+    mergekit = KarcherMergeKit()
+
     def __init__(
         self,
-        max_iter: Annotated[int, Range(low=0)] = 10,
-        tol: Annotated[float, Range(low=0.0)] = 1e-5,
-        include_pretrained: bool = False,
+        max_iter: Annotated[
+            int, Range(low=0), Doc("most Riemannian gradient steps per tensor (MergeKit max_iter)")
+        ] = 10,
+        tol: Annotated[float, Range(low=0.0), Doc("stop once the gradient's norm is below it (MergeKit tol)")] = 1e-5,
+        include_pretrained: Annotated[
+            bool, Doc("the pretrained model is one more model of the mean (MergeKit: a base_model is included)")
+        ] = False,
     ) -> None:
-        check_range("max_iter", max_iter, 0, math.inf, low_open=False, high_open=True)
-        if isinstance(max_iter, float) and not max_iter.is_integer():
-            raise ValueError(f"method option 'max_iter' must be a whole number, got {max_iter!r}")
-        check_range("tol", tol, 0.0, math.inf, low_open=False, high_open=True)
         self.max_iter, self.tol, self.include_pretrained = int(max_iter), float(tol), bool(include_pretrained)
         self._steps: dict[str, tuple[int, bool]] = {}
 

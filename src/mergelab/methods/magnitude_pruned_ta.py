@@ -18,6 +18,15 @@ from mergelab.methods.ties import TIES
 class MagnitudePrunedTA(TIES):
     """theta_0 + scaling * sum_t trim_k(tau_t): each task vector keeps its top-k% magnitudes (``prune`` as TIES)."""
 
+    reference = (
+        "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708 (its ablation "
+        "without sign election)"
+    )
+    mergekit = (
+        "magnitude-pruned task arithmetic is TIES without sign election; MergeKit's magnitude pruning (ties) always "
+        "elects signs"
+    )
+
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         trimmed, _ = self.trim_and_elect(block, vectors)
         return trimmed.sum(0).mul_(self.scaling)

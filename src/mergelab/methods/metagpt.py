@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
-from mergelab.methods.base import TaskVectorMethod, build_method, check_choice, check_range
+from mergelab.methods.base import TaskVectorMethod, build_method
+
+
+def _positive(value: object) -> bool:
+    """A real number > 0 (NaN is not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 class MetaGPT(TaskVectorMethod):
@@ -33,18 +39,33 @@ class MetaGPT(TaskVectorMethod):
 
     parallel_chunks = True  # per-chunk statistics and merges are pure functions of the chunk
 
+    reference = (
+        "Zhou et al. 2024, MetaGPT: Merging Large Language Models Using Model Exclusive Task Arithmetic, EMNLP 2024, "
+        "arXiv 2406.11385"
+    )
+    mergekit = (
+        "MetaGPT computes each task's coefficient from the task vectors' norms; MergeKit has no such method (its "
+        "lambdas, under coefficients, as per-model task_arithmetic weights would give this merge's numbers, not the "
+        "method)"
+    )
+
     def __init__(
         self,
-        granularity: str = "model",
-        curvature: Sequence[float] | None = None,
-        sparsify: Any = None,
-        lambda_from: str = "original",
+        granularity: Annotated[
+            Literal["model", "tensor"], Doc("one lambda per task (the paper) or per task and tensor")
+        ] = "model",
+        curvature: Annotated[
+            Sequence[float] | None, Doc("per-task curvature constants delta_t > 0 (data-aware); null: the paper")
+        ] = None,
+        sparsify: Annotated[Any, Doc("null (the paper) or a method that sparsifies each task vector (ties, dare)")] = (
+            None
+        ),
+        lambda_from: Annotated[
+            Literal["original", "sparsified"], Doc("the task vectors the norms are computed on")
+        ] = "original",
     ) -> None:
-        check_choice("granularity", granularity, ("model", "tensor"))
-        check_choice("lambda_from", lambda_from, ("original", "sparsified"))
-        if curvature is not None:
-            for c in curvature:
-                check_range("curvature", float(c), 0.0, float("inf"), low_open=True, high_open=True)
+        if curvature is not None and not all(_positive(c) for c in curvature):  # each entry: not one annotation
+            raise ValueError(f"method option 'curvature' must be numbers > 0, got {list(curvature)!r}")
         self.granularity, self.lambda_from = granularity, lambda_from
         self.curvature = [float(c) for c in curvature] if curvature is not None else None
         self.sparsifier: Sparsifier | None = None

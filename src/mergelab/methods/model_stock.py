@@ -8,14 +8,42 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc
 from mergelab.engine.chunks import Block
 from mergelab.methods.base import TaskVectorMethod
+from mergelab.methods.declaration import (
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    MergeKitMethod,
+    NotExpressible,
+)
 from mergelab.methods.tensor_gram import TensorGrams
+
+
+class ModelStockMergeKit(MergeKitMapping):
+    """MergeKit's ``model_stock`` (``filter_wise``; no per-model parameters; the base plus two or more models)."""
+
+    reads = (MergeKitMethod("model_stock", {"filter_wise": False}, {}),)
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if n_experts < 2:
+            raise NotExpressible("Model Stock needs at least 2 experts (MergeKit: the base plus two or more models)")
+        notes = ["the cosines: MergeKit computes them in the checkpoint's dtype, mergelab in float32/float64"]
+        return Exported("model_stock", {}, {"filter_wise": method.filter_wise}, notes)
+
+    def read(self, config: MergeKitInput) -> Import:
+        if len(config.experts) < 2:
+            raise config.fail("models", "Model Stock needs the base plus two or more models")
+        return config.imported(
+            ["method=model_stock", f"method.filter_wise={str(config.shared['filter_wise']).lower()}"]
+        )
 
 
 def interpolation(cos: Tensor | float, n: int) -> Tensor | float:
@@ -51,8 +79,12 @@ class ModelStock(TaskVectorMethod):
     parallel_chunks = True
     elementwise = True
     stat_passes = 1
+    reference = "Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models, arXiv 2403.19522"
+    mergekit = ModelStockMergeKit()
 
-    def __init__(self, filter_wise: bool = False) -> None:
+    def __init__(
+        self, filter_wise: Annotated[bool, Doc("one t per row (last dimension) instead of per tensor")] = False
+    ) -> None:
         self.filter_wise = bool(filter_wise)
 
     def _whole(self, block: Block) -> bool:

@@ -13,18 +13,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block, DictSource
-from mergelab.methods.base import TaskVectorMethod, check_range
+from mergelab.methods.base import TaskVectorMethod
 from mergelab.methods.task_statistics import (
+    Count,
+    Split,
     cached_statistics,
-    check_split,
     expert_model,
-    positive_int,
     require_task_data,
 )
 
@@ -101,14 +102,23 @@ class RegMean(TaskVectorMethod):
     needs_task_data = True
     parallel_chunks = True
 
+    reference = (
+        "Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023, arXiv 2212.09849"
+    )
+    mergekit = "RegMean solves per-layer regressions on task activations; MergeKit merges without data"
+
     def __init__(
-        self, alpha: float = 0.9, num_examples: int = 256, split: str = "train", batch_size: int = 16, seed: int = 0
+        self,
+        alpha: Annotated[float, Range(0.0, 1.0), Doc("share of each Gram matrix's off-diagonal entries kept")] = 0.9,
+        num_examples: Annotated[Count, Doc("examples per task (seeded subset)")] = 256,
+        split: Annotated[Split, Doc("the split the examples come from")] = "train",
+        batch_size: Annotated[Count, Doc("examples per forward pass (does not change the Gram matrices)")] = 16,
+        seed: Annotated[int, Doc("seed of the example subset")] = 0,
     ) -> None:
-        check_range("alpha", float(alpha), 0.0, 1.0, False, False)
         self.alpha = float(alpha)
-        self.num_examples = positive_int("num_examples", num_examples)
-        self.split = check_split("split", split)
-        self.batch_size = positive_int("batch_size", batch_size)
+        self.num_examples = int(num_examples)
+        self.split = split
+        self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.grams: list[Mapping[str, Tensor]] | None = None
         self._inverse: dict[str, Tensor] = {}

@@ -11,15 +11,49 @@ Per tensor, with task vectors d_t:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
-from mergelab.methods.base import TaskVectorMethod, check_range
+from mergelab.methods.base import TaskVectorMethod
+from mergelab.methods.declaration import (
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    MergeKitMethod,
+    NotExpressible,
+)
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
+from mergelab.methods.mergekit_terms import read_unit_interval_value
+
+
+class SceMergeKit(MergeKitMapping):
+    """MergeKit's ``sce`` (``select_topk``; no per-model parameters) for scaling 1 (MergeKit has no scale)."""
+
+    reads = (MergeKitMethod("sce", {"int8_mask": False, "select_topk": 1.0}, {}),)
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if method.scaling != 1.0:
+            raise NotExpressible(
+                f"SCE with scaling={method.scaling:g}: MergeKit's sce adds the merged task vector unscaled "
+                "(method.scaling=1 is expressible)"
+            )
+        notes = [
+            "the variance selection: MergeKit's topk keeps an arbitrary subset of the entries tied with the threshold, "
+            "mergelab keeps them all",
+            "where the agreeing weights sum to 0 MergeKit divides by 1e-6, mergelab by 1 (the merged entry is 0 "
+            "either way); below 1e-6 MergeKit's clamp differs",
+        ]
+        return Exported("sce", {}, {"select_topk": method.select_topk}, notes)
+
+    def read(self, config: MergeKitInput) -> Import:
+        topk = read_unit_interval_value(config, "parameters.select_topk", config.shared["select_topk"])
+        return config.imported(["method=sce", f"method.select_topk={topk!r}", "method.scaling=1.0"])
 
 
 def variance(vectors: Sequence[Tensor]) -> Tensor:
@@ -45,9 +79,18 @@ class SCE(TaskVectorMethod):
     parallel_chunks = True
     elementwise = True
 
-    def __init__(self, select_topk: float = 0.1, scaling: float = 1.0) -> None:
-        check_range("select_topk", select_topk, 0.0, 1.0, low_open=True, high_open=False)
-        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
+    reference = (
+        "Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE: select, calculate, erase), arXiv 2408.07990"
+    )
+    mergekit = SceMergeKit()
+
+    def __init__(
+        self,
+        select_topk: Annotated[
+            float, Range(0.0, 1.0, low_open=True), Doc("fraction of each tensor's non-zero variances kept")
+        ] = 0.1,
+        scaling: Annotated[float, Range(low=0.0), Doc("factor on the merged task vector (MergeKit: 1)")] = 1.0,
+    ) -> None:
         self.select_topk, self.scaling = float(select_topk), float(scaling)
         self._select = self.select_topk < 1.0
         self.stat_passes = (MagnitudeRanks.passes if self._select else 0) + 1

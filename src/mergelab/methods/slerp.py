@@ -15,10 +15,22 @@ from typing import Annotated, Any
 
 from torch import Tensor
 
-from mergelab.config_types import Range
+from mergelab.config_types import Doc, Range
 from mergelab.methods.awd import LAYER_INDEX
-from mergelab.methods.base import check_range
+from mergelab.methods.declaration import (
+    REQUIRED,
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    MergeKitMethod,
+    NotExpressible,
+    override_value,
+)
 from mergelab.methods.tensor_gram import GramCombination
+
+#: Where every t lies (0: the pretrained model, 1: the expert); MergeKit does not bound it.
+T_RANGE = Range(0.0, 1.0)
 
 #: A number, a gradient (a list of numbers), or a list of ``{filter: <substring>, value: <number or gradient>}``.
 TSetting = float | Sequence[float] | Sequence[Mapping[str, Any]]
@@ -51,7 +63,9 @@ def check_t(t: Any, option: str = "t") -> TSetting:
     dicts are returned (a Hydra ListConfig is converted)."""
 
     def number(v: Any, where: str) -> float:
-        check_range(where, v, 0.0, 1.0, low_open=False, high_open=False)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"method option '{where}' must be a number, got {v!r}")
+        T_RANGE.check(f"method option '{where}'", v)
         return float(v)
 
     def scalar_or_gradient(v: Any, where: str) -> float | list[float]:
@@ -112,6 +126,50 @@ def slerp_coefficients(gram: Tensor, t: float, dot_threshold: float, eps: float)
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
+#: MergeKit's slerp constants (0.1.5 fixes them): a config expresses SLERP only with these.
+MERGEKIT_DOT_THRESHOLD, MERGEKIT_EPS = 0.9995, 1e-8
+
+
+def mergekit_t(t: TSetting) -> Any:
+    """``t`` as MergeKit writes it: filter/value entries without a ``filter`` key for the default one."""
+    if isinstance(t, list) and t and isinstance(t[0], Mapping):
+        return [{**({"filter": e["filter"]} if e["filter"] is not None else {}), "value": e["value"]} for e in t]
+    return t
+
+
+class SlerpMergeKit(MergeKitMapping):
+    """MergeKit's ``slerp``: its base_model is the pool's pretrained model, its one other model the pool's expert,
+    ``t`` as written (a number, a layer gradient, or filter/value entries with a last default)."""
+
+    reads = (MergeKitMethod("slerp", {"t": REQUIRED}, {}, structured=("t",)),)
+    experts = 1
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if n_experts != 1:
+            raise NotExpressible(one_expert_error(n_experts, method.expert_names(n_experts)))
+        if (method.dot_threshold, method.eps) != (MERGEKIT_DOT_THRESHOLD, MERGEKIT_EPS):
+            raise NotExpressible(
+                f"MergeKit's slerp fixes dot_threshold {MERGEKIT_DOT_THRESHOLD} and eps {MERGEKIT_EPS}; this merge "
+                f"uses {method.dot_threshold} and {method.eps}"
+            )
+        notes = []
+        if not isinstance(method.t, float):
+            notes.append(
+                "t varies by tensor: both read a tensor's layer from its name (layers.N., layer.N., h.N., blocks.N.) "
+                "and spread gradients over the layers found"
+            )
+        return Exported("slerp", {}, {"t": mergekit_t(method.t)}, notes)
+
+    def read(self, config: MergeKitInput) -> Import:
+        if len(config.experts) != 1:
+            raise config.fail("models", one_expert_error(len(config.experts), list(config.experts)))
+        try:
+            t = check_t(config.shared["t"])
+        except ValueError as e:
+            raise config.fail("parameters.t", str(e)) from None
+        return config.imported(["method=slerp", f"method.t={override_value(t)}"])
+
+
 class SLERP(GramCombination):
     """Spherical interpolation from the pretrained model (t = 0) to the pool's only expert (t = 1), per tensor.
 
@@ -128,15 +186,20 @@ class SLERP(GramCombination):
     (:class:`GramCombination`), so it streams in the engine's memory bound.
     """
 
+    reference = "Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); MergeKit's slerp"
+    mergekit = SlerpMergeKit()
+
     def __init__(
         self,
-        t: TSetting = 0.5,
-        dot_threshold: Annotated[float, Range(low=0.0, high=1.0)] = 0.9995,
-        eps: Annotated[float, Range(low=0.0)] = 1e-8,
+        t: Annotated[
+            TSetting, Doc("0: the pretrained model, 1: the expert; a number, a layer gradient, or [{filter, value}]")
+        ] = 0.5,
+        dot_threshold: Annotated[
+            float, Range(low=0.0, high=1.0), Doc("|cos| above it interpolates linearly (MergeKit's DOT_THRESHOLD)")
+        ] = 0.9995,
+        eps: Annotated[float, Range(low=0.0), Doc("norms at or below it count as 1 (MergeKit's eps)")] = 1e-8,
     ) -> None:
         self.t = check_t(t)
-        check_range("dot_threshold", dot_threshold, 0.0, 1.0, low_open=False, high_open=False)
-        check_range("eps", eps, 0.0, math.inf, low_open=False, high_open=True)
         self.dot_threshold, self.eps = float(dot_threshold), float(eps)
 
     def check_experts(self, names: Sequence[str]) -> None:

@@ -28,16 +28,23 @@ import math
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.pipeline import single_threaded_torch
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
+from mergelab.methods.base import TaskVectorMethod
 
-SVD_CHOICES = ("full", "lowrank")
+# The options the spectral methods (TSV-M, Iso-C, Iso-CTS) share, declared once.
+Alpha = Annotated[float, Range(low=0.0), Doc("scaling of the merged task vector")]
+SvdKind = Annotated[Literal["full", "lowrank"], Doc("full (torch.linalg.svd) or lowrank (randomized top-k SVDs)")]
+Oversample = Annotated[int, Range(low=0), Doc("lowrank: extra random directions")]
+Niter = Annotated[int, Range(low=0), Doc("lowrank: power iterations")]
+SvdSeed = Annotated[int, Range(low=0), Doc("lowrank: seed of the random test matrices (with each tensor's name)")]
 
 
 @contextmanager
@@ -48,15 +55,6 @@ def linear_algebra_thread() -> Iterator[None]:
         return
     with single_threaded_torch():
         yield
-
-
-def check_svd_options(svd: str, oversample: int, niter: int, seed: int) -> None:
-    """Raise a ValueError naming the option when an SVD option is out of range."""
-    check_choice("svd", svd, SVD_CHOICES)
-    for name, value in (("oversample", oversample), ("niter", niter), ("seed", seed)):
-        check_range(name, float(value), 0.0, float("inf"), low_open=False, high_open=True)
-        if int(value) != value:
-            raise ValueError(f"method option '{name}' must be an integer, got {value}")
 
 
 def tensor_generator(name: str, seed: int) -> torch.Generator:
@@ -154,19 +152,23 @@ class TSVM(TaskVectorMethod):
     elementwise = False  # each matrix is decomposed whole
     parallel_chunks = True  # merge_chunk is a pure function of the tensor (and its name, for lowrank's draws)
 
+    reference = (
+        "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, "
+        "arXiv 2412.00081"
+    )
+    mergekit = "TSV-M rebuilds each matrix from the tasks' orthogonalised singular vectors; MergeKit has no such method"
+
     def __init__(
         self,
-        alpha: float = 1.0,
-        rank_share: float | None = None,
-        svd: str = "full",
-        oversample: int = 10,
-        niter: int = 2,
-        seed: int = 0,
+        alpha: Alpha = 1.0,
+        rank_share: Annotated[
+            float | None, Range(0.0, 1.0, low_open=True), Doc("share of each task matrix's rank kept; null: 1/T")
+        ] = None,
+        svd: SvdKind = "full",
+        oversample: Oversample = 10,
+        niter: Niter = 2,
+        seed: SvdSeed = 0,
     ) -> None:
-        check_range("alpha", alpha, 0.0, float("inf"), low_open=False, high_open=True)
-        if rank_share is not None:
-            check_range("rank_share", rank_share, 0.0, 1.0, low_open=True, high_open=False)
-        check_svd_options(svd, oversample, niter, seed)
         self.alpha = float(alpha)
         self.rank_share = None if rank_share is None else float(rank_share)
         self.svd, self.oversample, self.niter, self.seed = svd, int(oversample), int(niter), int(seed)

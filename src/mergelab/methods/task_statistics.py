@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Range
 from mergelab.io.artifacts import check_artifact
 from mergelab.io.files import SINGLE_FILE
+from mergelab.suites.base import SPLITS
 
 #: Where statistics live under the pool's cache dir.
 STATISTICS_DIR = "statistics"
@@ -28,23 +30,11 @@ STATISTICS_FORMAT = 2
 _OPENED: dict[str, Mapping[str, Tensor]] = {}
 
 
-def check_split(option: str, split: str) -> str:
-    """A suite split name (train, validation or test), else a ValueError naming the method option."""
-    from mergelab.suites.base import SPLITS
+#: A suite split a method takes its examples from (the option's annotation: its choices).
+Split = Literal[SPLITS]
 
-    if split not in SPLITS:
-        raise ValueError(f"method option '{option}' must be one of {SPLITS}, got {split!r}")
-    return split
-
-
-def positive_int(option: str, value: Any, allow_none: bool = False) -> int | None:
-    """``value`` as an int >= 1 (or None when allowed), else a ValueError naming the method option."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        also = " or null" if allow_none else ""
-        raise ValueError(f"method option '{option}' must be an integer >= 1{also}, got {value!r}")
-    return int(value)
+#: A count of at least 1 (examples, steps, a batch size).
+Count = Annotated[int, Range(low=1)]
 
 
 def require_task_data(pool: Any, method: str) -> None:

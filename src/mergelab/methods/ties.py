@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
-from mergelab.methods.base import TaskVectorMethod, check_choice, check_range
+from mergelab.methods.base import TaskVectorMethod
+from mergelab.methods.declaration import Exported, Import, MergeKitInput, MergeKitMapping, NotExpressible, decimal
 from mergelab.methods.magnitude_select import topk_count
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
+from mergelab.methods.mergekit_terms import read_task_arithmetic, task_arithmetic_family, ties_parameters
 from mergelab.methods.ties_ops import (
     SEQUENTIAL_SUM_ROWS,
     agreeing,
@@ -24,8 +27,43 @@ from mergelab.methods.ties_ops import (
     trim,
 )
 
-PRUNE_MODES = ("global", "per_tensor")
-DISJOINT_MODES = ("sum", "mean")
+#: Where MergeKit's implementation of TIES may still differ from mergelab's in the last bits.
+TIES_NOTES = [
+    "top-k per tensor: MergeKit keeps int(density x n) entries (ties at the threshold broken by order), mergelab "
+    "ceil(k% x n) and every entry tied with the k-th largest magnitude",
+    "a sign sum of exactly 0 elects + in MergeKit, the tensor's majority sign in mergelab",
+]
+
+
+class TiesMergeKit(MergeKitMapping):
+    """MergeKit's ``ties`` (density = k/100; disjoint sum: weight = scaling, ``normalize: false``; disjoint mean:
+    weight 1, ``normalize: true``, ``lambda`` = scaling) for per-tensor pruning only."""
+
+    reads = (task_arithmetic_family("ties", normalize=True, rescale=False, density=1.0),)
+    expressible: ClassVar[dict[str, Any]] = {"prune": "per_tensor"}
+
+    def export(self, method: Any, n_experts: int) -> Exported:
+        if method.prune != "per_tensor":
+            raise NotExpressible(
+                "TIES with prune=global ranks magnitudes over the whole model; MergeKit's ties trims each tensor on "
+                "its own (method.prune=per_tensor is expressible)"
+            )
+        per, shared, notes = ties_parameters(method.disjoint, method.scaling)
+        return Exported("ties", {"density": method.k / 100.0, **per}, shared, [*TIES_NOTES, *notes])
+
+    def read(self, config: MergeKitInput) -> Import:
+        if config.shared["rescale"]:
+            raise config.fail("parameters.rescale", "true: mergelab's TIES does not rescale the trimmed vectors")
+        terms = read_task_arithmetic(config, sign_election=True, dropped=False)
+        return config.imported(
+            [
+                "method=ties",
+                f"method.k={decimal(100 * terms.density)!r}",
+                "method.prune=per_tensor",
+                f"method.disjoint={terms.disjoint}",
+                f"method.scaling={terms.scaling!r}",
+            ]
+        )
 
 
 class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
@@ -54,12 +92,20 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     parallel_chunks = True
     elementwise = True
     stat_passes = 3
+    reference = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708"
+    mergekit = TiesMergeKit()
 
-    def __init__(self, k: float = 20.0, prune: str = "global", disjoint: str = "sum", scaling: float = 0.3) -> None:
-        check_range("k", k, 0.0, 100.0, low_open=True, high_open=False)
-        check_range("scaling", scaling, 0.0, float("inf"), low_open=False, high_open=True)
-        check_choice("prune", prune, PRUNE_MODES)
-        check_choice("disjoint", disjoint, DISJOINT_MODES)
+    def __init__(
+        self,
+        k: Annotated[float, Range(0.0, 100.0, low_open=True), Doc("% of each task vector's coordinates kept")] = 20.0,
+        prune: Annotated[
+            Literal["global", "per_tensor"], Doc("rank magnitudes over the whole model (reference code) or per tensor")
+        ] = "global",
+        disjoint: Annotated[
+            Literal["sum", "mean"], Doc("sum (FusionBench) or mean (TIES paper) of agreeing tasks")
+        ] = "sum",
+        scaling: Annotated[float, Range(low=0.0), Doc("lambda on the merged task vector")] = 0.3,
+    ) -> None:
         self.k, self.prune, self.disjoint, self.scaling = float(k), prune, disjoint, float(scaling)
 
     # ------------------------------------------------------------------------------- statistics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,50 +68,75 @@ def _subset_words(scores: Mapping[str, Any]) -> str:
     return f", on a subset: {subset_phrase(subset['value'])} ({subset['key']}={subset['value']}), not the whole split"
 
 
+def declared_reference(target: str) -> tuple[str, list[str]]:
+    """The reference the method class ``target`` declares (:mod:`mergelab.methods.declaration`) and the Hub tags
+    it gives (``arxiv:<id>`` for each arXiv id it names, which links the paper on the Hub); empty when the class
+    does not resolve (e.g. a recipe of an older mergelab)."""
+    try:
+        from mergelab.methods.declaration import declared
+        from mergelab.methods.registry import target_class
+
+        reference = str(declared(target_class(target), "reference") or "")
+    except (ImportError, AttributeError, ValueError):
+        return "", []
+    return reference, [f"arxiv:{i}" for i in re.findall(r"arXiv (\d{4}\.\d{4,5})", reference)]
+
+
 def model_card(recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> str:
     """The card of a merged dir, from its recipe (see :mod:`mergelab.provenance.recipe`) and the run's table rows.
 
     The YAML header is the Hub's model metadata: ``base_model`` (with ``base_model_relation: merge``) only when the
     pretrained model's Hub id is known (see :func:`~mergelab.provenance.identity.hub_identity`; a local path is not
-    valid there, so the text names it), tags ``mergelab``, ``merge`` and the method, and no ``model-index`` (no
-    score of a run claims a Hub dataset's split). Then the pretrained model, the method and its options, the experts
-    with their content hashes, the coefficients the method computed, the scores (% as in mergelab's tables; a subset
-    of each task's examples said so) when the run scored the merge, and the command that reproduces the run.
+    valid there, so the text names it), tags ``mergelab``, ``merge``, the method and its paper's ``arxiv:<id>`` (from
+    the method's declared reference), and no ``model-index`` (no score of a run claims a Hub dataset's split). Then
+    the pretrained model, the method, its reference and its options, the experts with their content hashes, the
+    coefficients the method computed, the scores (% as in mergelab's tables; a subset of each task's examples said
+    so) when the run scored the merge, and the command that reproduces the run.
     """
     method = recipe["method"]
     name = method["name"]
+    reference, paper_tags = declared_reference(str(method["target"]))
     pretrained = recipe["pretrained"]
     hub_id = pretrained.get("hub_id")
     base = hub_id or pretrained.get("path", pretrained.get("id"))
     meta: dict[str, Any] = {"base_model": hub_id, "base_model_relation": "merge"} if hub_id else {}
-    meta |= {"tags": ["mergelab", "merge", name], "library_name": "transformers"}
-    experts = recipe["experts"]
+    meta |= {"tags": ["mergelab", "merge", name, *paper_tags], "library_name": "transformers"}
     out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
     out += [
-        f"# {name}: a merge of {len(experts)} experts of `{base}`",
+        f"# {name}: a merge of {len(recipe['experts'])} experts of `{base}`",
         "",
         f"Merged with mergelab {recipe['versions'].get('mergelab') or ''} by **{name}** (`{method['target']}`).",
         "",
         _pretrained_line(pretrained),
         "",
-        "## Method",
-        "",
-        _table(["option", "value"], list(method["options"].items())) if method["options"] else "No options.\n",
     ]
+    out += _method_section(recipe, reference)
+    out += _experts_section(recipe)
+    out += _scores_section(recipe, rows, tasks)
+    out += _reproduce_section(recipe)
+    return "\n".join(out) + "\n"
+
+
+def _method_section(recipe: Mapping[str, Any], reference: str) -> list[str]:
+    """The method: its reference, options and the grid point a tuned run chose."""
+    method = recipe["method"]
+    out = ["## Method", ""]
+    out += [f"Reference: {reference}.", ""] if reference else []
+    out.append(_table(["option", "value"], list(method["options"].items())) if method["options"] else "No options.\n")
     if method.get("grid_point"):
         split = (recipe.get("scores") or {}).get("tune", {}).get("split")
         point = ", ".join(f"{k}={v}" for k, v in method["grid_point"].items())
         out += [f"Chosen on the {split or 'tune'} split from the method's grid: {point}.", ""]
-    out += ["## Experts", ""]
-    out.append(
-        _table(
-            ["task", "checkpoint", "content sha256"],
-            [
-                [t, f"`{e.get('given') or e.get('path') or e.get('id')}`", e["sha256"][:16] if "sha256" in e else "hub"]
-                for t, e in experts.items()
-            ],
-        )
-    )
+    return out
+
+
+def _experts_section(recipe: Mapping[str, Any]) -> list[str]:
+    """The experts with their content hashes, and the coefficients the method computed."""
+    rows = [
+        [t, f"`{e.get('given') or e.get('path') or e.get('id')}`", e["sha256"][:16] if "sha256" in e else "hub"]
+        for t, e in recipe["experts"].items()
+    ]
+    out = ["## Experts", "", _table(["task", "checkpoint", "content sha256"], rows)]
     coefficients = recipe.get("coefficients") or {}
     out += ["## Coefficients", ""]
     out.append(
@@ -118,19 +144,30 @@ def model_card(recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]],
         if coefficients
         else "The method computes none: its options above are its coefficients.\n"
     )
+    return out
+
+
+def _scores_section(
+    recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]
+) -> list[str]:
+    """The scores of the merge beside the reference rows, or that it was not scored."""
     scores = recipe.get("scores")
-    out += ["## Scores", ""]
-    if scores:
-        shown = {k: rows[k] for k in (*REFERENCE_ROWS, name) if k in rows}
-        out += [
-            f"{scores['suite']}, {scores['split']} split{_subset_words(scores)}: accuracy (%).",
-            "",
-            markdown_table(shown, tasks),
-        ]
-    else:
-        out.append("Not scored (a merge-only run).\n")
+    out = ["## Scores", ""]
+    if not scores:
+        return [*out, "Not scored (a merge-only run).\n"]
+    shown = {k: rows[k] for k in (*REFERENCE_ROWS, recipe["method"]["name"]) if k in rows}
+    return [
+        *out,
+        f"{scores['suite']}, {scores['split']} split{_subset_words(scores)}: accuracy (%).",
+        "",
+        markdown_table(shown, tasks),
+    ]
+
+
+def _reproduce_section(recipe: Mapping[str, Any]) -> list[str]:
+    """How to run the merge again (mergelab, and MergeKit where it has the same merge), and the files beside it."""
     mk = recipe["mergekit"]
-    out += ["## Reproduce", ""]
+    out = ["## Reproduce", ""]
     if recipe["command"] is not None:
         out += ["```bash", recipe["command"], "```", ""]
     else:  # run(cfg) from Python: no command line to show
@@ -149,7 +186,7 @@ def model_card(recipe: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]],
         out.append(f"- `{mk['file']}`: this merge as a MergeKit config.{differ}{notes}")
     else:
         out.append(f"- No MergeKit config: {mk['reason']}.")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _shell_word(arg: str) -> str:

@@ -1,0 +1,138 @@
+"""MergeKit's generalized task arithmetic in mergelab's terms, shared by the methods that map onto it (task
+arithmetic, TIES, DARE, Breadcrumbs, DELLA).
+
+What is relied on of MergeKit (it works per tensor): each model's task vector is sparsified (``ties``: the top
+``density`` share of the tensor's magnitudes is kept; ``dare_*``: each entry is kept with probability ``density``;
+``breadcrumbs*``: the ``gamma`` largest and the smallest magnitudes dropped, ``density`` kept; ``della*``:
+MAGPRUNE), multiplied by the model's ``weight``; with sign consensus (``ties``, ``dare_ties``, ``breadcrumbs_ties``,
+``della``) only the entries whose sign is that of the weighted sum are kept; the kept entries are summed, with
+``normalize`` divided by the summed weights of the kept entries, scaled by ``lambda`` and added to ``base_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mergelab.methods.declaration import REQUIRED, Import, MergeKitInput, MergeKitMethod, decimal
+
+LAMBDA_NOTE = "lambda (a global scale of the merged task vector) needs a MergeKit version that has it"
+
+
+def task_arithmetic_family(name: str, normalize: bool, rescale: bool, **sparsifier: Any) -> MergeKitMethod:
+    """One of MergeKit's generalized task-arithmetic methods: ``normalize`` / ``rescale`` its defaults,
+    ``sparsifier`` its per-model sparsification parameters with their defaults (none: plain task arithmetic)."""
+    shared: dict[str, Any] = {"normalize": normalize, "int8_mask": False, "lambda": 1.0}
+    if sparsifier:
+        shared["rescale"] = rescale
+    return MergeKitMethod(name, shared, {"weight": REQUIRED, **sparsifier})
+
+
+def ties_parameters(disjoint: str, scaling: float) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Per-model and global parameters of TIES's disjoint merge scaled by ``scaling``: a sum is the weights' sum
+    (``normalize: false``); a mean is ``normalize: true``, which cancels the weights, scaled by ``lambda``."""
+    if disjoint == "sum":
+        return {"weight": scaling}, {"normalize": False}, []
+    if scaling == 1.0:
+        return {"weight": 1.0}, {"normalize": True}, []
+    return {"weight": 1.0}, {"normalize": True, "lambda": scaling}, [LAMBDA_NOTE]
+
+
+@dataclass
+class TaskArithmeticTerms:
+    """A task-arithmetic-family config as one coefficient: ``scaling`` on the merged vector, TIES's ``disjoint``
+    (``mean`` where MergeKit normalizes), the one ``density`` and, when the experts' weights differ, them as a
+    per-expert mapping override value (``weights``; the coefficient is then that of a weight of 1)."""
+
+    scaling: float
+    disjoint: str
+    density: float
+    weights: str | None
+
+
+def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bool) -> TaskArithmeticTerms:
+    """The coefficient of ``task_arithmetic`` / ``ties`` / ``dare_*`` configs (``dropped``: DARE's random drop,
+    whose survivors MergeKit without ``rescale`` leaves at their size: mergelab's rescaled ones times the density)."""
+    method, fail = config.merge_method, config.fail
+    weights = config.column("weight")
+    d = config.single("density") if "density" in config.models[0] else 1.0
+    per_expert = len({*weights}) > 1 or min(weights) < 0
+    if per_expert and sign_election:
+        raise fail(
+            "models[].parameters.weight",
+            f"{weights} differ: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
+            "vector (per-expert weights: task_arithmetic, linear, dare_linear)",
+        )
+    normalize, lam = config.shared["normalize"], config.shared["lambda"]
+    rescale = config.shared.get("rescale", False)
+    w = 1.0 if per_expert else weights[0]
+    if per_expert and normalize and sum(weights) == 0:
+        raise fail("models[].parameters.weight", f"{weights} sum to 0: normalize divides by their sum")
+    if w < 0:
+        raise fail("models[].parameters.weight", f"{w:g} < 0: mergelab's coefficients are non-negative")
+    if not 0.0 < d <= 1.0:
+        raise fail("models[].parameters.density", f"{d:g} is not in (0, 1]")
+    if lam < 0:
+        raise fail("parameters.lambda", f"{lam:g} < 0: mergelab's coefficients are non-negative")
+    # normalize divides by the weights kept: n x w for task arithmetic, per entry the agreeing tasks' for sign
+    # election (a disjoint mean).
+    keep = d if dropped and not rescale else 1.0
+    if w == 0:
+        raw = 0.0  # nothing is added (MergeKit counts a zero divisor as 1)
+    elif normalize:
+        divisor = sum(weights) if per_expert else 1 if sign_election else len(config.experts)
+        raw = lam * keep / divisor
+    else:
+        raw = w * lam * keep
+    scaling = raw if raw == w else decimal(raw)  # derived: rounded as a decimal, see decimal()
+    mapping = config.by_expert(weights) if per_expert else None
+    return TaskArithmeticTerms(scaling, "mean" if normalize else "sum", d, mapping)
+
+
+def read_unit_interval(config: MergeKitInput, key: str, low_open: bool = True, high_open: bool = False) -> float:
+    """The one value of the per-model parameter ``key``, refused outside (0, 1] (or the interval given)."""
+    return read_unit_interval_value(config, f"models[].parameters.{key}", config.single(key), low_open, high_open)
+
+
+def read_unit_interval_value(
+    config: MergeKitInput, where: str, value: float, low_open: bool = True, high_open: bool = False
+) -> float:
+    """``value`` (the parameter at ``where``), refused outside (0, 1] (or the interval given)."""
+    below = value <= 0.0 if low_open else value < 0.0
+    above = value >= 1.0 if high_open else value > 1.0
+    if below or above:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise config.fail(where, f"{value:g} is not in {interval}")
+    return float(value)
+
+
+def read_sparsified_mix(config: MergeKitInput, second: str, extra: Sequence[str] = ()) -> Import:
+    """A Breadcrumbs or DELLA config as the conf/method YAML of its merge method's name: the one ``density`` in
+    (0, 1], the one ``second`` sparsifier parameter (``gamma``, ``epsilon``) in [0, 1), ``normalize``, ``lambda`` as
+    ``scaling``, then ``extra`` overrides and the per-expert weights."""
+    density = read_unit_interval(config, "density")
+    value = read_unit_interval(config, second, low_open=False, high_open=True)
+    overrides = [
+        f"method={config.merge_method}",
+        f"method.density={density!r}",
+        f"method.{second}={value!r}",
+        f"method.normalize={str(config.shared['normalize']).lower()}",
+        f"method.scaling={read_lambda(config)!r}",
+        *extra,
+    ]
+    return config.imported(overrides + weights_override(config))
+
+
+def weights_override(config: MergeKitInput, option: str = "method.weights") -> list[str]:
+    """``method.weights={...}`` when any expert's weight is not 1 (mergelab's default), else nothing."""
+    weights = config.column("weight")
+    return [f"{option}={config.by_expert(weights)}"] if any(w != 1.0 for w in weights) else []
+
+
+def read_lambda(config: MergeKitInput) -> float:
+    """``lambda`` as mergelab's non-negative ``scaling``."""
+    lam = config.shared["lambda"]
+    if lam < 0:
+        raise config.fail("parameters.lambda", f"{lam:g} < 0: mergelab's coefficients are non-negative")
+    return float(lam)

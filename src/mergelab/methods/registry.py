@@ -1,0 +1,64 @@
+"""Every merge method, enumerated from ``conf/method/*.yaml`` (each YAML's ``_target_``), so that the docs, the
+MergeKit translations and the tests cover a method added with one module and one YAML, and nothing else."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+
+import yaml
+
+from mergelab.locations import CONFIG_DIR
+from mergelab.methods.declaration import MergeKitMapping, MergeKitMethod, mergekit_of
+
+
+def method_yamls() -> dict[str, Path]:
+    """``conf/method`` YAML name -> path, sorted by name."""
+    return {p.stem: p for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
+
+
+def target_class(target: str) -> type:
+    """The class a dotted ``_target_`` names."""
+    module, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def method_classes() -> dict[str, type]:
+    """``conf/method`` YAML name -> the method class its ``_target_`` names (a ValueError naming the file when it
+    has none or it does not resolve)."""
+    out = {}
+    for name, path in method_yamls().items():
+        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        try:
+            out[name] = target_class(str(target))
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"{path}: _target_ {target!r} does not name a class ({e})") from None
+    return out
+
+
+def distinct_classes() -> list[type]:
+    """The method classes, each once, in YAML order."""
+    return list(dict.fromkeys(method_classes().values()))
+
+
+def yaml_names(cls: type) -> list[str]:
+    """The ``conf/method`` YAMLs that build ``cls``."""
+    return [name for name, c in method_classes().items() if c is cls]
+
+
+@functools.cache
+def mergekit_readers() -> dict[str, tuple[MergeKitMethod, MergeKitMapping]]:
+    """MergeKit merge method name -> its schema and the mapping that reads it, from every method's declaration
+    (a ValueError when two methods claim the same MergeKit method)."""
+    out: dict[str, tuple[MergeKitMethod, MergeKitMapping]] = {}
+    for cls in distinct_classes():
+        mapping = mergekit_of(cls)
+        if isinstance(mapping, str):
+            continue
+        for schema in mapping.reads:
+            if schema.name in out and out[schema.name][1] is not mapping:
+                raise ValueError(f"MergeKit's {schema.name} is read by two methods ({cls.__name__} and another)")
+            out[schema.name] = (schema, mapping)
+    return out
