@@ -157,10 +157,10 @@ def check_values(
 
 
 def _scalar_or_per_expert(allowed: set[Any]) -> bool:
-    """Whether an annotation's alternatives are a number, or one per expert as a mapping or a list (and nothing
-    else): ``float | Mapping[str, float] | Sequence[float]``."""
+    """Whether an annotation's alternatives are a number, or one per expert as a mapping or a list of numbers (and
+    nothing else): ``float | Mapping[str, float] | Sequence[float]``."""
     numbers = {int, float} & allowed
-    containers = {h for h in allowed if typing.get_origin(h) in CONTAINERS}
+    containers = {h for h in allowed if typing.get_origin(h) in CONTAINERS and typing.get_args(h)[-1:] == (float,)}
     return bool(numbers) and bool(containers) and allowed == numbers | containers
 
 
