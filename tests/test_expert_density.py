@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mergelab.engine.chunks import Block
 from mergelab.methods import DARE, DELLA, TIES, Breadcrumbs, MetaGPT, TaskArithmetic
@@ -208,13 +209,25 @@ def test_mergekit_export_writes_per_model_density_only_when_they_differ() -> Non
     assert all(m["parameters"] == uniform["models"][0]["parameters"] for m in uniform["models"])
 
 
-def test_dare_into_ties_with_per_expert_p_is_not_exported_as_dare_ties() -> None:
+def test_dare_into_ties_with_per_expert_p_folds_each_rate_into_its_weight(tmp_path: Path) -> None:
+    """dare_ties without rescale: weight scaling / density_t per model (disjoint sum), read back to the same p."""
+    from tests.test_expert_weights import mergekit_round_trip
+
+    method = DARE(p=[0.5, 0.75, 0.0], merge=TIES(k=100.0, prune="per_tensor", scaling=0.375))
+    first, second, overrides = mergekit_round_trip(method, tmp_path)
+    assert first == second  # identical bytes
+    models = yaml.safe_load(first)["models"]
+    assert [m["parameters"]["weight"] for m in models] == [0.75, 1.5, 0.375]
+    assert "method.p={math: 0.5, code: 0.75, toxic: 0.0}" in overrides and "method.merge.scaling=0.375" in overrides
+
+
+def test_dare_into_ties_mean_with_per_expert_p_is_not_exported() -> None:
     from mergelab.provenance.mergekit import export_merge
 
-    method = DARE(p=[0.5, 0.25, 0.5], merge=TIES(k=100.0, prune="per_tensor"))
+    method = DARE(p=[0.5, 0.25, 0.5], merge=TIES(k=100.0, prune="per_tensor", disjoint="mean"))
     method.task_names = list(NAMES)
     found = export_merge(method, "base", NAMES, streamed=True, pool="checkpoint pool", base_dtypes=["float32"])
-    assert found.config is None and "per-expert p" in (found.reason or "")
+    assert found.config is None and "per-expert p and disjoint=mean" in (found.reason or "")
 
 
 def mergekit_config(tmp_path: Path, head: str, params: list[str]) -> Path:

@@ -191,6 +191,8 @@ class WrappedMethod(TaskVectorMethod):
         """Prepare the wrapper, then ``inner`` on ``pool`` as ``inner`` sees it: every expert theta_0 plus its
         transformed task vector (so Fisher / RegMean statistics and AdaMerging's coefficients are those of the
         experts it merges)."""
+        if getattr(pool, "tasks", None):  # the transform's per-expert options (DARE's p) are keyed by them
+            self.task_names = list(pool.tasks)
         self.prepare_wrapper(pool, trainer_kwargs, loggers, work_dir)
         if self.inner.learns_from_pool:
             if self._view is None or self._view.pool is not pool:

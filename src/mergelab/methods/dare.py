@@ -81,13 +81,6 @@ class DareMergeKit(MergeKitMapping):
             pairs = zip(densities, inner.coefficients(n_experts), strict=True)
             each = [{"density": d, "weight": c / d} for d, c in pairs]
             return Exported("dare_linear", same_or_each(each), {"normalize": False, "rescale": False}, [masks])
-        d = densities[0]
-        if type(inner) is TIES and len(set(densities)) > 1:
-            raise NotExpressible(
-                "DARE into TIES with per-expert p: MergeKit's dare_ties weights the unrescaled survivors, so "
-                "differing densities need per-model weights, which its normalize and mergelab's one TIES "
-                "coefficient do not share (per-expert p into task_arithmetic is expressible: dare_linear)"
-            )
         if type(inner) is TIES:
             if inner.prune != "per_tensor":  # its exact sign ties take the model's majority, MergeKit's the tensor's
                 raise NotExpressible(
@@ -101,9 +94,18 @@ class DareMergeKit(MergeKitMapping):
                     f"DARE into TIES with k={shown}: MergeKit's dare_ties elects signs without trimming by "
                     "magnitude (method.merge.k=100 is expressible)"
                 )
-            per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+            if len(set(densities)) > 1 and inner.disjoint == "mean":
+                raise NotExpressible(
+                    "DARE into TIES with per-expert p and disjoint=mean: MergeKit's dare_ties rescales each model "
+                    "by its weight, and its normalize then divides by the agreeing weights, not their count "
+                    "(method.merge.disjoint=sum is expressible)"
+                )
+            each = []
+            for d in densities:  # DARE's 1/(1-p) folded into each model's weight (no MergeKit rescale)
+                per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+                each.append({"density": d, **per})
             shared = {**shared, "rescale": False}
-            return Exported("dare_ties", {"density": d, **per}, shared, [masks, TIES_NOTES[1], *notes])
+            return Exported("dare_ties", same_or_each(each), shared, [masks, TIES_NOTES[1], *notes])
         raise NotExpressible(
             f"DARE into {type(inner).__name__}: MergeKit's DARE merges the dropped vectors by task arithmetic "
             "(dare_linear) or sign election without trimming (dare_ties) only"

@@ -174,8 +174,9 @@ class DELLA(TaskVectorMethod):
         epsilon leaves (0, 1)."""
         densities = expert_values(self.density, names, "density")
         bands = list(zip(densities, expert_values(self.epsilon, names, "epsilon"), strict=True))
+        one_band = isinstance(self.density, float) and isinstance(self.epsilon, float)
         for (density, epsilon), name in zip(bands, names, strict=True):
-            check_band(density, epsilon, f" for expert {name!r}" if not isinstance(self.density, float) else "")
+            check_band(density, epsilon, "" if one_band else f" for expert {name!r}")
         return bands
 
     def coefficients(self, n: int) -> list[float]:

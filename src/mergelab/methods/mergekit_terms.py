@@ -64,12 +64,13 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
     rescale = config.shared.get("rescale", False)
     # Unrescaled survivors with differing densities: each expert's coefficient is w_t x density_t.
     kept_sizes = dropped and not rescale and len({*densities}) > 1
+    if kept_sizes and sign_election:
+        return TaskArithmeticTerms(_unrescaled_sign_election(config, weights, densities), "sum", densities, None)
     per_expert = len({*weights}) > 1 or min(weights) < 0 or kept_sizes
     if per_expert and sign_election:
-        why = "differ" if not kept_sizes else f"x densities {densities} (rescale: false) differ"
         raise fail(
             "models[].parameters.weight",
-            f"{weights} {why}: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
+            f"{weights} differ: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
             "vector (per-expert weights: task_arithmetic, linear, dare_linear)",
         )
     w = 1.0 if per_expert else weights[0]
@@ -94,6 +95,27 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
         weights = [decimal(v * d) for v, d in zip(weights, densities, strict=True)]
     mapping = config.by_expert(weights) if per_expert else None
     return TaskArithmeticTerms(scaling, "mean" if normalize else "sum", densities, mapping)
+
+
+def _unrescaled_sign_election(config: MergeKitInput, weights: list[float], densities: list[float]) -> float:
+    """The one TIES coefficient of a ``dare_ties`` config without ``rescale`` whose densities differ: each model's
+    survivors are mergelab's rescaled ones times its density, so w_t x density_t must be the same for every model
+    (the config mergelab writes: weight = scaling / density_t), and ``normalize`` (a division by the agreeing
+    weights, no longer a count) is refused."""
+    effective = [decimal(w * d) for w, d in zip(weights, densities, strict=True)]
+    if len(set(effective)) > 1 or min(effective) < 0:
+        raise config.fail(
+            "models[].parameters.weight",
+            f"{weights} x densities {densities} = {effective} differ (rescale: false): mergelab's TIES takes one "
+            "coefficient for every task vector",
+        )
+    if config.shared["normalize"]:
+        raise config.fail(
+            "parameters.normalize",
+            f"true with densities {densities} that differ and rescale false: MergeKit divides by the agreeing "
+            "weights w_t, mergelab's disjoint mean by the agreeing count",
+        )
+    return decimal(effective[0] * read_lambda(config))
 
 
 def read_unit_intervals(config: MergeKitInput, key: str, low_open: bool = True, high_open: bool = False) -> str:
