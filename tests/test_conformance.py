@@ -35,6 +35,11 @@ VARIANTS = {
     "weight_averaging+weights": ["method.weights=[1.0, 0.0, 3.0]"],
     "slerp+gradient": ["method.t=[{filter: mlp, value: 0.8}, {value: [0.2, 0.6]}]"],  # MergeKit's filter + gradient
     "karcher+pretrained": ["method.include_pretrained=true"],
+    # Per-expert densities (MergeKit's per-model density): each task vector ranked or dropped at its own rate.
+    "ties+density": ["method.k=[10.0, 30.0, 60.0]"],
+    "dare+density": ["method.p=[0.1, 0.5, 0.8]"],
+    "breadcrumbs+density": ["method.density=[0.5, 0.8, 1.0]", "method.gamma=[0.05, 0.0, 0.1]"],
+    "della+density": ["method.density=[0.5, 1.0, 0.7]", "method.epsilon=[0.2, 0.1, 0.25]"],
 }
 # Methods defined on the pretrained model and exactly one expert (SLERP): their rows use a pool of the first expert.
 ONE_EXPERT = {"slerp"}

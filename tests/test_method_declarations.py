@@ -28,6 +28,15 @@ CLASSES = distinct_classes()
 NAMES = ["alpha", "beta", "gamma"]
 #: Non-uniform per-expert weights, for methods that take ``weights`` (as many as the experts, none 1).
 WEIGHTS = {"alpha": 0.5, "beta": 2.0, "gamma": 0.75}
+#: Non-uniform per-expert densities (MergeKit's per-model density, gamma, epsilon), for methods that take them
+#: (``per_expert_values``); binary fractions, so that derived coefficients read back exactly.
+PER_EXPERT = {
+    "k": [50.0, 25.0, 75.0],
+    "p": [0.5, 0.75, 0.25],
+    "density": [0.5, 0.75, 0.625],
+    "gamma": [0.0625, 0.125, 0.03125],
+    "epsilon": [0.125, 0.1, 0.25],
+}
 SHAPES = {"w": (7, 5), "b": (7,), "v": (3, 4)}
 
 
@@ -77,6 +86,10 @@ def test_each_yaml_round_trips_through_mergekit_or_says_why_not(name: str, tmp_p
     overrides = [f"method={name}", *(f"method.{k}={v}" for k, v in mapping.expressible.items())]
     if "weights" in {o.name for o in options(cls)}:
         overrides.append("method.weights={" + ", ".join(f"{k}: {WEIGHTS[k]}" for k in names) + "}")
+    for key in cls.per_expert_values:
+        overrides.append(
+            f"method.{key}={{" + ", ".join(f"{n}: {v}" for n, v in zip(names, PER_EXPERT[key], strict=True)) + "}"
+        )
     original = composed(overrides)
     dirs = [write_checkpoint(tiny_pool()[0], tmp_path / "base"), *(tmp_path / n for n in names)]
     for d in dirs[1:]:
@@ -221,8 +234,8 @@ def test_mergekit_defaults_map_onto_mergelab_options(tmp_path: Path, head: str, 
         (
             "merge_method: della\nbase_model: {base}\nmodels:\n"
             "  - model: {a}\n    parameters: {{weight: 1, density: 0.5}}\n"
-            "  - model: {b}\n    parameters: {{weight: 1, density: 0.6}}\n",
-            "models[].parameters.density: [0.5, 0.6] differ",
+            "  - model: {b}\n    parameters: {{weight: 1, density: 1.5}}\n",
+            "models[].parameters.density: 1.5 is not in (0, 1]",
         ),
         (
             "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 1.5}}\nmodels:\n"

@@ -142,6 +142,9 @@ def check_values(
                     raise ValueError(
                         problems[0] if len(problems) == 1 else _forms_error(label(prefix + key), allowed, value)
                     )
+        if _scalar_or_per_expert(allowed):
+            _check_per_expert(label, prefix + key, ranges, value)
+            continue
         if isinstance(value, Mapping):
             check_option_types(value, label, f"{prefix}{key}.")
             continue
@@ -151,6 +154,27 @@ def check_values(
                 raise ValueError(f"{label(prefix + key)} must be one of {choices}, got {value!r}")
             continue
         _check_scalar(label(prefix + key), allowed, ranges, value)
+
+
+def _scalar_or_per_expert(allowed: set[Any]) -> bool:
+    """Whether an annotation's alternatives are a number, or one per expert as a mapping or a list of numbers (and
+    nothing else): ``float | Mapping[str, float] | Sequence[float]``."""
+    numbers = {int, float} & allowed
+    containers = {h for h in allowed if typing.get_origin(h) in CONTAINERS and typing.get_args(h)[-1:] == (float,)}
+    return bool(numbers) and bool(containers) and allowed == numbers | containers
+
+
+def _check_per_expert(label: Callable[[str], str], key: str, ranges: Sequence[Range], value: Any) -> None:
+    """A number, or a non-empty mapping {expert: number} or list of numbers, each in ``ranges`` (named by its
+    expert or position: ``method option 'k.math'``, ``method option 'k[1]'``)."""
+    if not isinstance(value, Mapping | list | tuple):
+        _check_scalar(label(key), {float}, ranges, value)
+        return
+    if not value:
+        raise ValueError(f"{label(key)} must be a number, a mapping (expert: number) or a list, got {value!r}")
+    items = value.items() if isinstance(value, Mapping) else enumerate(value)
+    for at, v in items:
+        _check_scalar(label(f"{key}.{at}" if isinstance(value, Mapping) else f"{key}[{at}]"), {float}, ranges, v)
 
 
 def _check_scalar(name: str, allowed: set[Any], ranges: Sequence[Range], value: Any) -> None:

@@ -107,10 +107,20 @@ class MergeMethod(ABC):
         any work (:meth:`check_experts`); none by default."""
         return {}
 
+    #: Options (attribute = option name) that are one number or one per expert (:data:`PerExpertFloat`): a mapping
+    #: of them names every expert (:func:`expert_values`), where a weights mapping may leave experts out.
+    per_expert_values: tuple[str, ...] = ()
+
     def check_experts(self, names: Sequence[str]) -> None:
         """Refuse per-expert options that name experts the pool does not have, or list another number of them."""
         for key, option in self.expert_options().items():
             expert_weights(option, names, key)
+        for key in self.per_expert_values:
+            expert_values(getattr(self, key), names, key)
+
+    def values_per_expert(self, key: str, n: int) -> list[float]:
+        """The option ``key`` (one of :attr:`per_expert_values`) for each of ``n`` experts, in merge order."""
+        return expert_values(getattr(self, key), self.expert_names(n), key)
 
     def task_label(self, i: int) -> str:
         """Name of the i-th task vector for reports."""
@@ -181,6 +191,8 @@ class WrappedMethod(TaskVectorMethod):
         """Prepare the wrapper, then ``inner`` on ``pool`` as ``inner`` sees it: every expert theta_0 plus its
         transformed task vector (so Fisher / RegMean statistics and AdaMerging's coefficients are those of the
         experts it merges)."""
+        if getattr(pool, "tasks", None):  # the transform's per-expert options (DARE's p) are keyed by them
+            self.task_names = list(pool.tasks)
         self.prepare_wrapper(pool, trainer_kwargs, loggers, work_dir)
         if self.inner.learns_from_pool:
             if self._view is None or self._view.pool is not pool:
@@ -373,16 +385,46 @@ def check_expert_weights(option: Any, key: str = "weights", negative: bool = Fal
     return {str(k): float(v) for k, v in option.items()} if isinstance(option, Mapping) else [float(v) for v in values]
 
 
-def expert_weights(option: Any, tasks: Sequence[str], key: str = "weights") -> list[float]:
+def expert_weights(option: Any, tasks: Sequence[str], key: str = "weights", default: float | None = 1.0) -> list[float]:
     """The per-expert weights of a checked option, in expert order (null: all 1); unknown names or a wrong count
-    are refused naming the option and the pool's experts."""
+    are refused naming the option and the pool's experts. ``default``: the value of an expert a mapping leaves
+    out (None: refused)."""
     if option is None:
         return [1.0] * len(tasks)
     if isinstance(option, Mapping):
         unknown = sorted(set(option) - set(tasks))
         if unknown:
             raise ValueError(f"method option '{key}' names unknown expert(s) {unknown}; experts: {list(tasks)}")
-        return [float(option.get(t, 1.0)) for t in tasks]
+        missing = [t for t in tasks if t not in option]
+        if missing and default is None:
+            raise ValueError(f"method option '{key}' gives no value for expert(s) {missing}; experts: {list(tasks)}")
+        return [float(option.get(t, default)) for t in tasks]
     if len(option) != len(tasks):
         raise ValueError(f"method option '{key}' has {len(option)} values for {len(tasks)} experts {list(tasks)}")
     return [float(v) for v in option]
+
+
+def per_expert_option(option: Any) -> float | dict[str, float] | list[float]:
+    """A :data:`PerExpertFloat` option (form and ranges checked by the constructor's annotation) in plain form: a
+    number stays one float (so a uniform value merges as it did before per-expert values), a mapping
+    {expert: value} or a list in expert order becomes floats."""
+    if isinstance(option, Mapping):
+        return {str(k): float(v) for k, v in option.items()}
+    if isinstance(option, list | tuple):
+        return [float(v) for v in option]
+    return float(option)
+
+
+def expert_values(option: Any, tasks: Sequence[str], key: str) -> list[float]:
+    """A :func:`per_expert_option` for each expert in ``tasks`` (expert order): a number for all, else the list
+    or mapping checked against the experts as weights are, with a mapping naming every expert."""
+    if isinstance(option, int | float):
+        return [float(option)] * len(tasks)
+    return expert_weights(option, tasks, key, default=None)
+
+
+def given_values(option: float | Mapping[str, float] | Sequence[float]) -> list[float]:
+    """Every value a :func:`per_expert_option` gives, whichever experts they are for."""
+    if isinstance(option, Mapping):
+        return list(option.values())
+    return [option] if isinstance(option, float) else list(option)

@@ -15,7 +15,13 @@ from torch import Tensor
 from mergelab import task_vectors as tv
 from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
-from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
+from mergelab.methods.base import (
+    TaskVectorMethod,
+    check_expert_weights,
+    expert_weights,
+    given_values,
+    per_expert_option,
+)
 from mergelab.methods.declaration import (
     ExpertWeights,
     Exported,
@@ -23,6 +29,7 @@ from mergelab.methods.declaration import (
     MergeKitInput,
     MergeKitMapping,
     NotExpressible,
+    PerExpertFloat,
     same_or_each,
 )
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
@@ -74,7 +81,8 @@ class BreadcrumbsMergeKit(MergeKitMapping):
                 "Breadcrumbs with prune=global ranks magnitudes over the whole model; MergeKit's breadcrumbs trims "
                 "each tensor on its own (method.prune=per_tensor is expressible)"
             )
-        each = [{"weight": w, "density": method.density, "gamma": method.gamma} for w in method.coefficients(n_experts)]
+        columns = zip(method.coefficients(n_experts), *method.sparsifier_values(n_experts), strict=True)
+        each = [{"weight": w, "density": d, "gamma": g} for w, d, g in columns]
         shared = {"normalize": method.normalize, "rescale": False, "lambda": method.scaling}
         notes = [
             "the kept band: MergeKit sorts each tensor's magnitudes and keeps an arbitrary subset of those tied with a "
@@ -93,8 +101,10 @@ class Breadcrumbs(TaskVectorMethod):
 
     Args:
         density: fraction of each task vector's coordinates kept, in (0, 1]; 1 keeps everything (no outlier
-            removal either, as MergeKit).
-        gamma: fraction of the largest magnitudes removed first, in [0, 1); fewer when density + gamma > 1.
+            removal either, as MergeKit). One number, or per expert ({expert: density} naming every expert, or a
+            list in expert order), as MergeKit's per-model ``density``.
+        gamma: fraction of the largest magnitudes removed first, in [0, 1); fewer when density + gamma > 1. One
+            number or per expert, as ``density`` (MergeKit's per-model ``gamma``).
         weights: per-expert w_t (MergeKit's per-model ``weight``): null (all 1), a list in expert order, or
             {expert: weight}; negative subtracts a task vector.
         consensus: False: MergeKit's ``breadcrumbs`` (a weighted sum); True: ``breadcrumbs_ties`` (TIES's sign
@@ -115,16 +125,19 @@ class Breadcrumbs(TaskVectorMethod):
         "arXiv 2312.06795"
     )
     mergekit = BreadcrumbsMergeKit()
+    per_expert_values = ("density", "gamma")
 
     def __init__(
         self,
         density: Annotated[
-            float,
+            PerExpertFloat,
             Range(0.0, 1.0, low_open=True),
-            Doc("fraction of each task vector kept; 1 keeps all (no outlier removal either)"),
+            Doc("fraction of each task vector kept; 1 keeps all (no outlier removal either); a number or per expert"),
         ] = 0.9,
         gamma: Annotated[
-            float, Range(0.0, 1.0, high_open=True), Doc("fraction of the largest magnitudes removed first")
+            PerExpertFloat,
+            Range(0.0, 1.0, high_open=True),
+            Doc("fraction of the largest magnitudes removed first; a number or per expert"),
         ] = 0.01,
         weights: Annotated[
             ExpertWeights,
@@ -137,13 +150,18 @@ class Breadcrumbs(TaskVectorMethod):
             Literal["per_tensor", "global"], Doc("rank magnitudes per tensor (MergeKit) or over the whole model")
         ] = "per_tensor",
     ) -> None:
-        self.density, self.gamma, self.scaling, self.prune = float(density), float(gamma), float(scaling), prune
+        self.density, self.gamma = per_expert_option(density), per_expert_option(gamma)
+        self.scaling, self.prune = float(scaling), prune
         self.weights = check_expert_weights(weights, negative=True)
         self.consensus, self.normalize = bool(consensus), bool(normalize)
-        self.stat_passes = 0 if self.density >= 1.0 else MagnitudeRanks.passes
+        self.stat_passes = 0 if min(given_values(self.density)) >= 1.0 else MagnitudeRanks.passes
 
     def expert_options(self) -> dict[str, Any]:
         return {"weights": self.weights}
+
+    def sparsifier_values(self, n: int) -> tuple[list[float], list[float]]:
+        """Each of the ``n`` experts' density and gamma, in merge order."""
+        return self.values_per_expert("density", n), self.values_per_expert("gamma", n)
 
     def coefficients(self, n: int) -> list[float]:
         """w_t for the ``n`` experts, in the order the merge sees them."""
@@ -158,8 +176,12 @@ class Breadcrumbs(TaskVectorMethod):
         self._n_tasks = 0
 
     def _band_ranks(self, key: str, numel: int) -> list[list[int]]:
-        top, keep = breadcrumb_ranks(numel, self.density, self.gamma)
-        return [[max(top, 1), max(top + keep, 1)]] * self._n_tasks
+        """Per task, the ranks bounding its kept band (unused for a task that keeps everything)."""
+        ranks = []
+        for density, gamma in zip(*self.sparsifier_values(self._n_tasks), strict=True):
+            top, keep = breadcrumb_ranks(numel, density, gamma)
+            ranks.append([max(top, 1), max(top + keep, 1)])
+        return ranks
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         stacked = torch.stack([v.float() for v in vectors])
@@ -175,12 +197,16 @@ class Breadcrumbs(TaskVectorMethod):
 
     def sparsify(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task vector of ``block`` with only its kept band of magnitudes."""
-        if self.density >= 1.0:
+        if self.stat_passes == 0:
             return list(vectors)
         key = self._key(block)
-        top, keep = breadcrumb_ranks(self._ranks.numel(key), self.density, self.gamma)
         out = []
-        for v, (hi, lo) in zip(vectors, self._ranks.values(key), strict=True):
+        bounds = zip(vectors, self._ranks.values(key), *self.sparsifier_values(len(vectors)), strict=True)
+        for v, (hi, lo), density, gamma in bounds:
+            if density >= 1.0:  # MergeKit: no outlier removal either
+                out.append(v)
+                continue
+            top, keep = breadcrumb_ranks(self._ranks.numel(key), density, gamma)
             mag = v.abs().float()
             kept = (mag >= lo) if keep > 0 else torch.zeros_like(mag, dtype=torch.bool)
             if top > 0:

@@ -14,13 +14,14 @@ from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block, read_bounds, row_blocks
 from mergelab.engine.passes import combine_in_memory
 from mergelab.engine.protocol import Sparsifier
-from mergelab.methods.base import WrappedMethod
+from mergelab.methods.base import WrappedMethod, per_expert_option
 from mergelab.methods.declaration import (
     Exported,
     Import,
     MergeKitInput,
     MergeKitMapping,
     NotExpressible,
+    PerExpertFloat,
     decimal,
     same_or_each,
 )
@@ -73,11 +74,12 @@ class DareMergeKit(MergeKitMapping):
     )
 
     def export(self, method: Any, n_experts: int) -> Exported:
-        d, inner = 1.0 - method.p, method.inner
+        densities, inner = [1.0 - p for p in method.values_per_expert("p", n_experts)], method.inner
         masks = random_masks_note(method.seed)
         if type(inner) in (TaskArithmetic, WeightAveraging):  # exact classes: a subclass may merge differently
             inner.task_names = inner.task_names or method.task_names  # as the merge passes them on (begin)
-            each = [{"density": d, "weight": c / d} for c in inner.coefficients(n_experts)]
+            pairs = zip(densities, inner.coefficients(n_experts), strict=True)
+            each = [{"density": d, "weight": c / d} for d, c in pairs]
             return Exported("dare_linear", same_or_each(each), {"normalize": False, "rescale": False}, [masks])
         if type(inner) is TIES:
             if inner.prune != "per_tensor":  # its exact sign ties take the model's majority, MergeKit's the tensor's
@@ -85,14 +87,25 @@ class DareMergeKit(MergeKitMapping):
                     "DARE into TIES with prune=global elects the majority sign of exact ties over the whole model; "
                     "MergeKit's dare_ties works tensor by tensor (method.merge.prune=per_tensor is expressible)"
                 )
-            if inner.k != 100.0:
+            ks = sorted(set(inner.values_per_expert("k", n_experts)))
+            if ks != [100.0]:
+                shown = "/".join(f"{k:g}" for k in ks)
                 raise NotExpressible(
-                    f"DARE into TIES with k={inner.k:g}: MergeKit's dare_ties elects signs without trimming by "
+                    f"DARE into TIES with k={shown}: MergeKit's dare_ties elects signs without trimming by "
                     "magnitude (method.merge.k=100 is expressible)"
                 )
-            per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+            if len(set(densities)) > 1 and inner.disjoint == "mean":
+                raise NotExpressible(
+                    "DARE into TIES with per-expert p and disjoint=mean: MergeKit's dare_ties rescales each model "
+                    "by its weight, and its normalize then divides by the agreeing weights, not their count "
+                    "(method.merge.disjoint=sum is expressible)"
+                )
+            each = []
+            for d in densities:  # DARE's 1/(1-p) folded into each model's weight (no MergeKit rescale)
+                per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+                each.append({"density": d, **per})
             shared = {**shared, "rescale": False}
-            return Exported("dare_ties", {"density": d, **per}, shared, [masks, TIES_NOTES[1], *notes])
+            return Exported("dare_ties", same_or_each(each), shared, [masks, TIES_NOTES[1], *notes])
         raise NotExpressible(
             f"DARE into {type(inner).__name__}: MergeKit's DARE merges the dropped vectors by task arithmetic "
             "(dare_linear) or sign election without trimming (dare_ties) only"
@@ -101,7 +114,7 @@ class DareMergeKit(MergeKitMapping):
     def read(self, config: MergeKitInput) -> Import:
         linear = config.merge_method == "dare_linear"
         terms = read_task_arithmetic(config, sign_election=not linear, dropped=True)
-        overrides = ["method=dare", f"method.p={decimal(1.0 - terms.density)!r}"]
+        overrides = ["method=dare", f"method.p={config.one_or_each([decimal(1.0 - d) for d in terms.densities])}"]
         if linear:
             overrides += ["method@method.merge=task_arithmetic", f"method.merge.scaling={terms.scaling!r}"]
             overrides += [f"method.merge.weights={terms.weights}"] if terms.weights else []
@@ -120,7 +133,8 @@ class DARE(WrappedMethod, Sparsifier):
     """Drop-and-rescale every task vector, then merge the results with another method.
 
     Args:
-        p: drop rate in [0, 1); survivors are scaled by 1 / (1 - p).
+        p: drop rate in [0, 1); survivors are scaled by 1 / (1 - p). One number, or per expert ({expert: p}
+            naming every expert, or a list in expert order): each task vector is dropped at its own rate.
         seed: the mask of a tensor's rows is drawn per (seed, parameter name, mask block, task index), on fixed
             row blocks of ``MASK_BLOCK_ELEMS`` elements: it depends neither on the order tensors are visited in
             nor on the engine's chunk size or threads, nor on streaming vs in-memory merging.
@@ -133,25 +147,30 @@ class DARE(WrappedMethod, Sparsifier):
         "arXiv 2311.03099"
     )
     mergekit = DareMergeKit()
+    per_expert_values = ("p",)
 
     def __init__(
         self,
-        p: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("drop rate; survivors scaled by 1 / (1 - p)")] = 0.5,
+        p: Annotated[
+            PerExpertFloat,
+            Range(0.0, 1.0, high_open=True),
+            Doc("drop rate; survivors scaled by 1 / (1 - p): a number, or per expert ({expert: p} or a list)"),
+        ] = 0.5,
         seed: Annotated[int, Doc("masks drawn per (seed, tensor, fixed row block, task)")] = 0,
         merge: Annotated[Any, Doc("the method the dropped vectors go into: a conf/method name or config")] = (
             "task_arithmetic"
         ),
     ) -> None:
-        self.p, self.seed = float(p), int(seed)
+        self.p, self.seed = per_expert_option(p), int(seed)
         super().__init__(merge, "merge")
 
-    def masks(self, block: Block, task: int) -> Tensor:
-        """The keep-mask (True = keep) of task ``task`` over ``block``'s rows."""
+    def masks(self, block: Block, task: int, p: float) -> Tensor:
+        """The keep-mask (True = keep) of task ``task`` over ``block``'s rows, at drop rate ``p``."""
         s, e = read_bounds(block.shape, block.start, block.stop)
         shape = block.shape
         if not shape or shape[0] == 0:
             gen = torch.Generator().manual_seed(tensor_seed(self.seed, block.name, task, 0))
-            return torch.rand(shape, generator=gen) >= self.p
+            return torch.rand(shape, generator=gen) >= p
         assert s is not None and e is not None
         parts = []
         for c, (ms, me) in enumerate(row_blocks(shape, MASK_BLOCK_ELEMS)):
@@ -159,21 +178,23 @@ class DARE(WrappedMethod, Sparsifier):
             if hi <= s or lo >= e:
                 continue  # this mask block does not overlap the requested rows
             gen = torch.Generator().manual_seed(tensor_seed(self.seed, block.name, task, c))
-            full = torch.rand((hi - lo, *shape[1:]), generator=gen) >= self.p
+            full = torch.rand((hi - lo, *shape[1:]), generator=gen) >= p
             parts.append(full[max(s, lo) - lo : min(e, hi) - lo])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def transform(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
-        """Dropped-and-rescaled task vectors of one block."""
-        return [drop_and_rescale(t, self.p, mask=self.masks(block, i)) for i, t in enumerate(vectors)]
+        """Dropped-and-rescaled task vectors of one block (each at its expert's drop rate)."""
+        rates = self.values_per_expert("p", len(vectors))
+        pairs = enumerate(zip(vectors, rates, strict=True))
+        return [drop_and_rescale(t, p, mask=self.masks(block, i, p)) for i, (t, p) in pairs]
 
     def drop(
         self, vectors: Sequence[Mapping[str, Tensor]], masks: Sequence[Mapping[str, Tensor]] | None = None
     ) -> list[tv.StateDict]:
         """Whole dropped task vectors (the masks a merge draws); ``masks`` (True = keep) replace the draw."""
         if masks is not None:
-            pairs = zip(vectors, masks, strict=True)
-            return [{n: drop_and_rescale(t, self.p, mask=m[n]) for n, t in v.items()} for v, m in pairs]
+            triples = zip(vectors, masks, self.values_per_expert("p", len(vectors)), strict=True)
+            return [{n: drop_and_rescale(t, p, mask=m[n]) for n, t in v.items()} for v, m, p in triples]
         out: list[tv.StateDict] = [{} for _ in vectors]
         for n, t in vectors[0].items():
             block = Block(n, 0, None, None, tuple(t.shape))

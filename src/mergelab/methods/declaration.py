@@ -30,6 +30,10 @@ OPTION_LABEL = "method option '{}'"
 #: Per-expert weights as a config gives them: null (all 1), a list in expert order, or {expert: weight}.
 ExpertWeights = Mapping[str, float] | Sequence[float] | None
 
+#: An option one number for every expert, or one per expert (MergeKit's per-model ``density``): a number, a list in
+#: expert order, or {expert: value} naming every expert; each value checked against the option's ``Range``.
+PerExpertFloat = float | Mapping[str, float] | Sequence[float]
+
 #: A per-model MergeKit parameter without a default: every model must give it.
 REQUIRED = object()
 
@@ -203,6 +207,10 @@ class MergeKitInput:
     def by_expert(self, values: Sequence[float]) -> str:
         """Per-expert values as a Hydra mapping override value, keyed by expert name: ``{a: 1.0, b: 2.0}``."""
         return "{" + ", ".join(f"{n}: {v!r}" for n, v in zip(self.experts, values, strict=True)) + "}"
+
+    def one_or_each(self, values: Sequence[float]) -> str:
+        """Per-expert values as an override value: the one number when they are all equal, else :meth:`by_expert`."""
+        return repr(values[0]) if len(set(values)) == 1 else self.by_expert(values)
 
     def imported(self, overrides: list[str]) -> Import:
         """The run: the base model, the experts and the method ``overrides``."""

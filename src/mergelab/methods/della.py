@@ -17,7 +17,14 @@ from torch import Tensor
 from mergelab import task_vectors as tv
 from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block, read_bounds, row_blocks
-from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights
+from mergelab.methods.base import (
+    TaskVectorMethod,
+    check_expert_weights,
+    expert_values,
+    expert_weights,
+    given_values,
+    per_expert_option,
+)
 from mergelab.methods.breadcrumbs import mix
 from mergelab.methods.dare import MASK_BLOCK_ELEMS, random_masks_note, tensor_seed
 from mergelab.methods.declaration import (
@@ -27,6 +34,7 @@ from mergelab.methods.declaration import (
     MergeKitInput,
     MergeKitMapping,
     NotExpressible,
+    PerExpertFloat,
     same_or_each,
 )
 from mergelab.methods.mergekit_terms import read_sparsified_mix, task_arithmetic_family
@@ -47,9 +55,9 @@ class DellaMergeKit(MergeKitMapping):
                 "DELLA with rescale=probability divides each survivor by its keep probability (the paper); MergeKit "
                 "0.1.5 restores each tensor's L1 norm (method.rescale=l1 or none is expressible)"
             )
-        each = [
-            {"weight": w, "density": method.density, "epsilon": method.epsilon} for w in method.coefficients(n_experts)
-        ]
+        bands = method.keep_bands(method.expert_names(n_experts))
+        pairs = zip(method.coefficients(n_experts), bands, strict=True)
+        each = [{"weight": w, "density": d, "epsilon": e} for w, (d, e) in pairs]
         shared = {"normalize": method.normalize, "rescale": method.rescale == "l1", "lambda": method.scaling}
         notes = [random_masks_note(method.seed).replace("DARE's masks", "DELLA's drops")]
         return Exported("della" if method.consensus else "della_linear", same_or_each(each), shared, notes)
@@ -97,8 +105,10 @@ class DELLA(TaskVectorMethod):
     """theta_0 + scaling * mix_t(w_t * magprune(tau_t)).
 
     Args:
-        density: mean keep probability, in (0, 1]; 1 keeps every coordinate (MergeKit).
-        epsilon: half-width of the keep probabilities around ``density``: density -/+ epsilon must lie in (0, 1).
+        density: mean keep probability, in (0, 1]; 1 keeps every coordinate (MergeKit). One number, or per expert
+            ({expert: density} naming every expert, or a list in expert order), as MergeKit's per-model ``density``.
+        epsilon: half-width of the keep probabilities around ``density``: density -/+ epsilon must lie in (0, 1)
+            for each expert. One number or per expert, as ``density`` (MergeKit's per-model ``epsilon``).
         weights: per-expert w_t (MergeKit per-model ``weight``): null (all 1), a list, or {expert: weight}.
         consensus: True: MergeKit ``della`` (TIES sign election by sum); False: ``della_linear`` (a weighted sum).
         normalize: divide by the sum of the (agreeing) weights (MergeKit ``normalize``: della true, della_linear
@@ -120,12 +130,17 @@ class DELLA(TaskVectorMethod):
         "arXiv 2406.11617"
     )
     mergekit = DellaMergeKit()
+    per_expert_values = ("density", "epsilon")
 
     def __init__(
         self,
-        density: Annotated[float, Range(0.0, 1.0, low_open=True), Doc("mean keep probability; 1 keeps all")] = 0.7,
+        density: Annotated[
+            PerExpertFloat, Range(0.0, 1.0, low_open=True), Doc("mean keep probability; 1 keeps all; or per expert")
+        ] = 0.7,
         epsilon: Annotated[
-            float, Range(0.0, 0.5, high_open=True), Doc("half-width of the keep probabilities around density")
+            PerExpertFloat,
+            Range(0.0, 0.5, high_open=True),
+            Doc("half-width of the keep probabilities around density; a number or per expert"),
         ] = 0.15,
         weights: Annotated[
             ExpertWeights, Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}")
@@ -139,18 +154,30 @@ class DELLA(TaskVectorMethod):
         scaling: Annotated[float, Range(low=0.0), Doc("lambda on the mixed task vector (MergeKit lambda)")] = 1.0,
         seed: Annotated[int, Doc("drops drawn per (seed, tensor, fixed row block, task)")] = 0,
     ) -> None:
-        if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
-            raise ValueError(
-                f"method option 'epsilon' must keep density -/+ epsilon inside (0, 1), got density {density} and "
-                f"epsilon {epsilon}"
-            )
-        self.density, self.epsilon, self.scaling, self.seed = float(density), float(epsilon), float(scaling), int(seed)
+        self.density, self.epsilon = per_expert_option(density), per_expert_option(epsilon)
+        if isinstance(self.density, float) and isinstance(self.epsilon, float):
+            check_band(self.density, self.epsilon)  # per-expert values: once the experts are known (keep_bands)
+        self.scaling, self.seed = float(scaling), int(seed)
         self.weights = check_expert_weights(weights, negative=True)
         self.consensus, self.normalize, self.rescale = bool(consensus), bool(normalize), rescale
-        self.stat_passes = 0 if self.density >= 1.0 else (2 if rescale == "l1" else 1)
+        self.stat_passes = 0 if min(given_values(self.density)) >= 1.0 else (2 if rescale == "l1" else 1)
 
     def expert_options(self) -> dict[str, Any]:
         return {"weights": self.weights}
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        super().check_experts(names)
+        self.keep_bands(names)
+
+    def keep_bands(self, names: Sequence[str]) -> list[tuple[float, float]]:
+        """Each expert's (density, epsilon), for the experts ``names`` in merge order; refused where density -/+
+        epsilon leaves (0, 1)."""
+        densities = expert_values(self.density, names, "density")
+        bands = list(zip(densities, expert_values(self.epsilon, names, "epsilon"), strict=True))
+        one_band = isinstance(self.density, float) and isinstance(self.epsilon, float)
+        for (density, epsilon), name in zip(bands, names, strict=True):
+            check_band(density, epsilon, "" if one_band else f" for expert {name!r}")
+        return bands
 
     def coefficients(self, n: int) -> list[float]:
         """w_t for the ``n`` experts, in the order the merge sees them."""
@@ -200,19 +227,24 @@ class DELLA(TaskVectorMethod):
 
     # ------------------------------------------------------------------------------- merging
 
-    def keep_probabilities(self, block: Block, task: int, magnitudes: Tensor) -> Tensor:
-        """Each coordinate's keep probability (float32) from its rank within its row."""
+    def keep_probabilities(self, block: Block, task: int, magnitudes: Tensor, band: tuple[float, float]) -> Tensor:
+        """Each coordinate's keep probability (float32) from its rank within its row, for the task's ``band``
+        (density, epsilon)."""
         if len(block.shape) == 1:
             s, e = read_bounds(block.shape, block.start, block.stop)
             fraction = self._fractions[block.name][task, s:e]
         else:
             fraction = rank_fraction(magnitudes)
-        return (self.density - self.epsilon) + fraction * (2 * self.epsilon)
+        density, epsilon = band
+        return (density - epsilon) + fraction * (2 * epsilon)
 
     def _pruned(self, block: Block, vectors: Sequence[Tensor], probability_rescale: bool) -> list[Tensor]:
         out = []
-        for i, v in enumerate(vectors):
-            p = self.keep_probabilities(block, i, v.abs())
+        for i, (v, band) in enumerate(zip(vectors, self.keep_bands(self.expert_names(len(vectors))), strict=True)):
+            if band[0] >= 1.0:  # MergeKit: a density of 1 keeps every entry
+                out.append(v.clone())  # a copy: the rescaling below works in place
+                continue
+            p = self.keep_probabilities(block, i, v.abs(), band)
             kept = uniforms(self.seed, block, i) < p
             pruned = v * kept
             out.append(pruned.div_(p.to(pruned.dtype)) if probability_rescale else pruned)
@@ -220,7 +252,7 @@ class DELLA(TaskVectorMethod):
 
     def sparsify(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task vector of ``block`` after MAGPRUNE and the rescaling."""
-        if self.density >= 1.0:
+        if self.stat_passes == 0:
             return list(vectors)
         pruned = self._pruned(block, vectors, probability_rescale=self.rescale == "probability")
         if self.rescale == "l1":
@@ -230,6 +262,15 @@ class DELLA(TaskVectorMethod):
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         merged = mix(self.sparsify(block, vectors), self.coefficients(len(vectors)), self.consensus, self.normalize)
         return merged.mul_(self.scaling)
+
+
+def check_band(density: float, epsilon: float, whose: str = "") -> None:
+    """Refuse keep probabilities density -/+ epsilon outside (0, 1) (a density of 1 keeps everything: no band)."""
+    if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        raise ValueError(
+            f"method option 'epsilon' must keep density -/+ epsilon inside (0, 1){whose}, got density {density} and "
+            f"epsilon {epsilon}"
+        )
 
 
 def _abs_row_sums(t: Tensor) -> Tensor:

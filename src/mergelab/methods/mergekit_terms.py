@@ -42,42 +42,47 @@ def ties_parameters(disjoint: str, scaling: float) -> tuple[dict[str, Any], dict
 @dataclass
 class TaskArithmeticTerms:
     """A task-arithmetic-family config as one coefficient: ``scaling`` on the merged vector, TIES's ``disjoint``
-    (``mean`` where MergeKit normalizes), the one ``density`` and, when the experts' weights differ, them as a
-    per-expert mapping override value (``weights``; the coefficient is then that of a weight of 1)."""
+    (``mean`` where MergeKit normalizes), each expert's ``densities`` and, when the experts' weights differ, them as
+    a per-expert mapping override value (``weights``; the coefficient is then that of a weight of 1)."""
 
     scaling: float
     disjoint: str
-    density: float
+    densities: list[float]
     weights: str | None
 
 
 def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bool) -> TaskArithmeticTerms:
     """The coefficient of ``task_arithmetic`` / ``ties`` / ``dare_*`` configs (``dropped``: DARE's random drop,
-    whose survivors MergeKit without ``rescale`` leaves at their size: mergelab's rescaled ones times the density)."""
+    whose survivors MergeKit without ``rescale`` leaves at their size: mergelab's rescaled ones times the density,
+    a per-expert factor folded into the weights where the densities differ)."""
     method, fail = config.merge_method, config.fail
     weights = config.column("weight")
-    d = config.single("density") if "density" in config.models[0] else 1.0
-    per_expert = len({*weights}) > 1 or min(weights) < 0
+    densities = config.column("density") if "density" in config.models[0] else [1.0] * len(weights)
+    for d in densities:
+        read_unit_interval_value(config, "models[].parameters.density", d)
+    normalize, lam = config.shared["normalize"], config.shared["lambda"]
+    rescale = config.shared.get("rescale", False)
+    # Unrescaled survivors with differing densities: each expert's coefficient is w_t x density_t.
+    kept_sizes = dropped and not rescale and len({*densities}) > 1
+    if kept_sizes and sign_election:
+        return TaskArithmeticTerms(_unrescaled_sign_election(config, weights, densities), "sum", densities, None)
+    per_expert = len({*weights}) > 1 or min(weights) < 0 or kept_sizes
     if per_expert and sign_election:
         raise fail(
             "models[].parameters.weight",
             f"{weights} differ: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
             "vector (per-expert weights: task_arithmetic, linear, dare_linear)",
         )
-    normalize, lam = config.shared["normalize"], config.shared["lambda"]
-    rescale = config.shared.get("rescale", False)
     w = 1.0 if per_expert else weights[0]
     if per_expert and normalize and sum(weights) == 0:
         raise fail("models[].parameters.weight", f"{weights} sum to 0: normalize divides by their sum")
     if w < 0:
         raise fail("models[].parameters.weight", f"{w:g} < 0: mergelab's coefficients are non-negative")
-    if not 0.0 < d <= 1.0:
-        raise fail("models[].parameters.density", f"{d:g} is not in (0, 1]")
     if lam < 0:
         raise fail("parameters.lambda", f"{lam:g} < 0: mergelab's coefficients are non-negative")
     # normalize divides by the weights kept: n x w for task arithmetic, per entry the agreeing tasks' for sign
     # election (a disjoint mean).
-    keep = d if dropped and not rescale else 1.0
+    keep = densities[0] if dropped and not rescale and not kept_sizes else 1.0
     if w == 0:
         raw = 0.0  # nothing is added (MergeKit counts a zero divisor as 1)
     elif normalize:
@@ -86,13 +91,40 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
     else:
         raw = w * lam * keep
     scaling = raw if raw == w else decimal(raw)  # derived: rounded as a decimal, see decimal()
+    if kept_sizes:
+        weights = [decimal(v * d) for v, d in zip(weights, densities, strict=True)]
     mapping = config.by_expert(weights) if per_expert else None
-    return TaskArithmeticTerms(scaling, "mean" if normalize else "sum", d, mapping)
+    return TaskArithmeticTerms(scaling, "mean" if normalize else "sum", densities, mapping)
 
 
-def read_unit_interval(config: MergeKitInput, key: str, low_open: bool = True, high_open: bool = False) -> float:
-    """The one value of the per-model parameter ``key``, refused outside (0, 1] (or the interval given)."""
-    return read_unit_interval_value(config, f"models[].parameters.{key}", config.single(key), low_open, high_open)
+def _unrescaled_sign_election(config: MergeKitInput, weights: list[float], densities: list[float]) -> float:
+    """The one TIES coefficient of a ``dare_ties`` config without ``rescale`` whose densities differ: each model's
+    survivors are mergelab's rescaled ones times its density, so w_t x density_t must be the same for every model
+    (the config mergelab writes: weight = scaling / density_t), and ``normalize`` (a division by the agreeing
+    weights, no longer a count) is refused."""
+    effective = [decimal(w * d) for w, d in zip(weights, densities, strict=True)]
+    if len(set(effective)) > 1 or min(effective) < 0:
+        raise config.fail(
+            "models[].parameters.weight",
+            f"{weights} x densities {densities} = {effective} differ (rescale: false): mergelab's TIES takes one "
+            "coefficient for every task vector",
+        )
+    if config.shared["normalize"]:
+        raise config.fail(
+            "parameters.normalize",
+            f"true with densities {densities} that differ and rescale false: MergeKit divides by the agreeing "
+            "weights w_t, mergelab's disjoint mean by the agreeing count",
+        )
+    return decimal(effective[0] * read_lambda(config))
+
+
+def read_unit_intervals(config: MergeKitInput, key: str, low_open: bool = True, high_open: bool = False) -> str:
+    """The per-model parameter ``key`` as an override value (one number when every expert gives the same, else
+    {expert: value}), each refused outside (0, 1] (or the interval given)."""
+    values = config.column(key)
+    for v in values:
+        read_unit_interval_value(config, f"models[].parameters.{key}", v, low_open, high_open)
+    return config.one_or_each([float(v) for v in values])
 
 
 def read_unit_interval_value(
@@ -108,15 +140,15 @@ def read_unit_interval_value(
 
 
 def read_sparsified_mix(config: MergeKitInput, second: str, extra: Sequence[str] = ()) -> Import:
-    """A Breadcrumbs or DELLA config as the conf/method YAML of its merge method's name: the one ``density`` in
-    (0, 1], the one ``second`` sparsifier parameter (``gamma``, ``epsilon``) in [0, 1), ``normalize``, ``lambda`` as
-    ``scaling``, then ``extra`` overrides and the per-expert weights."""
-    density = read_unit_interval(config, "density")
-    value = read_unit_interval(config, second, low_open=False, high_open=True)
+    """A Breadcrumbs or DELLA config as the conf/method YAML of its merge method's name: ``density`` in (0, 1] and
+    the ``second`` sparsifier parameter (``gamma``, ``epsilon``) in [0, 1), each one number or per expert,
+    ``normalize``, ``lambda`` as ``scaling``, then ``extra`` overrides and the per-expert weights."""
+    density = read_unit_intervals(config, "density")
+    value = read_unit_intervals(config, second, low_open=False, high_open=True)
     overrides = [
         f"method={config.merge_method}",
-        f"method.density={density!r}",
-        f"method.{second}={value!r}",
+        f"method.density={density}",
+        f"method.{second}={value}",
         f"method.normalize={str(config.shared['normalize']).lower()}",
         f"method.scaling={read_lambda(config)!r}",
         *extra,

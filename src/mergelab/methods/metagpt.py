@@ -13,7 +13,7 @@ from mergelab.config_types import Doc
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
-from mergelab.methods.base import TaskVectorMethod, build_method
+from mergelab.methods.base import MergeMethod, TaskVectorMethod, build_method
 
 
 def _positive(value: object) -> bool:
@@ -81,7 +81,16 @@ class MetaGPT(TaskVectorMethod):
 
     def prior_stages(self) -> Sequence[ChunkMethod]:
         """The sparsifier, whose statistics passes (TIES's thresholds and signs) its ``sparsify_chunk`` needs."""
-        return [self.sparsifier] if self.sparsifier is not None else []
+        if self.sparsifier is None:
+            return []
+        # Its passes run before this method's begin: it learns the experts' names (per-expert k or p) here.
+        self.sparsifier.task_names = self.task_names
+        return [self.sparsifier]
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        super().check_experts(names)
+        if isinstance(self.sparsifier, MergeMethod):
+            self.sparsifier.check_experts(names)
 
     def begin(self, names: Sequence[str]) -> None:
         # tensor name -> [T, rows] float64 squared sums of each row (each element of a 1-D tensor), filled block

@@ -11,8 +11,17 @@ from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
-from mergelab.methods.base import TaskVectorMethod
-from mergelab.methods.declaration import Exported, Import, MergeKitInput, MergeKitMapping, NotExpressible, decimal
+from mergelab.methods.base import TaskVectorMethod, per_expert_option
+from mergelab.methods.declaration import (
+    Exported,
+    Import,
+    MergeKitInput,
+    MergeKitMapping,
+    NotExpressible,
+    PerExpertFloat,
+    decimal,
+    same_or_each,
+)
 from mergelab.methods.magnitude_select import topk_count
 from mergelab.methods.magnitude_threshold import MagnitudeRanks
 from mergelab.methods.mergekit_terms import read_task_arithmetic, task_arithmetic_family, ties_parameters
@@ -49,7 +58,8 @@ class TiesMergeKit(MergeKitMapping):
                 "its own (method.prune=per_tensor is expressible)"
             )
         per, shared, notes = ties_parameters(method.disjoint, method.scaling)
-        return Exported("ties", {"density": method.k / 100.0, **per}, shared, [*TIES_NOTES, *notes])
+        each = [{"density": k / 100.0, **per} for k in method.values_per_expert("k", n_experts)]
+        return Exported("ties", same_or_each(each), shared, [*TIES_NOTES, *notes])
 
     def read(self, config: MergeKitInput) -> Import:
         if config.shared["rescale"]:
@@ -58,7 +68,7 @@ class TiesMergeKit(MergeKitMapping):
         return config.imported(
             [
                 "method=ties",
-                f"method.k={decimal(100 * terms.density)!r}",
+                f"method.k={config.one_or_each([decimal(100 * d) for d in terms.densities])}",
                 "method.prune=per_tensor",
                 f"method.disjoint={terms.disjoint}",
                 f"method.scaling={terms.scaling!r}",
@@ -70,7 +80,8 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     """theta_0 + scaling * disjoint_merge(trim_k(tau_1..tau_T)).
 
     Args:
-        k: percentage of coordinates kept per task vector, in (0, 100].
+        k: percentage of coordinates kept per task vector, in (0, 100]: one number, or per expert ({expert: k}
+            naming every expert, or a list in expert order); each task vector is ranked on its own either way.
         prune: ``global`` ranks magnitudes over all merged parameters of a task vector (the reference code);
             ``per_tensor`` ranks within each tensor. The majority sign used for exact sign ties follows the
             same granularity.
@@ -94,10 +105,15 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     stat_passes = 3
     reference = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708"
     mergekit = TiesMergeKit()
+    per_expert_values = ("k",)
 
     def __init__(
         self,
-        k: Annotated[float, Range(0.0, 100.0, low_open=True), Doc("% of each task vector's coordinates kept")] = 20.0,
+        k: Annotated[
+            PerExpertFloat,
+            Range(0.0, 100.0, low_open=True),
+            Doc("% of each task vector's coordinates kept: a number, or per expert ({expert: k} or a list)"),
+        ] = 20.0,
         prune: Annotated[
             Literal["global", "per_tensor"], Doc("rank magnitudes over the whole model (reference code) or per tensor")
         ] = "global",
@@ -106,7 +122,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         ] = "sum",
         scaling: Annotated[float, Range(low=0.0), Doc("lambda on the merged task vector")] = 0.3,
     ) -> None:
-        self.k, self.prune, self.disjoint, self.scaling = float(k), prune, disjoint, float(scaling)
+        self.k, self.prune, self.disjoint, self.scaling = per_expert_option(k), prune, disjoint, float(scaling)
 
     # ------------------------------------------------------------------------------- statistics
 
@@ -121,8 +137,8 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         self._majority: dict[str, float] = {}
 
     def _keep_ranks(self, key: str, numel: int) -> list[list[int]]:
-        """The rank of the smallest kept magnitude, for every task: the top-k% of ``numel`` coordinates."""
-        return [[topk_count(numel, self.k)]] * self._n_tasks
+        """The rank of the smallest kept magnitude, for every task: the top-k% (its own k) of ``numel`` coordinates."""
+        return [[topk_count(numel, k)] for k in self.values_per_expert("k", self._n_tasks)]
 
     def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
         """What pass ``pass_idx`` needs from one block (may overwrite scratch ``vectors``; thread-safe)."""
