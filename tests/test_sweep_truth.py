@@ -183,7 +183,16 @@ def interrupt(
     environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | env
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([*CLI, *args], stdout=stdout, stderr=stderr, text=True, env=environ)
+        # A Ctrl-C as a terminal sends it: SIGINT handled by default even when this test runs as a background job
+        # (which starts with SIGINT ignored, and Python keeps an inherited "ignore").
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            env=environ,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.monotonic() + 600
             while not ready():
