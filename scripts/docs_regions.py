@@ -79,8 +79,8 @@ def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
     """The declaration of the class ``target`` names, for the YAML config ``node``; None when the class does not
     import (e.g. a test's YAML)."""
     try:
+        from mergelab.config_types import target_class
         from mergelab.methods.declaration import declared, mergekit_of, options
-        from mergelab.methods.registry import target_class
 
         cls = target_class(target)
     except (ImportError, AttributeError, ValueError):

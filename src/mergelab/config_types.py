@@ -64,12 +64,17 @@ def literal_choices(hint: Any) -> tuple[Any, ...]:
     return tuple(v for h in _alternatives(hint) if typing.get_origin(h) is typing.Literal for v in typing.get_args(h))
 
 
+def target_class(target: str) -> type:
+    """The class a dotted ``_target_`` names (ImportError / AttributeError when it does not resolve)."""
+    module, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def constructor_hints(target: str) -> dict[str, Any]:
     """The type hints of ``target``'s ``__init__`` (a dotted class path), with their ``Annotated`` extras; empty
     when it cannot be resolved (the instantiation then reports its own error)."""
-    module, _, attr = target.rpartition(".")
     try:
-        return typing.get_type_hints(getattr(importlib.import_module(module), attr).__init__, include_extras=True)
+        return typing.get_type_hints(target_class(target).__init__, include_extras=True)
     except Exception:
         return {}
 

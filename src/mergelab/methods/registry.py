@@ -4,11 +4,11 @@ MergeKit translations and the tests cover a method added with one module and one
 from __future__ import annotations
 
 import functools
-import importlib
 from pathlib import Path
 
 import yaml
 
+from mergelab.config_types import target_class
 from mergelab.locations import CONFIG_DIR
 from mergelab.methods.declaration import MergeKitMapping, MergeKitMethod, mergekit_of
 
@@ -16,12 +16,6 @@ from mergelab.methods.declaration import MergeKitMapping, MergeKitMethod, mergek
 def method_yamls() -> dict[str, Path]:
     """``conf/method`` YAML name -> path, sorted by name."""
     return {p.stem: p for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
-
-
-def target_class(target: str) -> type:
-    """The class a dotted ``_target_`` names."""
-    module, _, attr = target.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
 
 
 @functools.cache
@@ -41,11 +35,6 @@ def method_classes() -> dict[str, type]:
 def distinct_classes() -> list[type]:
     """The method classes, each once, in YAML order."""
     return list(dict.fromkeys(method_classes().values()))
-
-
-def yaml_names(cls: type) -> list[str]:
-    """The ``conf/method`` YAMLs that build ``cls``."""
-    return [name for name, c in method_classes().items() if c is cls]
 
 
 @functools.cache

@@ -73,8 +73,8 @@ def declared_reference(target: str) -> tuple[str, list[str]]:
     it gives (``arxiv:<id>`` for each arXiv id it names, which links the paper on the Hub); empty when the class
     does not resolve (e.g. a recipe of an older mergelab)."""
     try:
+        from mergelab.config_types import target_class
         from mergelab.methods.declaration import declared
-        from mergelab.methods.registry import target_class
 
         reference = str(declared(target_class(target), "reference") or "")
     except (ImportError, AttributeError, ValueError):
