@@ -9,7 +9,9 @@ Writes ``experiments/bench_mergekit_methods.json``: per method, the max |mergela
 (float32 weights, MergeKit run with ``dtype: float32``). DELLA draws its drops from another generator than
 MergeKit's, so only its deterministic limit (density 1) and its statistics can agree; it is listed for the record.
 SLERP merges the base and the first expert (MergeKit's base_model and one model), with a scalar ``t`` and with
-MergeKit's filter/gradient list; Karcher merges the three experts, and with ``base_model`` the base too.
+MergeKit's filter/gradient list; Karcher merges the three experts, and with ``base_model`` the base too. TIES with
+per-model weights (one negative) keeps half of each tensor (an integer count for every tensor here, so MergeKit's
+int(density x n) and mergelab's ceil agree); dare_ties with density 1 drops nothing, so it is deterministic.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from safetensors.torch import load_file
 
 from mergelab.engine.passes import merge_in_memory
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import DELLA, SCE, SLERP, Breadcrumbs, KarcherMean, ModelStock
+from mergelab.methods import DARE, DELLA, SCE, SLERP, TIES, Breadcrumbs, KarcherMean, ModelStock
 
 HIDDEN, INTER, VOCAB, LAYERS = 32, 64, 96, 4  # 4 layers: a gradient is read between its points at layers 1 and 2
 CONFIG = {
@@ -93,8 +95,30 @@ CASES = {
     "karcher": (KarcherMean(), {}, {}),
     "karcher_pretrained": (KarcherMean(include_pretrained=True), {}, {}),
     "karcher_tol": (KarcherMean(tol=1e-7), {"tol": 1e-7}, {}),  # at the default tol these experts stop at step 0
+    "ties_weights": (
+        TIES(50.0, "per_tensor", "sum", 1.0, [1.0, -0.5, 2.0]),
+        {"normalize": False},
+        {"density": 0.5},
+    ),
+    "ties_weights_mean": (
+        TIES(50.0, "per_tensor", "mean", 1.0, [0.5, 2.0, 1.0]),
+        {"normalize": True},
+        {"density": 0.5},
+    ),
+    "dare_ties_weights_p0": (
+        DARE(0.0, merge=TIES(100.0, "per_tensor", "sum", 1.0, [1.0, -0.5, 2.0])),
+        {"normalize": False},
+        {"density": 1.0},
+    ),
 }
-WEIGHTS = {"breadcrumbs": [1.0, 0.5, 2.0], "della_linear": [1.0, 1.0, 1.0]}
+WEIGHTS = {
+    "breadcrumbs": [1.0, 0.5, 2.0],
+    "della_linear": [1.0, 1.0, 1.0],
+    "ties_weights": [1.0, -0.5, 2.0],
+    "ties_weights_mean": [0.5, 2.0, 1.0],
+    "dare_ties_weights_p0": [1.0, -0.5, 2.0],
+}
+MERGE_METHOD = {"ties_weights": "ties", "ties_weights_mean": "ties", "dare_ties_weights_p0": "dare_ties"}
 ONE_EXPERT = {"slerp", "slerp_gradient"}  # MergeKit's base_model and the first expert
 NO_BASE_MODEL = {"karcher", "karcher_tol"}  # the experts alone: no base_model in the MergeKit config
 
@@ -110,7 +134,7 @@ def main() -> None:
         base, experts, dirs = make_pool(root)
         for name, (method, params, model_params) in CASES.items():
             mk_method = name.split("_filter_wise")[0].removesuffix("_all").removesuffix("_gradient")
-            mk_method = mk_method.removesuffix("_pretrained").removesuffix("_tol")
+            mk_method = MERGE_METHOD.get(name, mk_method.removesuffix("_pretrained").removesuffix("_tol"))
             pool_experts = experts[:1] if name in ONE_EXPERT else experts
             cfgs = []
             for i in range(len(pool_experts)):

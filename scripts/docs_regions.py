@@ -11,6 +11,7 @@ from the files it documents, so the docs cannot drift from them:
   MergeKit merge methods);
 - ``mergekit_table``: each method's MergeKit translation or why it has none (docs/provenance.md);
 - ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
+- ``mergekit_parity``: mergelab against ``mergekit-yaml``, ``experiments/bench_mergekit_methods.json``;
 - ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
   ``experiments/<name>/metrics.json``.
 
@@ -352,6 +353,36 @@ def render_first_hour(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+def render_mergekit_parity(root: Path) -> str | None:
+    """mergelab against ``mergekit-yaml`` on one small pool (``experiments/bench_mergekit_methods.json``): each
+    case's largest difference over all tensors; None when not there yet."""
+    path = root / "experiments" / "bench_mergekit_methods.json"
+    if not path.is_file():
+        return None
+    data = load_json(path)
+    date, version = field(data, "date", path, (str,)), field(data, "mergekit", path, (str,))
+    results = field(data, "results", path, (dict,))
+    lines = [
+        f"Measured on {date} against MergeKit {version} in its own venv (`experiments/bench_mergekit_methods.py`,",
+        "a 4-layer Llama-shaped float32 pool); max |mergelab - MergeKit| over every tensor, beside how far the merge",
+        "moved from the base.",
+        "",
+        "| case | MergeKit config | max abs diff | max abs change from base |",
+        "|---|---|---:|---:|",
+    ]
+    num = (int, float)
+    for case in sorted(results):
+        if "error" in results[case]:
+            lines.append(f"| `{case}` | - | MergeKit failed | - |")
+            continue
+        config = field(data, f"results.{case}.mergekit_yaml", path, (str,))
+        head = re.search(r"merge_method: (\S+)", config)
+        diff = field(data, f"results.{case}.max_abs_diff", path, num)
+        moved = field(data, f"results.{case}.max_abs_change_from_base", path, num)
+        lines.append(f"| `{case}` | `{head.group(1) if head else '?'}` | {diff:.2g} | {moved:.3g} |")
+    return "\n".join(lines)
+
+
 def percent(value: Any) -> str:
     """A score in [0, 1] as a percentage with two decimals, or ``-`` when there is none (null)."""
     return "-" if not isinstance(value, int | float) else f"{100 * value:.2f}"
@@ -456,6 +487,7 @@ RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "methods_table": render_methods_table,
     "mergekit_table": render_mergekit_table,
     "first_hour": render_first_hour,
+    "mergekit_parity": render_mergekit_parity,
     **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
 }
@@ -465,6 +497,7 @@ SOURCES = {
     "methods_table": "conf/method/*.yaml",
     "mergekit_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
+    "mergekit_parity": "experiments/bench_mergekit_methods.json",
     **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,
 }

@@ -33,6 +33,8 @@ from tests.conftest import CONFIG_DIR, TaskDataPool, make_cfg
 VARIANTS = {
     "task_arithmetic+weights": ["method.weights=[-1.0, 0.5, 2.0]"],  # task negation among them
     "weight_averaging+weights": ["method.weights=[1.0, 0.0, 3.0]"],
+    "ties+weights": ["method.weights=[0.5, -1.0, 2.0]"],  # negative: subtracted after the election
+    "ties+weights-mean": ["method.weights=[0.5, 0.25, 2.0]", "method.disjoint=mean", "method.prune=per_tensor"],
     "slerp+gradient": ["method.t=[{filter: mlp, value: 0.8}, {value: [0.2, 0.6]}]"],  # MergeKit's filter + gradient
     "karcher+pretrained": ["method.include_pretrained=true"],
     # Per-expert densities (MergeKit's per-model density): each task vector ranked or dropped at its own rate.

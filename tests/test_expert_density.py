@@ -277,11 +277,15 @@ def test_mergekit_per_model_densities_read_as_per_expert_options(
     assert want in found, found
 
 
-def test_unrescaled_dare_ties_with_differing_densities_is_refused(tmp_path: Path) -> None:
-    """Without rescale, each expert's survivors keep their size: a per-expert factor TIES's one coefficient lacks."""
+def test_unrescaled_dare_ties_with_differing_densities_reads_as_ties_weights(tmp_path: Path) -> None:
+    """Without rescale, each expert's survivors keep their size: mergelab's rescaled ones times the density, a
+    per-expert factor TIES takes as its weights; normalize (a mean by MergeKit's agreeing w_t) is refused."""
     from mergelab.provenance.mergekit import read_mergekit
 
+    params = ["weight: 1, density: 0.5", "weight: 1, density: 0.25", "weight: 1"]
     head = "merge_method: dare_ties\nparameters: {rescale: false}"
-    path = mergekit_config(tmp_path, head, ["weight: 1, density: 0.5", "weight: 1, density: 0.25", "weight: 1"])
-    with pytest.raises(ValueError, match=r"models\[\]\.parameters\.weight: .* x densities .* differ"):
-        read_mergekit(path)
+    found = read_mergekit(mergekit_config(tmp_path / "sum", head, params)).method
+    assert "method.merge.weights={math: 0.5, code: 0.25, toxic: 1.0}" in found, found
+    head = "merge_method: dare_ties\nparameters: {rescale: false, normalize: true}"
+    with pytest.raises(ValueError, match=r"parameters\.normalize: true with densities .* differ"):
+        read_mergekit(mergekit_config(tmp_path / "mean", head, params))

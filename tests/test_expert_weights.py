@@ -1,9 +1,10 @@
-"""Per-expert weights: task arithmetic theta_0 + lambda sum_t w_t tau_t (negative w_t: task negation) and the
-weighted average sum_t w_t theta_t / sum_t w_t, checked against float64 computations made here, by expert name and
-in expert order, in memory and streamed."""
+"""Per-expert weights: task arithmetic theta_0 + lambda sum_t w_t tau_t (negative w_t: task negation), the
+weighted average sum_t w_t theta_t / sum_t w_t and TIES's weighted election and disjoint merge, checked against
+float64 computations made here, by expert name and in expert order, in memory and streamed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import DARE, TaskArithmetic, WeightAveraging
+from mergelab.methods import DARE, TIES, MagnitudePrunedTA, TaskArithmetic, WeightAveraging
 from tests.conftest import ListPool
 
 NAMES = ["math", "code", "toxic"]
@@ -66,6 +67,88 @@ def test_task_negation_alone_moves_away_from_the_expert() -> None:
 def test_weighted_average(weights: object, coefficients: list[float]) -> None:
     p = pool()
     assert_close(WeightAveraging(weights=weights).run(p), by_hand(p, coefficients))
+
+
+def trimmed_by_hand(p: ListPool, k: float, prune: str) -> list[dict[str, torch.Tensor]]:
+    """Each float32 task vector with the magnitudes below its ceil(k% n)-th largest zeroed (ties at it kept), ranked
+    over the whole model (``global``) or each tensor, in float64."""
+    vectors = [{key: (e[key] - b).double() for key, b in p.base.items()} for e in p.experts]
+    groups = [list(p.base)] if prune == "global" else [[key] for key in p.base]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in vectors]
+    for keys in groups:
+        for t, vec in enumerate(vectors):
+            flat = torch.cat([vec[key].flatten() for key in keys]).abs()
+            kth = flat.sort(descending=True).values[math.ceil(flat.numel() * k / 100) - 1]
+            for key in keys:
+                out[t][key] = torch.where(vec[key].abs() >= kth, vec[key], torch.zeros_like(vec[key]))
+    return out
+
+
+def ties_by_hand(p: ListPool, k: float, prune: str, disjoint: str, scaling: float, w: list[float]) -> dict:
+    """theta_0 + scaling * disjoint merge of d_t = w_t trim_k(tau_t): the sign of sum_t d_t elected per coordinate
+    (an exact 0 takes the sign of the summed signs, over the model or the tensor as ``prune``), the agreeing d_t
+    summed, for a mean divided by the agreeing w_t summed (1 where none agrees). Written out, in float64."""
+    weighted = [
+        {key: w_t * v for key, v in vec.items()} for w_t, vec in zip(w, trimmed_by_hand(p, k, prune), strict=True)
+    ]
+    groups = [list(p.base)] if prune == "global" else [[key] for key in p.base]
+    out = {}
+    for keys in groups:
+        signs = {key: sum(d[key] for d in weighted).sign() for key in keys}
+        majority = -1.0 if sum(float(s.sum()) for s in signs.values()) < 0 else 1.0
+        for key in keys:
+            sign = torch.where(signs[key] == 0, majority, signs[key])
+            agree = [(d[key] * sign) > 0 for d in weighted]
+            total = sum(d[key] * a for d, a in zip(weighted, agree, strict=True))
+            if disjoint == "mean":
+                divisor = sum(w_t * a.double() for w_t, a in zip(w, agree, strict=True))
+                total = total / torch.where(divisor == 0, 1.0, divisor)
+            out[key] = (p.base[key].double() + scaling * total).float()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("weights", "w", "k", "prune", "disjoint"),
+    [
+        ({"toxic": -1.0}, [1.0, 1.0, -1.0], 40.0, "global", "sum"),  # forget "toxic" among the TIES merge
+        ([2.0, 0.0, -0.5], [2.0, 0.0, -0.5], 60.0, "per_tensor", "sum"),
+        ([0.5, 0.25, 2.0], [0.5, 0.25, 2.0], 30.0, "global", "mean"),  # fractional divisors: none clamped to 1
+        ({"code": 3.0}, [1.0, 3.0, 1.0], 100.0, "per_tensor", "mean"),
+        (None, [1.0, 1.0, 1.0], 20.0, "global", "mean"),
+    ],
+)
+def test_ties_weights(weights: object, w: list[float], k: float, prune: str, disjoint: str) -> None:
+    p = pool()
+    merged = TIES(k=k, prune=prune, disjoint=disjoint, scaling=0.7, weights=weights).run(p)
+    assert_close(merged, ties_by_hand(p, k, prune, disjoint, 0.7, w))
+
+
+def test_ties_weights_in_the_election_change_its_outcome() -> None:
+    """A weight is not a rescaling of the result: a heavy expert wins coordinates it would lose by count."""
+    p = pool()
+    plain = TIES(k=100.0, scaling=1.0).run(p)
+    heavy = TIES(k=100.0, scaling=1.0, weights={"toxic": 5.0}).run(p)
+    tau = {key: p.experts[2][key] - b for key, b in p.base.items()}
+    won = sum(int(((heavy[key] - b).sign() == tau[key].sign()).sum()) for key, b in p.base.items())
+    before = sum(int(((plain[key] - b).sign() == tau[key].sign()).sum()) for key, b in p.base.items())
+    assert won > before
+
+
+def test_magnitude_pruned_ta_weights() -> None:
+    p = pool()
+    merged = MagnitudePrunedTA(k=50.0, scaling=0.5, weights=[1.0, -1.0, 0.5]).run(p)
+    trimmed = trimmed_by_hand(p, 50.0, "global")
+    coefficients = [0.5, -0.5, 0.25]
+    want = {
+        key: (b.double() + sum(c * t[key] for c, t in zip(coefficients, trimmed, strict=True))).float()
+        for key, b in p.base.items()
+    }
+    assert_close(merged, want)
+
+
+def test_ties_refuses_a_negative_weight_in_a_mean() -> None:
+    with pytest.raises(ValueError, match=r"'weights' .* negative weight with disjoint=mean"):
+        TIES(disjoint="mean", weights={"toxic": -1.0})
 
 
 def test_dare_linear_with_weights_is_dare_then_weighted_sum() -> None:
@@ -129,6 +212,11 @@ def test_run_refuses_weights_naming_an_unknown_expert_before_any_work(tmp_path: 
     assert not out.exists()
 
 
+def ties_under_dare(weights: list[float]) -> TIES:
+    """TIES as MergeKit's dare_ties computes it (no trimming, per tensor), with per-expert weights."""
+    return TIES(k=100.0, prune="per_tensor", scaling=0.3, weights=weights)
+
+
 def mergekit_round_trip(method: object, tmp_path: Path) -> tuple[str, str, list[str]]:
     """``method``'s MergeKit config, read back as mergelab overrides, built and exported again: both YAML texts
     and the overrides the import gave."""
@@ -162,8 +250,12 @@ def mergekit_round_trip(method: object, tmp_path: Path) -> tuple[str, str, list[
         (TaskArithmetic(scaling=0.5, weights={"code": -1.0}), [0.5, -0.5, 0.5], "method.weights="),
         (WeightAveraging(weights=[1.0, 2.0, 1.0]), [1.0, 2.0, 1.0], "method.weights="),
         (DARE(p=0.5, merge=TaskArithmetic(scaling=0.3, weights=[1.0, 2.0, -1.0])), [0.6, 1.2, -0.6], "merge.weights="),
+        (TIES(prune="per_tensor", scaling=0.5, weights={"code": -1.0}), [1.0, -1.0, 1.0], "method.weights="),
+        (TIES(prune="per_tensor", disjoint="mean", weights=[0.5, 2.0, 1.0]), [0.5, 2.0, 1.0], "method.weights="),
+        (DARE(p=0.5, merge=ties_under_dare([1.0, 2.0, -1.0])), [1.0, 2.0, -1.0], "merge.weights="),
+        (DARE(p=[0.5, 0.75, 0.0], merge=ties_under_dare([1.0, 2.0, -1.0])), [2.0, 8.0, -1.0], "merge.weights="),
     ],
-    ids=["task_arithmetic", "linear", "dare_linear"],
+    ids=["task_arithmetic", "linear", "dare_linear", "ties", "ties-mean", "dare_ties", "dare_ties-per-expert-p"],
 )
 def test_per_model_weights_round_trip_through_mergekit(
     method: object, per_model: list[float], override: str, tmp_path: Path

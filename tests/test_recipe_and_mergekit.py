@@ -172,11 +172,11 @@ TA = "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
 @pytest.mark.parametrize(
     ("body", "at_fault"),
     [
-        (  # per-model weights: task arithmetic, linear and dare_linear take them, TIES not (yet)
+        (  # per-model weights: TIES's mean divides by the agreeing weights, which a negative one cancels
             TA.replace("task_arithmetic", "ties")
             + "  - model: {e0}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
-            + "  - model: {e1}\n    parameters: {{weight: 0.5, density: 0.5}}\n",
-            "models[].parameters.weight: [0.3, 0.5] differ: mergelab's ties takes one coefficient",
+            + "  - model: {e1}\n    parameters: {{weight: -0.5, density: 0.5}}\n",
+            "models[].parameters.weight: [0.3, -0.5] has a negative weight with normalize true",
         ),
         ("merge_method: ties\nslices: []\n", "slices: layer slices are not imported"),
         (TA + "  - model: {e0}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n", "tokenizer_source: not"),

@@ -100,12 +100,11 @@ class DareMergeKit(MergeKitMapping):
                     "by its weight, and its normalize then divides by the agreeing weights, not their count "
                     "(method.merge.disjoint=sum is expressible)"
                 )
-            each = []
-            for d in densities:  # DARE's 1/(1-p) folded into each model's weight (no MergeKit rescale)
-                per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
-                each.append({"density": d, **per})
-            shared = {**shared, "rescale": False}
-            return Exported("dare_ties", same_or_each(each), shared, [masks, TIES_NOTES[1], *notes])
+            inner.task_names = inner.task_names or method.task_names  # as the merge passes them on (begin)
+            each, shared, notes = _dare_ties_models(inner, densities, n_experts)
+            return Exported(
+                "dare_ties", same_or_each(each), {**shared, "rescale": False}, [masks, TIES_NOTES[1], *notes]
+            )
         raise NotExpressible(
             f"DARE into {type(inner).__name__}: MergeKit's DARE merges the dropped vectors by task arithmetic "
             "(dare_linear) or sign election without trimming (dare_ties) only"
@@ -126,7 +125,32 @@ class DareMergeKit(MergeKitMapping):
                 f"method.merge.disjoint={terms.disjoint}",
                 f"method.merge.scaling={terms.scaling!r}",
             ]
+            overrides += [f"method.merge.weights={terms.weights}"] if terms.weights else []
         return config.imported(overrides)
+
+
+def _dare_ties_models(
+    inner: TIES, densities: list[float], n_experts: int
+) -> tuple[list[dict[str, float]], dict[str, Any], list[str]]:
+    """Per-model parameters, global parameters and notes of DARE into TIES as ``dare_ties`` without ``rescale``:
+    DARE's 1/(1-p) folded into each model's weight (a sum), or into ``lambda`` when every density is the same (a
+    mean's divisor then stays the agreeing weights, as mergelab's)."""
+    if inner.weights is None:
+        each = []
+        for d in densities:
+            per, shared, notes = ties_parameters(inner.disjoint, inner.scaling / d)
+            each.append({"density": d, **per})
+        return each, shared, notes
+    weights = inner.expert_weight_list(n_experts)
+    if len(set(densities)) > 1:  # a sum (a mean was refused): w_t / d_t each, lambda = scaling
+        per, shared, notes = ties_parameters(inner.disjoint, inner.scaling, weighted=True)
+        return (
+            [{"density": d, "weight": decimal(w / d)} for d, w in zip(densities, weights, strict=True)],
+            shared,
+            notes,
+        )
+    per, shared, notes = ties_parameters(inner.disjoint, decimal(inner.scaling / densities[0]), weighted=True)
+    return [{"density": d, "weight": w} for d, w in zip(densities, weights, strict=True)], shared, notes
 
 
 class DARE(WrappedMethod, Sparsifier):

@@ -16,7 +16,8 @@ from mergelab.methods.ties import TIES
 
 
 class MagnitudePrunedTA(TIES):
-    """theta_0 + scaling * sum_t trim_k(tau_t): each task vector keeps its top-k% magnitudes (``prune`` as TIES)."""
+    """theta_0 + scaling * sum_t w_t trim_k(tau_t): each task vector keeps its top-k% magnitudes (``prune``,
+    ``weights`` as TIES)."""
 
     reference = (
         "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708 (its ablation "

@@ -29,14 +29,20 @@ def task_arithmetic_family(name: str, normalize: bool, rescale: bool, **sparsifi
     return MergeKitMethod(name, shared, {"weight": REQUIRED, **sparsifier})
 
 
-def ties_parameters(disjoint: str, scaling: float) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def ties_parameters(
+    disjoint: str, scaling: float, weighted: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Per-model and global parameters of TIES's disjoint merge scaled by ``scaling``: a sum is the weights' sum
-    (``normalize: false``); a mean is ``normalize: true``, which cancels the weights, scaled by ``lambda``."""
-    if disjoint == "sum":
-        return {"weight": scaling}, {"normalize": False}, []
+    (``normalize: false``); a mean is ``normalize: true``, which cancels the weights, scaled by ``lambda``.
+    ``weighted`` (per-expert weights, which the caller writes as each model's ``weight``): ``scaling`` is
+    ``lambda`` either way, applied after the sum as mergelab does."""
+    normalize = {"normalize": disjoint == "mean"}
+    if disjoint == "sum" and not weighted:
+        return {"weight": scaling}, normalize, []
+    per = {} if weighted else {"weight": 1.0}
     if scaling == 1.0:
-        return {"weight": 1.0}, {"normalize": True}, []
-    return {"weight": 1.0}, {"normalize": True, "lambda": scaling}, [LAMBDA_NOTE]
+        return per, normalize, []
+    return per, {**normalize, "lambda": scaling}, [LAMBDA_NOTE]
 
 
 @dataclass
@@ -64,17 +70,23 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
     rescale = config.shared.get("rescale", False)
     # Unrescaled survivors with differing densities: each expert's coefficient is w_t x density_t.
     kept_sizes = dropped and not rescale and len({*densities}) > 1
-    if kept_sizes and sign_election:
+    if kept_sizes and sign_election and len({decimal(w * d) for w, d in zip(weights, densities, strict=True)}) == 1:
         return TaskArithmeticTerms(_unrescaled_sign_election(config, weights, densities), "sum", densities, None)
     per_expert = len({*weights}) > 1 or min(weights) < 0 or kept_sizes
-    if per_expert and sign_election:
+    if kept_sizes and sign_election and normalize:
+        raise fail(
+            "parameters.normalize",
+            f"true with densities {densities} that differ and rescale false: MergeKit divides by the agreeing "
+            "weights w_t, mergelab's weighted disjoint mean by its own weights (here w_t x density_t)",
+        )
+    if per_expert and normalize and sign_election and min(weights) < 0:
         raise fail(
             "models[].parameters.weight",
-            f"{weights} differ: mergelab's {method.replace('dare_', '')} takes one coefficient for every task "
-            "vector (per-expert weights: task_arithmetic, linear, dare_linear)",
+            f"{weights} has a negative weight with normalize true: {method}'s mean divides by the agreeing weights, "
+            "which a negative one cancels (mergelab refuses it; normalize false subtracts)",
         )
     w = 1.0 if per_expert else weights[0]
-    if per_expert and normalize and sum(weights) == 0:
+    if per_expert and normalize and not sign_election and sum(weights) == 0:
         raise fail("models[].parameters.weight", f"{weights} sum to 0: normalize divides by their sum")
     if w < 0:
         raise fail("models[].parameters.weight", f"{w:g} < 0: mergelab's coefficients are non-negative")
@@ -86,7 +98,7 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
     if w == 0:
         raw = 0.0  # nothing is added (MergeKit counts a zero divisor as 1)
     elif normalize:
-        divisor = sum(weights) if per_expert else 1 if sign_election else len(config.experts)
+        divisor = 1 if sign_election else sum(weights) if per_expert else len(config.experts)
         raw = lam * keep / divisor
     else:
         raw = w * lam * keep
@@ -98,17 +110,13 @@ def read_task_arithmetic(config: MergeKitInput, sign_election: bool, dropped: bo
 
 
 def _unrescaled_sign_election(config: MergeKitInput, weights: list[float], densities: list[float]) -> float:
-    """The one TIES coefficient of a ``dare_ties`` config without ``rescale`` whose densities differ: each model's
-    survivors are mergelab's rescaled ones times its density, so w_t x density_t must be the same for every model
-    (the config mergelab writes: weight = scaling / density_t), and ``normalize`` (a division by the agreeing
+    """The one TIES coefficient of a ``dare_ties`` config without ``rescale`` whose densities differ and whose
+    w_t x density_t are the same for every model (the config mergelab writes: weight = scaling / density_t): each
+    model's survivors are mergelab's rescaled ones times its density. ``normalize`` (a division by the agreeing
     weights, no longer a count) is refused."""
     effective = [decimal(w * d) for w, d in zip(weights, densities, strict=True)]
-    if len(set(effective)) > 1 or min(effective) < 0:
-        raise config.fail(
-            "models[].parameters.weight",
-            f"{weights} x densities {densities} = {effective} differ (rescale: false): mergelab's TIES takes one "
-            "coefficient for every task vector",
-        )
+    if min(effective) < 0:
+        raise config.fail("models[].parameters.weight", f"{weights} < 0: mergelab's coefficients are non-negative")
     if config.shared["normalize"]:
         raise config.fail(
             "parameters.normalize",

@@ -11,8 +11,9 @@ from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
-from mergelab.methods.base import TaskVectorMethod, per_expert_option
+from mergelab.methods.base import TaskVectorMethod, check_expert_weights, expert_weights, per_expert_option
 from mergelab.methods.declaration import (
+    ExpertWeights,
     Exported,
     Import,
     MergeKitInput,
@@ -34,6 +35,7 @@ from mergelab.methods.ties_ops import (
     ties_merge_,
     ties_merge_folded_,
     trim,
+    weigh,
 )
 
 #: Where MergeKit's implementation of TIES may still differ from mergelab's in the last bits.
@@ -57,8 +59,9 @@ class TiesMergeKit(MergeKitMapping):
                 "TIES with prune=global ranks magnitudes over the whole model; MergeKit's ties trims each tensor on "
                 "its own (method.prune=per_tensor is expressible)"
             )
-        per, shared, notes = ties_parameters(method.disjoint, method.scaling)
-        each = [{"density": k / 100.0, **per} for k in method.values_per_expert("k", n_experts)]
+        per, shared, notes = ties_parameters(method.disjoint, method.scaling, method.weights is not None)
+        pairs = zip(method.values_per_expert("k", n_experts), method.expert_weight_list(n_experts), strict=True)
+        each = [{"density": k / 100.0, "weight": w, **per} for k, w in pairs]
         return Exported("ties", same_or_each(each), shared, [*TIES_NOTES, *notes])
 
     def read(self, config: MergeKitInput) -> Import:
@@ -72,12 +75,13 @@ class TiesMergeKit(MergeKitMapping):
                 "method.prune=per_tensor",
                 f"method.disjoint={terms.disjoint}",
                 f"method.scaling={terms.scaling!r}",
+                *([f"method.weights={terms.weights}"] if terms.weights else []),
             ]
         )
 
 
 class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
-    """theta_0 + scaling * disjoint_merge(trim_k(tau_1..tau_T)).
+    """theta_0 + scaling * disjoint_merge(w_1 trim_k(tau_1), ..., w_T trim_k(tau_T)).
 
     Args:
         k: percentage of coordinates kept per task vector, in (0, 100]: one number, or per expert ({expert: k}
@@ -87,6 +91,11 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
             same granularity.
         disjoint: ``sum`` (AdaMerging / FusionBench) or ``mean`` (TIES paper) over sign-agreeing tasks.
         scaling: lambda applied to the merged vector.
+        weights: per-expert w_t (MergeKit's per-model ``weight``): null (all 1), a list in expert order or {expert:
+            weight} (experts left out weigh 1). Each trimmed task vector is multiplied by its weight before the sign
+            election; a disjoint mean then divides by the agreeing tasks' summed weights (MergeKit's ``normalize``),
+            which is their count when every weight is 1. A negative weight (``disjoint=sum`` only) subtracts its
+            task vector's surviving entries: task negation.
 
     Pruning is exact and streams at either granularity: passes 1 and 2 find the k-th largest float32 magnitude
     of each task vector (``global``) or of each tensor of it (``per_tensor``) by a two-level radix select over
@@ -121,8 +130,30 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
             Literal["sum", "mean"], Doc("sum (FusionBench) or mean (TIES paper) of agreeing tasks")
         ] = "sum",
         scaling: Annotated[float, Range(low=0.0), Doc("lambda on the merged task vector")] = 0.3,
+        weights: Annotated[
+            ExpertWeights,
+            Doc("per-expert w_t (MergeKit weight): null (all 1), a list or {expert: weight}; < 0 subtracts (sum only)"),
+        ] = None,
     ) -> None:
         self.k, self.prune, self.disjoint, self.scaling = per_expert_option(k), prune, disjoint, float(scaling)
+        self.weights = check_expert_weights(weights, negative=True)
+        given = self.weights.values() if isinstance(self.weights, dict) else self.weights or []
+        if disjoint == "mean" and min(given, default=0.0) < 0:
+            raise ValueError(
+                f"method option 'weights' {weights!r} has a negative weight with disjoint=mean: the mean divides by "
+                "the agreeing tasks' summed weights, which a negative one cancels (use disjoint=sum to subtract)"
+            )
+
+    def expert_options(self) -> dict[str, Any]:
+        return {"weights": self.weights}
+
+    def expert_weight_list(self, n: int) -> list[float]:
+        """w_t for the ``n`` experts, in the order the merge sees them (all 1 without ``weights``)."""
+        return expert_weights(self.weights, self.expert_names(n))
+
+    def _weights(self, n: int) -> list[float] | None:
+        """The weights the kernels take: None (no products) when the option is not given."""
+        return None if self.weights is None else self.expert_weight_list(n)
 
     # ------------------------------------------------------------------------------- statistics
 
@@ -146,7 +177,7 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         key = self._key(block)
         if pass_idx < MagnitudeRanks.passes:
             return self._ranks.chunk_statistics(pass_idx, key, stacked, inplace=True)
-        return sign_total_(stacked, self._thresholds[key])
+        return sign_total_(stacked, self._thresholds[key], self._weights(len(vectors)))
 
     def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
         """Accumulate one block's :meth:`chunk_statistics` (called in block order)."""
@@ -170,15 +201,20 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     # ------------------------------------------------------------------------------- merging
 
     def trim_and_elect(self, block: Block, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Trimmed task vectors of one chunk (stacked, one row per task) and the elected sign per coordinate."""
+        """Trimmed, weighed task vectors of one chunk (stacked, one row per task) and the elected sign per
+        coordinate."""
         key = self._key(block)
-        trimmed = trim(vectors, self._thresholds[key])
-        return trimmed, elect_sign(trimmed, self._majority[key])
+        weighted = weigh(trim(vectors, self._thresholds[key]), self._weights(len(vectors)))
+        return weighted, elect_sign(weighted, self._majority[key])
 
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
-        """Each task's surviving entries: trimmed, and agreeing with the elected sign (for combinations)."""
-        trimmed, sign = self.trim_and_elect(block, vectors)
-        return list(agreeing(trimmed, sign)[0])
+        """Each task's surviving entries (for combinations, which weigh them themselves): trimmed, unweighed, where
+        the weighed entry agrees with the elected sign."""
+        weighted, sign = self.trim_and_elect(block, vectors)
+        if self.weights is None:
+            return list(agreeing(weighted, sign)[0])
+        trimmed = trim(vectors, self._thresholds[self._key(block)])
+        return list(trimmed * agreeing(weighted, sign)[1])
 
     # ------------------------------------------------------------------------------- folded sign pass
 
@@ -196,7 +232,11 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
         :meth:`add_statistics`) and the exact ties with their values under the other majority."""
         chunk = ChunkVectors.of(vectors)
         merged, total, alt = ties_merge_folded_(
-            chunk.writable_stack(), self._thresholds[self._key(block)], self.PROVISIONAL_MAJORITY, self.disjoint
+            chunk.writable_stack(),
+            self._thresholds[self._key(block)],
+            self.PROVISIONAL_MAJORITY,
+            self.disjoint,
+            self._weights(len(vectors)),
         )
         if alt is not None:
             alt = (alt[0], alt[1].mul_(self.scaling))
@@ -212,5 +252,6 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         key = self._key(block)
         chunk = ChunkVectors.of(vectors)
-        merged = ties_merge_(chunk.writable_stack(), self._thresholds[key], self._majority[key], self.disjoint)
+        weights = self._weights(len(vectors))
+        merged = ties_merge_(chunk.writable_stack(), self._thresholds[key], self._majority[key], self.disjoint, weights)
         return chunk.owned(merged.mul_(self.scaling))

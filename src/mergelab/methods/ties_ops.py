@@ -1,8 +1,12 @@
 """TIES-Merging's operations (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
-The reference functions (:func:`trim`, :func:`elect_sign`, :func:`disjoint_merge`) state the method; the in-place
-ones (``*_``) compute the same bytes on one chunk's stacked task vectors (one row per task) in fewer passes over
-memory, overwriting that stack (the engine's scratch buffer, or a fresh stack of the caller's vectors).
+The reference functions (:func:`trim`, :func:`weigh`, :func:`elect_sign`, :func:`disjoint_merge`) state the method;
+the in-place ones (``*_``) compute the same bytes on one chunk's stacked task vectors (one row per task) in fewer
+passes over memory, overwriting that stack (the engine's scratch buffer, or a fresh stack of the caller's vectors).
+
+Per-expert weights w_t (MergeKit's per-model ``weight``) enter after trimming: d_t = w_t * trim(tau_t) is what the
+sign is elected from and what is summed; a disjoint mean divides by the agreeing tasks' summed weights (their count
+when every weight is 1, 1 where nothing agrees). ``weights`` None is all 1 and skips the products.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ def trim(vectors: Sequence[Tensor], thresholds: Sequence[float]) -> Tensor:
     stacked = torch.stack(list(vectors))
     th = torch.tensor(list(thresholds), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
     return stacked.masked_fill_(stacked.abs() < th, 0)
+
+
+def weigh(trimmed: Tensor, weights: Sequence[float] | None) -> Tensor:
+    """The stacked trimmed task vectors, each row times its weight (``trimmed`` itself when ``weights`` is None)."""
+    if weights is None:
+        return trimmed
+    return trimmed * torch.tensor(list(weights), dtype=trimmed.dtype).view(-1, *([1] * (trimmed.dim() - 1)))
 
 
 def elect_sign(trimmed: Tensor, majority_sign: float) -> Tensor:
@@ -44,19 +55,26 @@ def agreeing(trimmed: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     return trimmed * agree, agree
 
 
-def disjoint_merge(trimmed: Tensor, sign: Tensor, reduce: str) -> Tensor:
-    """Mean (or sum) over the tasks whose non-zero coordinate agrees with the elected sign."""
-    selected, agree = agreeing(trimmed, sign)
+def disjoint_merge(weighted: Tensor, sign: Tensor, reduce: str, weights: Sequence[float] | None = None) -> Tensor:
+    """Sum over the tasks whose non-zero (weighted) coordinate agrees with the elected sign, or that sum divided by
+    the agreeing tasks' summed ``weights`` (their count when None; 1 where nothing agrees)."""
+    selected, agree = agreeing(weighted, sign)
     total = selected.sum(0)
     if reduce == "sum":
         return total
     if reduce == "mean":
-        return total / agree.sum(0).clamp(min=1)
+        if weights is None:
+            return total / agree.sum(0).clamp(min=1)
+        divisor = weigh(agree.to(total.dtype), weights).sum(0)
+        return total / divisor.masked_fill_(divisor == 0, 1.0)
     raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
-def trim_(stacked: Tensor, thresholds: Sequence[float], kept: Tensor | None = None) -> Tensor:
-    """In place: zero each row's coordinates below its threshold (``|x| < th``), by multiplying with the kept mask.
+def trim_(
+    stacked: Tensor, thresholds: Sequence[float], kept: Tensor | None = None, weights: Sequence[float] | None = None
+) -> Tensor:
+    """In place: zero each row's coordinates below its threshold (``|x| < th``), by multiplying with the kept mask,
+    then (``weights``) multiply each row by its weight: :func:`weigh` of :func:`trim`.
 
     Same values as :func:`trim` except that a dropped negative coordinate becomes -0.0 rather than +0.0,
     which nothing downstream can tell apart (sums start from +0.0, signs of zero sums are replaced).
@@ -71,6 +89,9 @@ def trim_(stacked: Tensor, thresholds: Sequence[float], kept: Tensor | None = No
         row.mul_(mask)
         if kept is not None and i > 0:
             kept.add_(mask)
+    if weights is not None:
+        for row, w in zip(rows, weights, strict=True):
+            row.mul_(w)
     return stacked
 
 
@@ -79,16 +100,22 @@ def _signs(rows: Tensor) -> Tensor:
     return torch.sum(rows, 0, out=workspace("sign", rows.shape[1], rows.dtype)).sign_()
 
 
-def sign_total_(stacked: Tensor, thresholds: Sequence[float]) -> float:
-    """:func:`sign_total` of the task vectors trimmed at ``thresholds``; overwrites ``stacked``."""
-    rows = trim_(stacked, thresholds).reshape(stacked.shape[0], -1)
+def sign_total_(stacked: Tensor, thresholds: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """:func:`sign_total` of the task vectors trimmed at ``thresholds`` (and weighed); overwrites ``stacked``."""
+    rows = trim_(stacked, thresholds, weights=weights).reshape(stacked.shape[0], -1)
     return float(_signs(rows).sum())  # the same reduction as sign_total, so the same float
 
 
-def ties_merge_(stacked: Tensor, thresholds: Sequence[float], majority: float | None, reduce: str) -> Tensor:
-    """Trim, elect sign and disjoint-merge one chunk: bit for bit :func:`trim`, :func:`elect_sign` and
-    :func:`disjoint_merge`, in fewer passes over memory and without boolean temporaries. Overwrites ``stacked``
-    and returns a view of it.
+def ties_merge_(
+    stacked: Tensor,
+    thresholds: Sequence[float],
+    majority: float | None,
+    reduce: str,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """Trim, weigh, elect sign and disjoint-merge one chunk: bit for bit :func:`trim`, :func:`weigh`,
+    :func:`elect_sign` and :func:`disjoint_merge`, in fewer passes over memory and without boolean temporaries.
+    Overwrites ``stacked`` and returns a view of it.
 
     ``majority`` None elects it from this chunk's own signs (per-tensor TIES). Why it is exact: with the
     elected sign s = +-1, the agreeing entries are those with s * x > 0, and summing them equals s times the
@@ -96,17 +123,24 @@ def ties_merge_(stacked: Tensor, thresholds: Sequence[float], majority: float | 
     entries are zeros that leave a sum starting from +0.0 unchanged. Adding +0.0 at the end turns the one
     possible difference, a -0.0 where nothing agrees, into the +0.0 the reference gives.
     """
-    rows = trim_(stacked, thresholds).reshape(stacked.shape[0], -1)
+    rows = trim_(stacked, thresholds, weights=weights).reshape(stacked.shape[0], -1)
     sign = _signs(rows)
     if majority is None:
         majority = majority_sign(float(sign.sum()))
-    return _disjoint_merge_(rows, sign, majority, reduce).view(stacked.shape[1:])
+    return _disjoint_merge_(rows, sign, majority, reduce, weights=weights).view(stacked.shape[1:])
 
 
-def _disjoint_merge_(rows: Tensor, sign: Tensor, majority: float, reduce: str, zero: Tensor | None = None) -> Tensor:
-    """The disjoint merge of trimmed ``rows`` (``[T, N]``) given sign(sum) (zeros not yet elected), into ``rows[0]``.
-
-    ``zero``: where ``sign`` is 0, as 1/0, if already computed.
+def _disjoint_merge_(
+    rows: Tensor,
+    sign: Tensor,
+    majority: float,
+    reduce: str,
+    zero: Tensor | None = None,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """The disjoint merge of trimmed, weighed ``rows`` (``[T, N]``) given sign(sum) (zeros not yet elected), into
+    ``rows[0]``. ``zero``: where ``sign`` is 0, as 1/0, if already computed; ``weights``: the rows' weights (a mean
+    divides by the agreeing ones' sum), None for all 1.
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"disjoint reduce must be 'mean' or 'sum', got {reduce!r}")
@@ -119,24 +153,32 @@ def _disjoint_merge_(rows: Tensor, sign: Tensor, majority: float, reduce: str, z
     count = None
     if reduce == "mean":
         count = torch.zeros(n, dtype=rows.dtype, out=workspace("count", n, rows.dtype))
-        for row in rows:
-            count.add_(torch.gt(row, 0, out=tmp))
+        for i, row in enumerate(rows):
+            count.add_(torch.gt(row, 0, out=tmp), alpha=1.0 if weights is None else weights[i])
     total = torch.sum(rows, 0, out=workspace("total", n, rows.dtype))
     total = torch.mul(total, sign, out=rows[0]).add_(0.0)  # the result lives in the caller's buffer
-    return total.div_(count.clamp_(min=1)) if count is not None else total
+    return total.div_(_nonzero_divisor(count, weights)) if count is not None else total
 
 
-def _disjoint_merge_columns(cols: Tensor, majority: float, reduce: str) -> Tensor:
-    """:func:`_disjoint_merge_` of a few exact-tie columns (sum of trimmed values exactly zero), all electing
-    ``majority``, with the sums accumulated in task order from +0.0: what ``sum(0)`` does for up to 4 rows."""
+def _nonzero_divisor(count: Tensor, weights: Sequence[float] | None) -> Tensor:
+    """A disjoint mean's divisor with 1 where nothing agrees: a count is clamped (no boolean temporary), summed
+    weights (possibly fractions below 1) replaced where exactly 0."""
+    return count.clamp_(min=1) if weights is None else count.masked_fill_(count == 0, 1.0)
+
+
+def _disjoint_merge_columns(
+    cols: Tensor, majority: float, reduce: str, weights: Sequence[float] | None = None
+) -> Tensor:
+    """:func:`_disjoint_merge_` of a few exact-tie columns (sum of trimmed, weighed values exactly zero), all
+    electing ``majority``, with the sums accumulated in task order from +0.0: what ``sum(0)`` does for up to 4 rows."""
     total = torch.zeros(cols.shape[1], dtype=cols.dtype)
     count = torch.zeros_like(total)
-    for col in cols:
+    for i, col in enumerate(cols):
         agree = col.mul(majority).clamp_(min=0)
         total.add_(agree)
-        count.add_(torch.gt(agree, 0).to(total.dtype))
+        count.add_(torch.gt(agree, 0).to(total.dtype), alpha=1.0 if weights is None else weights[i])
     total.mul_(majority).add_(0.0)
-    return total.div_(count.clamp_(min=1)) if reduce == "mean" else total
+    return total.div_(_nonzero_divisor(count, weights)) if reduce == "mean" else total
 
 
 # The largest task count for which torch's sum over dim 0 adds the rows one after the other from +0.0 in every
@@ -145,7 +187,11 @@ SEQUENTIAL_SUM_ROWS = 4
 
 
 def ties_merge_folded_(
-    stacked: Tensor, thresholds: Sequence[float], provisional: float, reduce: str
+    stacked: Tensor,
+    thresholds: Sequence[float],
+    provisional: float,
+    reduce: str,
+    weights: Sequence[float] | None = None,
 ) -> tuple[Tensor, float, tuple[Tensor, Tensor] | None]:
     """:func:`ties_merge_` with a majority sign not known yet (global TIES folds its sign pass into the merge).
 
@@ -157,13 +203,13 @@ def ties_merge_folded_(
         raise ValueError(f"folding the sign pass needs at most {SEQUENTIAL_SUM_ROWS} task vectors")
     rows = stacked.reshape(stacked.shape[0], -1)
     kept = workspace("kept", rows.shape[1], rows.dtype)  # how many entries of each coordinate survive
-    trim_(stacked, thresholds, kept=kept)
+    trim_(stacked, thresholds, kept=kept, weights=weights)
     sign = _signs(rows)
     total = float(sign.sum())  # exactly what the sign pass's sign_total gives for this chunk
     zero = torch.eq(sign, 0, out=workspace("zero", rows.shape[1], rows.dtype))
     index = torch.mul(zero, kept, out=kept).nonzero().view(-1)  # a zero sum though something survived
     alternative = None
     if index.numel():
-        alternative = (index, _disjoint_merge_columns(rows[:, index], -provisional, reduce))
-    merged = _disjoint_merge_(rows, sign, provisional, reduce, zero=zero).view(stacked.shape[1:])
+        alternative = (index, _disjoint_merge_columns(rows[:, index], -provisional, reduce, weights))
+    merged = _disjoint_merge_(rows, sign, provisional, reduce, zero=zero, weights=weights).view(stacked.shape[1:])
     return merged, total, alternative
