@@ -28,7 +28,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Declared:
     reference: str
     mergekit: str
     mergekit_names: list[str]
+    requires: list[str] = field(default_factory=list)  # the conditions between options, in words
 
 
 def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
@@ -81,7 +82,7 @@ def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
     import (e.g. a test's YAML)."""
     try:
         from mergelab.config_types import target_class
-        from mergelab.methods.declaration import declared, mergekit_of, options
+        from mergelab.methods.declaration import declared, mergekit_of, options, requirements
 
         cls = target_class(target)
     except (ImportError, AttributeError, ValueError):
@@ -101,6 +102,7 @@ def declared_by(target: str, node: dict[str, Any]) -> Declared | None:
         reference=str(declared(cls, "reference") or ""),
         mergekit=mergekit,
         mergekit_names=names,
+        requires=[f"{', '.join(code(o) for o in r.options)}: {prose(r.doc)}" for r in requirements(cls)],
     )
 
 
@@ -255,6 +257,8 @@ def render_methods(root: Path) -> str:
             line = f"- {code(opt.key)} = {code(opt.default)}"
             out.append(f"{line} — {prose(opt.comment)}" if opt.comment else line)
         out.append("")
+        if doc.declared is not None and doc.declared.requires:
+            out += [f"Requires ({r})." for r in doc.declared.requires] + [""]
         if doc.declared is not None:
             out += [f"Reference: {prose(doc.declared.reference)}.", "", f"MergeKit: {doc.declared.mergekit}", ""]
     return "\n".join(out).strip()

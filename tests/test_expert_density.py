@@ -168,7 +168,10 @@ def test_della_prunes_each_expert_with_its_own_band() -> None:
         (lambda: TIES(k={"math": 10.0}), r"'k' gives no value for expert\(s\) \['code', 'toxic'\]"),
         (lambda: DARE(p={"maths": 0.1, "code": 0.1, "toxic": 0.1}), r"'p' names unknown expert\(s\) \['maths'\]"),
         (lambda: Breadcrumbs(density=[0.5, 0.5]), r"'density' has 2 values for 3 experts"),
-        (lambda: DELLA(density=[0.5, 0.9, 0.5], epsilon=0.2), r"inside \(0, 1\) for expert 'code'"),
+        (  # a list beside a mapping pairs up by the pool's names only
+            lambda: DELLA(density=[0.5, 0.9, 0.5], epsilon={"math": 0.2, "code": 0.2, "toxic": 0.2}),
+            r"'epsilon' of expert 'code' \(epsilon=0.2, density=0.9\)",
+        ),
         (lambda: MetaGPT(sparsify=TIES(k={"math": 5.0})), r"'k' gives no value"),
     ],
 )

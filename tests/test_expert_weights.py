@@ -147,8 +147,20 @@ def test_magnitude_pruned_ta_weights() -> None:
 
 
 def test_ties_refuses_a_negative_weight_in_a_mean() -> None:
-    with pytest.raises(ValueError, match=r"'weights' .* negative weight with disjoint=mean"):
+    with pytest.raises(ValueError, match=r"'weights' \(weights=\{'toxic': -1.0\}, disjoint='mean'\): a negative"):
         TIES(disjoint="mean", weights={"toxic": -1.0})
+
+
+def test_run_refuses_a_negative_ties_weight_in_a_mean_before_any_work(tmp_path: Path) -> None:
+    """The condition is declared on the class and checked when the config builds it, naming the options."""
+    from mergelab.run import run
+    from tests.conftest import make_cfg, small_checkpoint_pool
+
+    out = tmp_path / "out"
+    overrides = [*small_checkpoint_pool(tmp_path / "pool"), "method=ties", "method.disjoint=mean"]
+    with pytest.raises(ValueError, match=r"'weights' \(weights=\{'e1': -1.0\}, disjoint='mean'\)"):
+        run(make_cfg(out, [*overrides, "method.weights={e1: -1.0}"], tiny=False))
+    assert not out.exists()
 
 
 def test_dare_linear_with_weights_is_dare_then_weighted_sum() -> None:

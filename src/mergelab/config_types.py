@@ -59,6 +59,42 @@ class Doc:
     text: str
 
 
+@dataclass(frozen=True)
+class Length:
+    """A list option's number of entries, declared beside its type: ``betas: Annotated[Sequence[float], Length(2),
+    Range(0.0, 1.0, high_open=True)]`` (a ``Range`` on a list of numbers holds for each entry)."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class Requires:
+    """A condition between options, declared once on the class (``requires = (Requires(...),)``) where one
+    option's range depends on another's value: ``holds`` takes the ``options`` as keywords, ``doc`` says the
+    condition in words (the docs and the refusal both print it)."""
+
+    options: tuple[str, ...]
+    holds: Callable[..., bool]
+    doc: str
+
+    def check(self, values: Mapping[str, Any], label: Callable[[str], str]) -> None:
+        """Refuse ``values`` (option -> value) that break the condition, naming the first option, the values and
+        the condition; a condition over options ``values`` lacks is not checked here."""
+        if not set(self.options) <= values.keys():
+            return
+        given = {k: values[k] for k in self.options}
+        if not self.holds(**given):
+            shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ValueError(f"{label(self.options[0])} ({shown}): {self.doc}")
+
+
+def check_fields(obj: Any, label: Callable[[str], str]) -> None:
+    """Check a dataclass instance's fields against their annotations (``Annotated`` with ``Range``, ``Literal``
+    choices, ``Length``): the same declaration a method's constructor option reuses."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    check_values(hints, {k: getattr(obj, k) for k in hints if hasattr(obj, k)}, label)
+
+
 def literal_choices(hint: Any) -> tuple[Any, ...]:
     """The values of the ``Literal[...]`` among ``hint``'s alternatives (``Literal["a", "b"] | None`` -> a, b)."""
     return tuple(v for h in _alternatives(hint) if typing.get_origin(h) is typing.Literal for v in typing.get_args(h))
@@ -134,7 +170,8 @@ def check_values(
         if isinstance(value, str) and value == "???":  # OmegaConf's missing value: composition reports it
             continue
         hint = hints.get(key) if not key.startswith("_") else None
-        ranges = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+        metadata = getattr(hint, "__metadata__", ())
+        ranges = [m for m in metadata if isinstance(m, Range)]
         if hint is not None and typing.get_origin(hint) is typing.Annotated:
             hint = typing.get_args(hint)[0]  # Annotated[int, Range(...), Doc(...)] -> int
         allowed = _alternatives(hint) if hint is not None else set()
@@ -149,6 +186,10 @@ def check_values(
                     )
         if _scalar_or_per_expert(allowed):
             _check_per_expert(label, prefix + key, ranges, value)
+            continue
+        lengths = [m for m in metadata if isinstance(m, Length)]
+        if isinstance(value, list | tuple) and (ranges or lengths):
+            _check_entries(label, prefix + key, ranges, lengths, value)
             continue
         if isinstance(value, Mapping):
             check_option_types(value, label, f"{prefix}{key}.")
@@ -180,6 +221,17 @@ def _check_per_expert(label: Callable[[str], str], key: str, ranges: Sequence[Ra
     items = value.items() if isinstance(value, Mapping) else enumerate(value)
     for at, v in items:
         _check_scalar(label(f"{key}.{at}" if isinstance(value, Mapping) else f"{key}[{at}]"), {float}, ranges, v)
+
+
+def _check_entries(
+    label: Callable[[str], str], key: str, ranges: Sequence[Range], lengths: Sequence[Length], value: Sequence[Any]
+) -> None:
+    """A list of numbers of the declared length, each entry in ``ranges`` (named by position: ``'betas[1]'``)."""
+    for length in lengths:
+        if len(value) != length.n:
+            raise ValueError(f"{label(key)} must be a list of {length.n} numbers, got {list(value)!r}")
+    for at, v in enumerate(value):
+        _check_scalar(label(f"{key}[{at}]"), {float}, ranges, v)
 
 
 def _check_scalar(name: str, allowed: set[Any], ranges: Sequence[Range], value: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import Tensor
 
-from mergelab.config_types import Doc, Range
+from mergelab.config_types import Doc, Length, Range, Requires
 from mergelab.engine.chunks import Block
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.methods.base import TaskVectorMethod
@@ -55,6 +54,9 @@ class AdaMerging(TaskVectorMethod):
         "Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024, arXiv 2310.02575"
     )
     mergekit = "AdaMerging learns its coefficients on task data; MergeKit merges without data"
+    requires = (
+        Requires(("clamp",), lambda clamp: clamp is None or clamp[0] <= clamp[1], "clamp is [low, high], low <= high"),
+    )
 
     def __init__(
         self,
@@ -62,10 +64,9 @@ class AdaMerging(TaskVectorMethod):
             Literal["layer", "task"], Doc("one coefficient per task and tensor (layer-wise) or per task")
         ] = "layer",
         init: Annotated[float, Finite, Doc("initial value of every coefficient")] = 0.3,
-        clamp: Annotated[Sequence[float] | None, Doc("[low, high] the coefficients are clamped to; null: none")] = (
-            0.0,
-            1.0,
-        ),
+        clamp: Annotated[
+            Sequence[float] | None, Length(2), Finite, Doc("[low, high] the coefficients are clamped to; null: none")
+        ] = (0.0, 1.0),
         split: Annotated[
             Split,
             Doc("whose unlabeled inputs the entropy is measured on: test (the paper), validation keeps test unseen"),
@@ -75,26 +76,22 @@ class AdaMerging(TaskVectorMethod):
         lr: Annotated[float, Range(0.0, float("inf"), low_open=True, high_open=True), Doc("Adam's learning rate")] = (
             1e-3
         ),
-        betas: Annotated[Sequence[float], Doc("Adam's betas, two numbers in [0, 1)")] = (0.9, 0.999),
+        betas: Annotated[Sequence[float], Length(2), Range(0.0, 1.0, high_open=True), Doc("Adam's betas")] = (
+            0.9,
+            0.999,
+        ),
         batch_size: Annotated[Count, Doc("examples per task and step")] = 16,
         seed: Annotated[int, Doc("seed of the subset and of the batch order")] = 0,
         trainer: Annotated[Mapping[str, Any] | None, Doc("extra Lightning Trainer arguments for the fit")] = None,
     ) -> None:
         self.granularity = granularity
         self.init = float(init)
-        if clamp is not None:
-            clamp = [float(c) for c in clamp]
-            if len(clamp) != 2 or not all(math.isfinite(c) for c in clamp) or clamp[0] > clamp[1]:
-                raise ValueError(f"method option 'clamp' must be null or [low, high] with low <= high, got {clamp}")
-        self.clamp = (clamp[0], clamp[1]) if clamp is not None else None
+        self.clamp = (float(clamp[0]), float(clamp[1])) if clamp is not None else None
         self.split = split
         self.max_examples = None if max_examples is None else int(max_examples)
         self.steps = int(steps)
         self.lr = float(lr)
-        betas = [float(b) for b in betas]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"method option 'betas' must be two numbers in [0, 1), got {betas}")
-        self.betas = (betas[0], betas[1])
+        self.betas = (float(betas[0]), float(betas[1]))
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.trainer_options = dict(trainer or {})

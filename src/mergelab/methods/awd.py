@@ -23,14 +23,25 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.config_types import Doc, Range
+from mergelab.config_types import Doc
 from mergelab.engine.chunks import Block, DictSource, load_chunk, read_bounds
 from mergelab.io.artifacts import check_artifact
 from mergelab.io.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import ShardedWriter
-from mergelab.methods.awd_fit import OPTIMIZERS, FitResult, History, OptimizerConfig
-from mergelab.methods.awd_objective import GRANULARITIES, NORMS, Objective, cosines, mean_abs_cos
+from mergelab.methods.awd_fit import (
+    FitResult,
+    History,
+    LearningRate,
+    LrRelative,
+    MaxBackoffs,
+    Momentum,
+    Optimizer,
+    OptimizerConfig,
+    RiseTol,
+    Steps,
+)
+from mergelab.methods.awd_objective import PER_TENSOR_MODE, Alpha, Granularity, Norm, Objective, cosines, mean_abs_cos
 from mergelab.methods.base import WrappedMethod
 
 if TYPE_CHECKING:
@@ -78,30 +89,23 @@ class AWD(WrappedMethod):
 
     reference = "Xiong et al. 2024, Multi-Task Model Merging via Adaptive Weight Disentanglement, arXiv 2411.18729"
     mergekit = "AWD subtracts a learned redundant vector from every task vector; MergeKit has no such method"
+    requires = (PER_TENSOR_MODE,)
 
     def __init__(
         self,
         merge: Annotated[Any, Doc("the method the disentangled vectors go into: a conf/method name or config")] = (
             "task_arithmetic"
         ),
-        granularity: Annotated[Literal[GRANULARITIES], Doc("granularity of the cosine and of delta's norm")] = "row",
-        norm: Annotated[Literal[NORMS], Doc("the norm of delta in L_R")] = "l2",
-        alpha: Annotated[float, Range(0.0, float("inf"), high_open=True), Doc("weight of the norm term L_R")] = 0.1,
-        optimizer: Annotated[Literal[OPTIMIZERS], Doc("full-batch optimiser of delta")] = "adam",
-        lr: Annotated[
-            float,
-            Range(0.0, float("inf"), low_open=True, high_open=True),
-            Doc("relative (lr_relative): a step moves delta by about lr x rms(tau) per entry"),
-        ] = 0.01,
-        momentum: Annotated[float, Range(0.0, 1.0, high_open=True), Doc("sgd only")] = 0.0,
-        steps: Annotated[int, Range(low=1), Doc("optimiser steps")] = 300,
-        lr_relative: Annotated[
-            bool, Doc("lr x rms(tau) per tensor (adam; sgd: x rms(tau)^2): one lr fits pools of any scale")
-        ] = True,
-        rise_tol: Annotated[
-            float, Range(0.0, float("inf"), high_open=True), Doc("relative loss rise that undoes an iterate")
-        ] = 1e-3,
-        max_backoffs: Annotated[int, Range(low=0), Doc("back-offs before a tensor stops")] = 10,
+        granularity: Granularity = "row",
+        norm: Norm = "l2",
+        alpha: Alpha = 0.1,
+        optimizer: Optimizer = "adam",
+        lr: LearningRate = 0.01,
+        momentum: Momentum = 0.0,
+        steps: Steps = 300,
+        lr_relative: LrRelative = True,
+        rise_tol: RiseTol = 1e-3,
+        max_backoffs: MaxBackoffs = 10,
         include: Annotated[Sequence[str], Doc("regexes of the parameters disentangled")] = DEFAULT_INCLUDE,
         exclude: Annotated[Sequence[str], Doc("regexes of parameters left out")] = (),
         matrices_only: Annotated[bool, Doc("only 2-D weights")] = True,
@@ -122,8 +126,6 @@ class AWD(WrappedMethod):
         self.optim = OptimizerConfig(
             optimizer, float(lr), float(momentum), int(steps), bool(lr_relative), float(rise_tol), int(max_backoffs)
         )
-        if mode == "per_tensor" and granularity == "model":
-            raise ValueError("method option 'mode=per_tensor' needs granularity 'tensor' or 'row', not 'model'")
         self.mode = mode
         self.include = [re.compile(p) for p in include]
         self.exclude = [re.compile(p) for p in exclude]
@@ -158,7 +160,7 @@ class AWD(WrappedMethod):
             {
                 "objective": [self.objective.granularity, self.objective.norm, self.objective.alpha],
                 "optim": [
-                    self.optim.name,
+                    self.optim.optimizer,
                     self.optim.lr,
                     self.optim.momentum,
                     self.optim.steps,

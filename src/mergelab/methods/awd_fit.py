@@ -16,61 +16,64 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from mergelab.config_types import Doc, Range, check_fields
 from mergelab.methods.awd_arithmetic import ElementwiseAdam, ElementwiseSGD
 from mergelab.methods.awd_objective import mean_abs_cos
 
 OPTIMIZERS = ("sgd", "adam")
+
+# AWD's optimiser options, declared once: the method's constructor and :class:`OptimizerConfig` both read them.
+Optimizer = Annotated[Literal[OPTIMIZERS], Doc("full-batch optimiser of delta")]
+LearningRate = Annotated[
+    float,
+    Range(0.0, float("inf"), low_open=True, high_open=True),
+    Doc("relative (lr_relative): a step moves delta by about lr x rms(tau) per entry"),
+]
+Momentum = Annotated[float, Range(0.0, 1.0, high_open=True), Doc("sgd only")]
+Steps = Annotated[int, Range(low=1), Doc("optimiser steps")]
+LrRelative = Annotated[bool, Doc("lr x rms(tau) per tensor (adam; sgd: x rms(tau)^2): one lr fits pools of any scale")]
+RiseTol = Annotated[float, Range(0.0, float("inf"), high_open=True), Doc("relative loss rise that undoes an iterate")]
+MaxBackoffs = Annotated[int, Range(low=0), Doc("back-offs before a tensor stops")]
 
 
 @dataclass
 class OptimizerConfig:
     """How delta is optimised.
 
-    ``name``: ``adam`` or ``sgd`` (with ``momentum``), ``steps`` full-batch steps. With ``lr_relative`` the step size
-    of each group is ``lr`` times its task vectors' scale, so that a pool whose task vectors are s times smaller
+    ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``), ``steps`` full-batch steps. With ``lr_relative`` the step
+    size of each group is ``lr`` times its task vectors' scale, so that a pool whose task vectors are s times smaller
     takes s times smaller steps (the cosines are scale-free, so the iterates of L_O scale with tau): Adam's step is
     about ``lr`` per coordinate whatever the gradient's size, so its lr is multiplied by the rms of tau; the
     gradient of a cosine grows as 1 / |tau|, so SGD's lr is multiplied by rms(tau)^2.
     ``rise_tol`` and ``max_backoffs`` configure the :class:`Guard`.
     """
 
-    name: str = "adam"
-    lr: float = 0.01
-    momentum: float = 0.0
-    steps: int = 300
-    lr_relative: bool = True
-    rise_tol: float = 1e-3
-    max_backoffs: int = 10
+    optimizer: Optimizer = "adam"
+    lr: LearningRate = 0.01
+    momentum: Momentum = 0.0
+    steps: Steps = 300
+    lr_relative: LrRelative = True
+    rise_tol: RiseTol = 1e-3
+    max_backoffs: MaxBackoffs = 10
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"AWD option 'optimizer' must be one of {OPTIMIZERS}, got {self.name!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"AWD option 'lr' must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"AWD option 'momentum' must be in [0, 1), got {self.momentum}")
-        if int(self.steps) < 1:
-            raise ValueError(f"AWD option 'steps' must be >= 1, got {self.steps}")
-        if not (self.rise_tol >= 0 and math.isfinite(self.rise_tol)):
-            raise ValueError(f"AWD option 'rise_tol' must be a finite number >= 0, got {self.rise_tol}")
-        if int(self.max_backoffs) < 0:
-            raise ValueError(f"AWD option 'max_backoffs' must be >= 0, got {self.max_backoffs}")
+        check_fields(self, "AWD option '{}'".format)
 
     def group_lr(self, tau_rms: float) -> float:
         """The step size of a group whose task vectors have root-mean-square ``tau_rms``."""
         if not self.lr_relative:
             return self.lr
-        return self.lr * (tau_rms if self.name == "adam" else tau_rms**2)
+        return self.lr * (tau_rms if self.optimizer == "adam" else tau_rms**2)
 
     def build(self, params: Sequence[nn.Parameter], lrs: Sequence[float]) -> torch.optim.Optimizer:
         """One parameter group per tensor, each with its own step size (halved on its own back-offs)."""
         groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)]
-        if self.name == "sgd":
+        if self.optimizer == "sgd":
             return ElementwiseSGD(groups, lr=self.lr, momentum=self.momentum)
         return ElementwiseAdam(groups, lr=self.lr)
 

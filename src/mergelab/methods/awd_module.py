@@ -18,7 +18,15 @@ from tqdm.auto import tqdm
 
 from mergelab.methods.awd_arithmetic import fixed_sum
 from mergelab.methods.awd_fit import FitResult, GroupGuard, Guard, History, OptimizerConfig
-from mergelab.methods.awd_objective import Objective, mean_abs_cos, objective_terms, row_gram, row_view, stack_rows
+from mergelab.methods.awd_objective import (
+    PER_TENSOR_MODE,
+    Objective,
+    mean_abs_cos,
+    objective_terms,
+    row_gram,
+    row_view,
+    stack_rows,
+)
 from mergelab.training.distributed import trainer_arguments
 
 
@@ -202,8 +210,8 @@ def fit_delta(
         each group's best delta, the history of the ``steps + 1`` evaluated iterates, the terms of the returned
         delta (``final``) and what the guard did.
     """
-    if per_tensor and objective.granularity == "model":
-        raise ValueError("AWD option 'mode=per_tensor' needs granularity 'tensor' or 'row': 'model' couples tensors")
+    mode = "per_tensor" if per_tensor else "whole"
+    PER_TENSOR_MODE.check({"mode": mode, "granularity": objective.granularity}, "AWD option '{}'".format)
     objective = Objective(objective.granularity, objective.norm, objective.alpha, num_tensors=len(names))
     groups = [[n] for n in names] if per_tensor else [list(names)]
     delta: dict[str, Tensor] = {}

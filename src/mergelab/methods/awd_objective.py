@@ -23,20 +23,30 @@ Every product is elementwise and every sum a fixed tree of elementwise additions
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
+from mergelab.config_types import Doc, Range, Requires, check_fields
 from mergelab.methods.awd_arithmetic import fixed_sum, tree_sum, tree_sum_
 
 GRANULARITIES = ("model", "tensor", "row")
-
-
 NORMS = ("l2", "l2_squared", "l1", "row_l2")
+
+# AWD's objective options, declared once: the method's constructor and :class:`Objective` both read them.
+Granularity = Annotated[Literal[GRANULARITIES], Doc("granularity of the cosine and of delta's norm")]
+Norm = Annotated[Literal[NORMS], Doc("the norm of delta in L_R")]
+Alpha = Annotated[float, Range(0.0, float("inf"), high_open=True), Doc("weight of the norm term L_R")]
+
+#: A fit one tensor at a time cannot couple tensors, as ``granularity=model`` does.
+PER_TENSOR_MODE = Requires(
+    ("mode", "granularity"),
+    lambda mode, granularity: not (mode == "per_tensor" and granularity == "model"),
+    "mode=per_tensor needs granularity tensor or row (model couples the tensors)",
+)
 
 
 #: Cosines of vectors shorter than this are computed as if they had this norm (no division by zero).
@@ -79,18 +89,13 @@ def safe_sqrt(x: Tensor) -> Tensor:
 class Objective:
     """What the loss is; ``num_tensors`` is the number of tensors the whole problem has (the mean's divisor)."""
 
-    granularity: str = "row"
-    norm: str = "l2"
-    alpha: float = 0.1
+    granularity: Granularity = "row"
+    norm: Norm = "l2"
+    alpha: Alpha = 0.1
     num_tensors: int = 1
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"AWD option 'granularity' must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"AWD option 'norm' must be one of {NORMS}, got {self.norm!r}")
-        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"AWD option 'alpha' must be a finite number >= 0, got {self.alpha}")
+        check_fields(self, "AWD option '{}'".format)
 
 
 def stack_rows(tau: Tensor) -> Tensor:

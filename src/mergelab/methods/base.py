@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.config_types import check_option_types
+from mergelab.config_types import Requires, check_option_types
 from mergelab.engine.chunks import Block
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
@@ -48,6 +48,10 @@ class MergeMethod(ABC):
     #: Whether the method needs each task's examples from the pool (``ModelPool.task_data``): pools without them
     #: refuse it before any work (``ModelPool.check_method``).
     needs_task_data: bool = False
+
+    #: Conditions between the constructor's options (one option's allowed values depending on another's), checked
+    #: on construction and printed in the docs: declared once, beside the options' own annotations.
+    requires: tuple[Requires, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's own constructor checks its arguments against its annotations (type, range, choices) before

@@ -3,8 +3,10 @@
 A method class (one module under ``methods/`` plus one ``conf/method`` YAML) declares:
 
 - its options, on its constructor: ``density: Annotated[float, Range(0.0, 1.0, low_open=True), Doc("...")] = 0.9``
-  (choices as ``Literal[...]``). :func:`checked_init` checks every construction against them (the config path
-  checks the same annotations first, through :func:`mergelab.config_types.check_option_types`);
+  (choices as ``Literal[...]``, a list's length as ``Length``), and as ``requires`` (a tuple of
+  :class:`~mergelab.config_types.Requires`) the conditions between options. :func:`checked_init` checks every
+  construction against them (the config path checks the same annotations first, through
+  :func:`mergelab.config_types.check_option_types`);
 - ``reference``: the paper (title, authors and year, arXiv id or URL), or "MergeKit's X" for methods defined there;
 - ``mergekit``: a :class:`MergeKitMapping` (how it exports to MergeKit and how MergeKit configs read back), or a
   string saying why MergeKit has no equivalent.
@@ -14,15 +16,17 @@ Only what a class declares itself counts (a subclass may merge differently: it d
 
 from __future__ import annotations
 
+import collections.abc as abc
 import functools
 import inspect
 import re
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergelab.config_types import Doc, Range, check_values, literal_choices
+from mergelab.config_types import Doc, Length, Range, Requires, check_values, literal_choices
 
 #: The label a constructor's refusal names an option by (as the config path does).
 OPTION_LABEL = "method option '{}'"
@@ -51,12 +55,19 @@ class Option:
     doc: str
     range: Range | None = None
     choices: tuple[Any, ...] = ()
+    length: int | None = None  # a list option's declared number of entries
+    entries: bool = False  # a list of numbers whose range holds for each entry
 
     def allowed(self) -> str:
-        """The values it takes, in words (its choices, else its range, else empty)."""
+        """The values it takes, in words (its choices, else its length and range, else empty)."""
         if self.choices:
             return " | ".join(str(c) for c in self.choices)
-        return self.range.describe() if self.range is not None else ""
+        described = self.range.describe() if self.range is not None else ""
+        if self.entries and described:
+            described = f"each {described}"
+        if self.length is not None:
+            return f"{self.length} numbers{', ' + described if described else ''}"
+        return described
 
 
 def init_hints(cls: type) -> dict[str, Any]:
@@ -71,6 +82,13 @@ def init_hints(cls: type) -> dict[str, Any]:
 def _type_text(hint: Any) -> str:
     text = str(hint).replace("typing.", "").replace("collections.abc.", "")
     return text.removeprefix("<class '").removesuffix("'>")
+
+
+def _list_of_numbers(hint: Any) -> bool:
+    """Whether ``hint`` is a list of numbers and not a number too (a per-expert option is either)."""
+    alternatives = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    lists = [h for h in alternatives if typing.get_origin(h) in (abc.Sequence, list, tuple)]
+    return bool(lists) and not ({int, float} & alternatives)
 
 
 def options(cls: type) -> list[Option]:
@@ -92,9 +110,17 @@ def options(cls: type) -> list[Option]:
                 doc=next((m.text for m in extras if isinstance(m, Doc)), ""),
                 range=next((m for m in extras if isinstance(m, Range)), None),
                 choices=literal_choices(base),
+                length=next((m.n for m in extras if isinstance(m, Length)), None),
+                entries=_list_of_numbers(base),
             )
         )
     return out
+
+
+def requirements(cls: type) -> tuple[Requires, ...]:
+    """The conditions between options ``cls`` declares (``requires``; a subclass keeps its parent's unless it
+    declares its own), checked on construction after each option's own declaration."""
+    return tuple(getattr(cls, "requires", ()))
 
 
 def checked_init(init: Callable[..., None]) -> Callable[..., None]:
@@ -118,6 +144,8 @@ def checked_init(init: Callable[..., None]) -> Callable[..., None]:
         arguments = list(bound.arguments.items())[1:]
         values = {k: v for k, v in arguments if k in cached["hints"] and not _unresolved_mapping(v)}
         check_values(cached["hints"], values, OPTION_LABEL.format)
+        for condition in requirements(type(self)):
+            condition.check(values, OPTION_LABEL.format)
         init(self, *args, **kwargs)
 
     wrapper.__checks_options__ = True  # type: ignore[attr-defined]

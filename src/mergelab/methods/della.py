@@ -8,14 +8,14 @@ magnitudes (ranks along dim 1, as MergeKit; a 1-D tensor is one row). Survivors 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.config_types import Doc, Range
+from mergelab.config_types import Doc, Range, Requires
 from mergelab.engine.chunks import Block, read_bounds, row_blocks
 from mergelab.methods.base import (
     TaskVectorMethod,
@@ -101,6 +101,41 @@ def rank_fraction(magnitudes: Tensor) -> Tensor:
     return (ranks.float() / (n - 1)).reshape(magnitudes.shape)
 
 
+def band_fits(density: float, epsilon: float) -> bool:
+    """Whether the keep probabilities density -/+ epsilon lie inside (0, 1) (a density of 1 keeps all: no band)."""
+    return density >= 1.0 or (density - epsilon > 0.0 and density + epsilon < 1.0)
+
+
+def bands_fit(density: Any, epsilon: Any) -> bool:
+    """:func:`band_fits` for every (density, epsilon) pair the options give without the pool's expert names: two
+    numbers, a number beside a list or mapping, two lists or two mappings (by position or name); a list beside a
+    mapping pairs up only once the experts are known (:meth:`DELLA.keep_bands`)."""
+
+    def entries(option: Any) -> dict[Any, float] | float:
+        if isinstance(option, Mapping):
+            return {str(k): float(v) for k, v in option.items()}
+        return dict(enumerate(map(float, option))) if isinstance(option, list | tuple) else float(option)
+
+    d, e = entries(density), entries(epsilon)
+    if isinstance(d, dict) and isinstance(e, dict):
+        pairs = [(d[k], e[k]) for k in d.keys() & e.keys()]
+    elif isinstance(d, dict):
+        pairs = [(v, e) for v in d.values()]
+    elif isinstance(e, dict):
+        pairs = [(d, v) for v in e.values()]
+    else:
+        pairs = [(d, e)]
+    return all(band_fits(a, b) for a, b in pairs)
+
+
+#: DELLA's keep probabilities density -/+ epsilon must be probabilities, expert by expert.
+BAND = Requires(
+    ("epsilon", "density"),
+    bands_fit,
+    "density -/+ epsilon must lie inside (0, 1) for each expert whose density is below 1",
+)
+
+
 class DELLA(TaskVectorMethod):
     """theta_0 + scaling * mix_t(w_t * magprune(tau_t)).
 
@@ -131,6 +166,7 @@ class DELLA(TaskVectorMethod):
     )
     mergekit = DellaMergeKit()
     per_expert_values = ("density", "epsilon")
+    requires = (BAND,)
 
     def __init__(
         self,
@@ -155,8 +191,6 @@ class DELLA(TaskVectorMethod):
         seed: Annotated[int, Doc("drops drawn per (seed, tensor, fixed row block, task)")] = 0,
     ) -> None:
         self.density, self.epsilon = per_expert_option(density), per_expert_option(epsilon)
-        if isinstance(self.density, float) and isinstance(self.epsilon, float):
-            check_band(self.density, self.epsilon)  # per-expert values: once the experts are known (keep_bands)
         self.scaling, self.seed = float(scaling), int(seed)
         self.weights = check_expert_weights(weights, negative=True)
         self.consensus, self.normalize, self.rescale = bool(consensus), bool(normalize), rescale
@@ -170,13 +204,13 @@ class DELLA(TaskVectorMethod):
         self.keep_bands(names)
 
     def keep_bands(self, names: Sequence[str]) -> list[tuple[float, float]]:
-        """Each expert's (density, epsilon), for the experts ``names`` in merge order; refused where density -/+
-        epsilon leaves (0, 1)."""
+        """Each expert's (density, epsilon), for the experts ``names`` in merge order; refused (:data:`BAND`, naming
+        the expert) where density -/+ epsilon leaves (0, 1): pairs a construction could not form (a list beside a
+        mapping) are checked here."""
         densities = expert_values(self.density, names, "density")
         bands = list(zip(densities, expert_values(self.epsilon, names, "epsilon"), strict=True))
-        one_band = isinstance(self.density, float) and isinstance(self.epsilon, float)
         for (density, epsilon), name in zip(bands, names, strict=True):
-            check_band(density, epsilon, "" if one_band else f" for expert {name!r}")
+            BAND.check({"density": density, "epsilon": epsilon}, f"method option '{{}}' of expert {name!r}".format)
         return bands
 
     def coefficients(self, n: int) -> list[float]:
@@ -262,15 +296,6 @@ class DELLA(TaskVectorMethod):
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         merged = mix(self.sparsify(block, vectors), self.coefficients(len(vectors)), self.consensus, self.normalize)
         return merged.mul_(self.scaling)
-
-
-def check_band(density: float, epsilon: float, whose: str = "") -> None:
-    """Refuse keep probabilities density -/+ epsilon outside (0, 1) (a density of 1 keeps everything: no band)."""
-    if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
-        raise ValueError(
-            f"method option 'epsilon' must keep density -/+ epsilon inside (0, 1){whose}, got density {density} and "
-            f"epsilon {epsilon}"
-        )
 
 
 def _abs_row_sums(t: Tensor) -> Tensor:

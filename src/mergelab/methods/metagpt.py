@@ -9,16 +9,11 @@ import torch
 from torch import Tensor
 
 from mergelab import task_vectors as tv
-from mergelab.config_types import Doc
+from mergelab.config_types import Doc, Range
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
 from mergelab.methods.base import MergeMethod, TaskVectorMethod, build_method
-
-
-def _positive(value: object) -> bool:
-    """A real number > 0 (NaN is not)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 class MetaGPT(TaskVectorMethod):
@@ -55,7 +50,9 @@ class MetaGPT(TaskVectorMethod):
             Literal["model", "tensor"], Doc("one lambda per task (the paper) or per task and tensor")
         ] = "model",
         curvature: Annotated[
-            Sequence[float] | None, Doc("per-task curvature constants delta_t > 0 (data-aware); null: the paper")
+            Sequence[float] | None,
+            Range(0.0, float("inf"), low_open=True, high_open=True),
+            Doc("per-task curvature constants delta_t > 0 (data-aware); null: the paper"),
         ] = None,
         sparsify: Annotated[Any, Doc("null (the paper) or a method that sparsifies each task vector (ties, dare)")] = (
             None
@@ -64,8 +61,6 @@ class MetaGPT(TaskVectorMethod):
             Literal["original", "sparsified"], Doc("the task vectors the norms are computed on")
         ] = "original",
     ) -> None:
-        if curvature is not None and not all(_positive(c) for c in curvature):  # each entry: not one annotation
-            raise ValueError(f"method option 'curvature' must be numbers > 0, got {list(curvature)!r}")
         self.granularity, self.lambda_from = granularity, lambda_from
         self.curvature = [float(c) for c in curvature] if curvature is not None else None
         self.sparsifier: Sparsifier | None = None

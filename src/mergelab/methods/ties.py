@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from torch import Tensor
 
-from mergelab.config_types import Doc, Range
+from mergelab.config_types import Doc, Range, Requires
 from mergelab.engine.chunks import Block
 from mergelab.engine.protocol import FoldsLastPass, Sparsifier
 from mergelab.engine.scratch import ChunkVectors
@@ -80,6 +80,12 @@ class TiesMergeKit(MergeKitMapping):
         )
 
 
+def has_negative(weights: Any) -> bool:
+    """Whether a per-expert weights option (null, a list or a mapping) gives any expert a negative weight."""
+    values = weights.values() if isinstance(weights, Mapping) else weights or []
+    return any(isinstance(v, int | float) and v < 0 for v in values)
+
+
 class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     """theta_0 + scaling * disjoint_merge(w_1 trim_k(tau_1), ..., w_T trim_k(tau_T)).
 
@@ -115,6 +121,14 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     reference = "Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708"
     mergekit = TiesMergeKit()
     per_expert_values = ("k",)
+    requires = (
+        Requires(
+            ("weights", "disjoint"),
+            lambda weights, disjoint: disjoint == "sum" or not has_negative(weights),
+            "a negative weight needs disjoint=sum (a mean divides by the agreeing tasks' summed weights, which a "
+            "negative one cancels)",
+        ),
+    )
 
     def __init__(
         self,
@@ -137,12 +151,6 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
     ) -> None:
         self.k, self.prune, self.disjoint, self.scaling = per_expert_option(k), prune, disjoint, float(scaling)
         self.weights = check_expert_weights(weights, negative=True)
-        given = self.weights.values() if isinstance(self.weights, dict) else self.weights or []
-        if disjoint == "mean" and min(given, default=0.0) < 0:
-            raise ValueError(
-                f"method option 'weights' {weights!r} has a negative weight with disjoint=mean: the mean divides by "
-                "the agreeing tasks' summed weights, which a negative one cancels (use disjoint=sum to subtract)"
-            )
 
     def expert_options(self) -> dict[str, Any]:
         return {"weights": self.weights}
