@@ -22,6 +22,7 @@ from torch import Tensor
 from mergelab import task_vectors as tv
 from mergelab.config_types import Requires, check_option_types
 from mergelab.engine.chunks import Block
+from mergelab.engine.forwarding import ForwardsPasses, View
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.method_config import named_method_config
@@ -150,11 +151,12 @@ class TaskVectorMethod(MergeMethod, ChunkMethod):
         return combine_in_memory(self, vectors, base=base)
 
 
-class WrappedMethod(TaskVectorMethod):
+class WrappedMethod(ForwardsPasses, TaskVectorMethod):
     """A task-vector method that runs ``inner`` on transformed task vectors (DARE's drop, AWD's tau - delta).
 
-    Every hook forwards to ``inner`` with :meth:`transform` applied to the block's vectors, so the wrapper streams,
-    parallelises and tunes exactly as its inner method does.
+    Every hook forwards to ``inner`` with :meth:`transform` applied to the block's vectors (the statistics hooks
+    through :class:`~mergelab.engine.forwarding.ForwardsPasses`), so the wrapper streams, parallelises and tunes
+    exactly as its inner method does.
     """
 
     def __init__(self, inner: Any, option: str) -> None:
@@ -203,25 +205,18 @@ class WrappedMethod(TaskVectorMethod):
                 self._view = pool.transformed(self.transform)
             self.inner.prepare(self._view, trainer_kwargs, loggers, work_dir)
 
+    def forwarded_to(self) -> ChunkMethod:
+        return self.inner
+
+    def forwarded_view(self) -> View:
+        return self.transform
+
     def begin(self, names: Sequence[str]) -> None:
         self.inner.task_names = self.task_names  # set by run(pool) or stream_merge before the passes begin
-        self.inner.begin(names)
-
-    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        return self.inner.chunk_statistics(pass_idx, block, self.transform(block, vectors))
-
-    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
-        self.inner.add_statistics(pass_idx, block, stats)
-
-    def end_pass(self, pass_idx: int) -> None:
-        self.inner.end_pass(pass_idx)
+        super().begin(names)
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         return self.inner.merge_chunk(block, self.transform(block, vectors))
-
-    def prior_stages(self) -> Sequence[ChunkMethod]:
-        """``inner``'s prior stages, seeing the transformed vectors as ``inner`` does."""
-        return TransformedStage(self.inner, self.transform).prior_stages()
 
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Sequence[Tensor]:
         """The transformed vectors, sparsified further by ``inner`` when it can (see :class:`Sparsifier`)."""
@@ -234,34 +229,6 @@ class WrappedMethod(TaskVectorMethod):
     def check_experts(self, names: Sequence[str]) -> None:
         super().check_experts(names)
         self.inner.check_experts(names)
-
-
-class TransformedStage(ChunkMethod):
-    """The statistics passes of ``stage`` run on ``transform``-ed task vectors (a wrapped method's prior stage
-    sees the vectors as the wrapped method does). Only its statistics passes run: it has no merge pass."""
-
-    def __init__(self, stage: ChunkMethod, transform: Callable[[Block, Sequence[Tensor]], Sequence[Tensor]]) -> None:
-        self.stage, self.transform = stage, transform
-        self.stat_passes, self.elementwise = stage.stat_passes, stage.elementwise
-        self.parallel_chunks = stage.parallel_chunks
-
-    def prior_stages(self) -> Sequence[ChunkMethod]:
-        return [TransformedStage(s, self.transform) for s in self.stage.prior_stages()]
-
-    def begin(self, names: Sequence[str]) -> None:
-        self.stage.begin(names)
-
-    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        return self.stage.chunk_statistics(pass_idx, block, self.transform(block, vectors))
-
-    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
-        self.stage.add_statistics(pass_idx, block, stats)
-
-    def end_pass(self, pass_idx: int) -> None:
-        self.stage.end_pass(pass_idx)
-
-    def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        raise TypeError(f"{type(self.stage).__name__} runs here as a prior stage: statistics passes only")
 
 
 # ----------------------------------------------------------------------------------------------- building

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mergelab.engine.chunks import DEFAULT_CHUNK_ELEMS, Block
+from mergelab.engine.forwarding import ForwardsPasses
 from mergelab.engine.passes import SequentialExecutor, method_blocks, run_passes
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.engine.scratch import release_workspace
@@ -171,7 +172,7 @@ def transformation(method: MergeMethod | None) -> Callable[[Block, Sequence[Tens
     return None
 
 
-class _Analysis(ChunkMethod):
+class _Analysis(ForwardsPasses, ChunkMethod):
     """The pass driver's view of an analysis: ``method``'s statistics passes (when it transforms), then a last pass
     whose "merge" of each block adds its task vectors (and their transformation) to the statistics.
 
@@ -187,21 +188,9 @@ class _Analysis(ChunkMethod):
         self.before = StageStatistics(n_tasks)
         self.after = StageStatistics(n_tasks) if self.transform is not None else None
 
-    def prior_stages(self) -> Sequence[ChunkMethod]:
-        return self.method.prior_stages() if self.transform is not None else ()
-
-    def begin(self, names: Sequence[str]) -> None:
-        if self.transform is not None:
-            self.method.begin(names)
-
-    def chunk_statistics(self, pass_idx: int, block: Block, vectors: Sequence[Tensor]) -> Any:
-        return self.method.chunk_statistics(pass_idx, block, vectors)
-
-    def add_statistics(self, pass_idx: int, block: Block, stats: Any) -> None:
-        self.method.add_statistics(pass_idx, block, stats)
-
-    def end_pass(self, pass_idx: int) -> None:
-        self.method.end_pass(pass_idx)
+    def forwarded_to(self) -> ChunkMethod | None:
+        """The method's own passes when it transforms the vectors (its hooks see them as they come), else none."""
+        return self.method if self.transform is not None else None
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
         self.before.add(block, vectors)  # first: a transformation may overwrite the vectors
