@@ -21,6 +21,10 @@ TIES are printed with them.
 ``--layers N`` builds the same model with N decoder layers (under <workdir>/layersN): every tensor shape is kept, so
 the peak memory of a per-tensor method is the full model's, and the spectral methods (TSV-M, Iso-C, Iso-CTS: SVDs
 per matrix, hours on 2 cores at 22 layers) can be timed end to end; two values of N give the per-layer cost.
+
+Each run of the full pool writes its rows, with the date and the machine, into ``--out`` (default
+``experiments/bench_streaming_merge.json``: the section ``merge`` or ``end_to_end``, the other kept), which the
+docs' ``streaming_merge`` tables are generated from (``scripts/docs_regions.py``).
 """
 
 from __future__ import annotations
@@ -202,8 +206,11 @@ def timed_process(cmd: list[str], cwd: Path) -> dict:
     }
 
 
-def end_to_end(work: Path, base: Path, experts: list[Path], methods: list[str], mergekit_venv: Path | None) -> None:
-    """Whole processes, mergelab's methods then MergeKit's, each after warming the page cache (see the docstring)."""
+def end_to_end(
+    work: Path, base: Path, experts: list[Path], methods: list[str], mergekit_venv: Path | None
+) -> list[dict]:
+    """Whole processes, mergelab's methods then MergeKit's, each after warming the page cache (see the docstring);
+    one row per process that finished."""
     import shutil
 
     mergelab_bin = Path(sys.executable).parent / "mergelab"
@@ -235,6 +242,7 @@ def end_to_end(work: Path, base: Path, experts: list[Path], methods: list[str], 
             runs.append((name, [str(mergekit_venv / "bin" / "mergekit-yaml"), str(config_file), str(out)], out))
     print(f"{'process':<18}{'wall (s)':>10}{'CPU (s)':>10}{'peak RSS (MiB)':>16}{'load before':>13}", flush=True)
     walls: dict[str, float] = {}
+    rows = []
     for name, cmd, out in runs:
         shutil.rmtree(out, ignore_errors=True)  # the bench's own output from a previous run
         os.sync()
@@ -245,12 +253,27 @@ def end_to_end(work: Path, base: Path, experts: list[Path], methods: list[str], 
             print(f"{name:<18} failed (exit {r['rc']}):\n{r['tail']}", flush=True)
             continue
         walls[name] = r["wall_s"]
+        rows.append({"process": name, **{k: round(r[k], 1) for k in ("wall_s", "cpu_s", "peak_rss_mib")}})
+        rows[-1]["load_before"] = round(load0, 1)
         print(f"{name:<18}{r['wall_s']:>10.1f}{r['cpu_s']:>10.1f}{r['peak_rss_mib']:>16.0f}{load0:>13.1f}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     for ref in ("mergekit_ta", "mergekit_ties"):
         if ref in walls:
             ratios = ", ".join(f"{n} {w / walls[ref]:.2f}x" for n, w in walls.items() if not n.startswith("mergekit"))
             print(f"wall time / {ref}: {ratios}", flush=True)
+    return rows
+
+
+def record(path: Path, section: str, rows: list[dict], **about: object) -> None:
+    """Write ``rows`` as ``section`` of the JSON at ``path`` (dated, with the machine), keeping its other section."""
+    from bench_first_hour import machine
+
+    from mergelab.io.atomic import atomic_write_json
+
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[section] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), **about, "rows": rows}
+    atomic_write_json(path, data)
+    print(f"wrote {section} to {path}", flush=True)
 
 
 def main() -> None:
@@ -276,6 +299,7 @@ def main() -> None:
         help="time whole `mergelab` processes (and MergeKit's, with --mergekit-venv) instead of the merge alone",
     )
     ap.add_argument("--mergekit-venv", type=Path, default=None, help="a venv with mergekit installed (measuring only)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="the JSON record")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "BASE", "EXPERTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -297,9 +321,13 @@ def main() -> None:
     size = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
     print(f"{size / 2**30:.1f} GiB of input files; 'read' = seconds to read them all just before the merge")
     if args.end_to_end:
+        rows = []
         for _ in range(args.repeat):
-            end_to_end(work, base, experts, args.methods.split(","), args.mergekit_venv)
+            rows += end_to_end(work, base, experts, args.methods.split(","), args.mergekit_venv)
+        if args.layers is None:
+            record(args.out, "end_to_end", rows, input_gib=round(size / 2**30, 1))
         return
+    rows = []
     cols = ("method", "read (s)", "wall (s)", "CPU (s)", "peak RSS", "RSS before", "load before", "load after")
     print(f"{cols[0]:<16}" + "".join(f"{c:>12}" for c in cols[1:]), flush=True)
     for _ in range(args.repeat):
@@ -319,6 +347,10 @@ def main() -> None:
             row = (read_s, r["wall_s"], r["cpu_s"], r["peak_rss_mib"], r["rss_before_mib"], load0, load1)
             cells = "".join(f"{v:>12.1f}" if isinstance(v, float) else f"{v:>12}" for v in row)
             print(f"{method:<16}{cells} {extra or ''}", flush=True)
+            keys = ("read_s", "wall_s", "cpu_s", "peak_rss_mib", "rss_before_mib", "load_before", "load_after")
+            rows.append({"method": method, **{k: round(float(v), 1) for k, v in zip(keys, row, strict=True)}})
+    if args.layers is None:
+        record(args.out, "merge", rows, input_gib=round(size / 2**30, 1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from the files it documents, so the docs cannot drift from them:
 - ``mergekit_table``: each method's MergeKit translation or why it has none (docs/provenance.md);
 - ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
 - ``mergekit_parity``: mergelab against ``mergekit-yaml``, ``experiments/bench_mergekit_methods.json``;
+- ``streaming_merge``: the streaming benchmark's merges and whole processes, ``experiments/bench_streaming_merge.json``;
 - ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
   ``experiments/<name>/metrics.json``.
 
@@ -387,6 +388,80 @@ def render_mergekit_parity(root: Path) -> str | None:
     return "\n".join(lines)
 
 
+#: The streaming benchmark's names of its methods and processes, as the docs say them.
+STREAMING_NAMES = {
+    "ta": "task arithmetic",
+    "metagpt": "MetaGPT (norms pass + merge)",
+    "ties": "TIES, exact global pruning",
+    "ties_per_tensor": "TIES, per-tensor pruning",
+    "mergekit_ta": "MergeKit task arithmetic",
+    "mergekit_ties": "MergeKit TIES (per tensor)",
+}
+#: Which MergeKit process a mergelab process of the end-to-end benchmark is compared with.
+MERGEKIT_COUNTERPART = {"ta": "mergekit_ta", "metagpt": "mergekit_ta", "ties": "mergekit_ties"}
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """Values measured several times as ``low - high`` (one value alone as itself)."""
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f} - {high:.{digits}f}"
+
+
+def grouped(rows: list[Any], key: str, path: Path) -> dict[str, list[dict[str, Any]]]:
+    """``rows`` (dicts) by their ``key``, in first-seen order; a RegionError names a row that is not a dict with it."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get(key), str):
+            raise RegionError(f"{path}: a row without '{key}': {row!r}")
+        out.setdefault(row[key], []).append(row)
+    return out
+
+
+def render_streaming_merge(root: Path) -> str | None:
+    """The streaming benchmark (``experiments/bench_streaming_merge.json``): the merge alone per method, and whole
+    processes beside MergeKit's; None when not there yet."""
+    path = root / "experiments" / "bench_streaming_merge.json"
+    if not path.is_file():
+        return None
+    data, lines = load_json(path), []
+    num = (int, float)
+    if "merge" in data:
+        runs = grouped(field(data, "merge.rows", path, (list,)), "method", path)
+        loads = [r["load_before"] for rs in runs.values() for r in rs]
+        date, machine = field(data, "merge.date", path, (str,)), field(data, "merge.machine", path, (str,))
+        lines += [
+            f"The merge alone (`stream_merge` in a fresh process), measured on {date}"
+            f" ({prose(machine)}), {field(data, 'merge.input_gib', path, num)} GiB"
+            f" of inputs, page cache warm, 1-minute load average before each run {spread(loads)}:",
+            "",
+            "| method | runs | wall (s) | CPU (s) | peak RSS (MiB) | RSS before merging (MiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for method, rs in runs.items():
+            cells = [spread([float(r[k]) for r in rs], d) for k, d in (("wall_s", 1), ("cpu_s", 1))]
+            cells += [spread([float(r[k]) for r in rs], 0) for k in ("peak_rss_mib", "rss_before_mib")]
+            lines.append(f"| {STREAMING_NAMES.get(method, method)} | {len(rs)} | {' | '.join(cells)} |")
+    if "end_to_end" in data:
+        runs = grouped(field(data, "end_to_end.rows", path, (list,)), "process", path)
+        mean = {name: sum(float(r["wall_s"]) for r in rs) / len(rs) for name, rs in runs.items()}
+        lines += [
+            *([""] if lines else []),
+            f"Whole processes (`mergelab model=checkpoints ... eval=none`, `mergekit-yaml` with its defaults, bf16),"
+            f" measured on {field(data, 'end_to_end.date', path, (str,))}"
+            f" ({prose(field(data, 'end_to_end.machine', path, (str,)))}), page cache warm before each:",
+            "",
+            "| process | runs | wall (s) | CPU (s) | peak RSS (MiB) | mean wall / MergeKit's |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, rs in runs.items():
+            other = MERGEKIT_COUNTERPART.get(name.removesuffix("_per_tensor"))
+            ratio = f"{mean[name] / mean[other]:.2f}x {STREAMING_NAMES[other]}" if other in mean else ""
+            columns = (("wall_s", 1), ("cpu_s", 1), ("peak_rss_mib", 0))
+            cells = [spread([float(r[k]) for r in rs], d) for k, d in columns]
+            lines.append(f"| {STREAMING_NAMES.get(name, name)} | {len(rs)} | {' | '.join(cells)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def percent(value: Any) -> str:
     """A score in [0, 1] as a percentage with two decimals, or ``-`` when there is none (null)."""
     return "-" if not isinstance(value, int | float) else f"{100 * value:.2f}"
@@ -492,6 +567,7 @@ RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "mergekit_table": render_mergekit_table,
     "first_hour": render_first_hour,
     "mergekit_parity": render_mergekit_parity,
+    "streaming_merge": render_streaming_merge,
     **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
 }
@@ -502,6 +578,7 @@ SOURCES = {
     "mergekit_table": "conf/method/*.yaml",
     "first_hour": "experiments/first_hour.json",
     "mergekit_parity": "experiments/bench_mergekit_methods.json",
+    "streaming_merge": "experiments/bench_streaming_merge.json",
     **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,
 }

@@ -48,7 +48,8 @@ TIES_NOTES = [
 
 class TiesMergeKit(MergeKitMapping):
     """MergeKit's ``ties`` (density = k/100; disjoint sum: weight = scaling, ``normalize: false``; disjoint mean:
-    weight 1, ``normalize: true``, ``lambda`` = scaling) for per-tensor pruning only."""
+    weight 1, ``normalize: true``, ``lambda`` = scaling; per-expert weights: each model's weight w_t, ``lambda`` =
+    scaling) for per-tensor pruning only."""
 
     reads = (task_arithmetic_family("ties", normalize=True, rescale=False, density=1.0),)
     expressible: ClassVar[dict[str, Any]] = {"prune": "per_tensor"}
