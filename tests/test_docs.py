@@ -274,6 +274,49 @@ def test_a_run_table_region_renders_the_metrics_json(tmp_path: Path) -> None:
     assert "| ties | 12.35 | - | 20.00 | - |" in text  # a missing score is a dash, never 0
 
 
+def test_the_mergekit_parity_region_renders_the_benchmarks_json(tmp_path: Path) -> None:
+    (tmp_path / "experiments").mkdir()
+    results = {
+        "ties_weights": {"mergekit_yaml": "merge_method: ties\n", "max_abs_diff": 0.0, "max_abs_change_from_base": 0.5},
+        "slerp": {"mergekit_yaml": "merge_method: slerp\n", "max_abs_diff": 4.8e-7, "max_abs_change_from_base": 0.065},
+        "sce": {"error": "Traceback ..."},
+    }
+    data = {"date": "2031-02-03", "mergekit": "9.9", "torch": "2.13.0", "results": results}
+    (tmp_path / "experiments" / "bench_mergekit_methods.json").write_text(json.dumps(data))
+    page = region_file(tmp_path / "bench.md", "mergekit_parity")
+    assert gen.main(["--root", str(tmp_path), str(page)]) == 0
+    text = page.read_text()
+    assert "Measured on 2031-02-03 against MergeKit 9.9" in text
+    assert "| `ties_weights` | `ties` | 0 | 0.5 |" in text and "| `slerp` | `slerp` | 4.8e-07 | 0.065 |" in text
+    assert "| `sce` | - | MergeKit failed | - |" in text
+
+
+def test_the_streaming_region_renders_each_methods_spread_and_the_ratio_to_mergekit(tmp_path: Path) -> None:
+    (tmp_path / "experiments").mkdir()
+    run = {"read_s": 3.0, "cpu_s": 5.0, "rss_before_mib": 428, "load_before": 0.5, "load_after": 1.0}
+    merge = [
+        {"method": "ta", **run, "wall_s": 3.1, "peak_rss_mib": 440},
+        {"method": "ta", **run, "wall_s": 3.5, "peak_rss_mib": 442, "load_before": 0.9},
+    ]
+    e2e = [
+        {"process": p, "wall_s": w, "cpu_s": 1.0, "peak_rss_mib": 500, "load_before": 1.0}
+        for p, w in (("ties", 20.0), ("ties", 22.0), ("mergekit_ties", 210.0))
+    ]
+    about = {"date": "2031-02-03", "machine": "a 2-core test box", "input_gib": 8.2}
+    data = {"merge": {**about, "rows": merge}, "end_to_end": {**about, "rows": e2e}}
+    source = tmp_path / "experiments" / "bench_streaming_merge.json"
+    source.write_text(json.dumps(data))
+    page = region_file(tmp_path / "bench.md", "streaming_merge")
+    assert gen.main(["--root", str(tmp_path), str(page)]) == 0
+    text = page.read_text()
+    assert "measured on 2031-02-03 (a 2-core test box), 8.2 GiB of inputs" in text
+    assert "load average before each run 0.5 - 0.9" in text
+    assert "| task arithmetic | 2 | 3.1 - 3.5 | 5.0 | 440 - 442 | 428 |" in text
+    assert "| TIES, exact global pruning | 2 | 20.0 - 22.0 | 1.0 | 500 | 0.10x MergeKit TIES (per tensor) |" in text
+    source.write_text(json.dumps({"merge": {**about, "rows": [{"wall_s": 1.0}]}}))
+    assert gen.main(["--check", "--root", str(tmp_path), str(page)]) == 2  # a row without its method: refused
+
+
 def test_bad_markers_are_refused_naming_the_file_and_region(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     unknown = region_file(tmp_path / "unknown.md", "no_such_region")
     assert gen.main(["--root", str(tmp_path), "--check", str(unknown)]) == 2
