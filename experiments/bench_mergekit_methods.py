@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from mergelab.engine.passes import merge_in_memory
 from mergelab.io.writer import write_checkpoint
-from mergelab.methods import DARE, DELLA, SCE, SLERP, TIES, Breadcrumbs, KarcherMean, ModelStock
+from mergelab.methods import DARE, DELLA, SCE, SLERP, TIES, Breadcrumbs, KarcherMean, ModelStock, NearSwap
 
 HIDDEN, INTER, VOCAB, LAYERS = 32, 64, 96, 4  # 4 layers: a gradient is read between its points at layers 1 and 2
 CONFIG = {
@@ -95,6 +95,7 @@ CASES = {
     "karcher": (KarcherMean(), {}, {}),
     "karcher_pretrained": (KarcherMean(include_pretrained=True), {}, {}),
     "karcher_tol": (KarcherMean(tol=1e-7), {"tol": 1e-7}, {}),  # at the default tol these experts stop at step 0
+    "nearswap": (NearSwap(0.02), {"t": 0.02}, {}),  # |tau| ~ 0.05 here: some coordinates taken whole, most stepped
     "ties_weights": (
         TIES(50.0, "per_tensor", "sum", 1.0, [1.0, -0.5, 2.0]),
         {"normalize": False},
@@ -119,7 +120,6 @@ WEIGHTS = {
     "dare_ties_weights_p0": [1.0, -0.5, 2.0],
 }
 MERGE_METHOD = {"ties_weights": "ties", "ties_weights_mean": "ties", "dare_ties_weights_p0": "dare_ties"}
-ONE_EXPERT = {"slerp", "slerp_gradient"}  # MergeKit's base_model and the first expert
 NO_BASE_MODEL = {"karcher", "karcher_tol"}  # the experts alone: no base_model in the MergeKit config
 
 
@@ -135,7 +135,8 @@ def main() -> None:
         for name, (method, params, model_params) in CASES.items():
             mk_method = name.split("_filter_wise")[0].removesuffix("_all").removesuffix("_gradient")
             mk_method = MERGE_METHOD.get(name, mk_method.removesuffix("_pretrained").removesuffix("_tol"))
-            pool_experts = experts[:1] if name in ONE_EXPERT else experts
+            count = method.expert_count  # SLERP: MergeKit's base_model and the first expert
+            pool_experts = experts[:count] if count else experts
             cfgs = []
             for i in range(len(pool_experts)):
                 mp = dict(model_params)

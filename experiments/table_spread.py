@@ -5,10 +5,13 @@ out), made on this machine with torch's and MKL's kernels forced to one choice (
 ``MKL_ENABLE_INSTRUCTIONS``; see ``kernel_choices.py``), from its own expert cache, so that everything trained or
 optimised (experts, statistics, AdaMerging's coefficients, AWD's delta) is rebuilt under that choice. The result
 states, per row, every run's average and per-task accuracy and the spread (largest minus smallest, in points),
-which ``scripts/docs_regions.py`` shows beside the committed table::
+which ``scripts/docs_regions.py`` shows beside the committed table. ``--experts NAME=DIR`` (each run's expert cache,
+``$MERGELAB_CACHE/experts``) also compares the fine-tuned experts' weights across the runs: byte-identical or not,
+and the largest absolute difference::
 
     python experiments/table_spread.py --run avx512=/tmp/tables/avx512 --run avx2=/tmp/tables/avx2 \
         --env avx2="ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" \
+        --experts avx512=/tmp/cache512/experts --experts avx2=/tmp/cache2/experts \
         --out experiments/embedded_table/kernel_spread.json
 """
 
@@ -61,10 +64,45 @@ def row_spread(name: str, runs: dict[str, dict[str, Any]], tasks: list[str]) -> 
     }
 
 
+def expert_weights(cache: Path) -> dict[str, Path]:
+    """Task -> the weights file of each expert in an expert cache dir (``<task>-<key>/model.safetensors``)."""
+    return {d.name.rsplit("-", 1)[0]: d / "model.safetensors" for d in sorted(cache.iterdir()) if d.is_dir()}
+
+
+def compare_experts(caches: dict[str, Path]) -> dict[str, Any]:
+    """Per task: whether every run's expert has the same bytes, and the largest |difference| of any weight from the
+    first run's (with the largest |weight|, for scale)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    found = {name: expert_weights(d) for name, d in caches.items()}
+    first, *others = found
+    out: dict[str, Any] = {}
+    for task, path in found[first].items():
+        if not all(task in found[o] for o in others):
+            continue
+        digests = {n: hashlib.sha256(found[n][task].read_bytes()).hexdigest()[:16] for n in found}
+        ref = load_file(str(path))
+        diff = 0.0
+        for o in others:
+            theirs = load_file(str(found[o][task]))
+            diff = max([diff, *(float((ref[k].double() - theirs[k].double()).abs().max()) for k in ref)])
+        scale = max(float(t.abs().max()) for t in ref.values() if t.is_floating_point())
+        out[task] = {
+            "sha256": digests,
+            "byte_identical": len(set(digests.values())) == 1,
+            "max_abs_diff": diff,
+            "max_abs": scale,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, help="NAME=DIR of one finished table run")
     parser.add_argument("--env", action="append", default=[], help='NAME="VAR=value ..." the run was made under')
+    parser.add_argument("--experts", action="append", default=[], help="NAME=DIR: a run's expert cache dir")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dirs = dict(item.split("=", 1) for item in args.run)
@@ -85,6 +123,8 @@ def main() -> None:
         "tasks": tasks,
         "rows": {name: row_spread(name, runs, tasks) for name in names},
     }
+    if args.experts:
+        result["experts"] = compare_experts({n: Path(d) for n, d in (item.split("=", 1) for item in args.experts)})
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(args.out)

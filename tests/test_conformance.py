@@ -25,6 +25,7 @@ from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
 from mergelab.methods import AWD, DARE
 from mergelab.methods.base import NOT_METHOD_OPTIONS
+from mergelab.methods.registry import method_classes
 from mergelab.run import method_candidates
 from tests.conftest import CONFIG_DIR, TaskDataPool, make_cfg
 
@@ -43,8 +44,9 @@ VARIANTS = {
     "breadcrumbs+density": ["method.density=[0.5, 0.8, 1.0]", "method.gamma=[0.05, 0.0, 0.1]"],
     "della+density": ["method.density=[0.5, 1.0, 0.7]", "method.epsilon=[0.2, 0.1, 0.25]"],
 }
-# Methods defined on the pretrained model and exactly one expert (SLERP): their rows use a pool of the first expert.
-ONE_EXPERT = {"slerp"}
+# Methods defined on the pretrained model and exactly one expert (their class's expert_count: SLERP): their rows use
+# a pool of the first expert.
+ONE_EXPERT = {name for name, cls in method_classes().items() if getattr(cls, "expert_count", None) == 1}
 METHOD_YAMLS = sorted([*(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")), *VARIANTS])
 CPU = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False}
 

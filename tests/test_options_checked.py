@@ -30,7 +30,7 @@ CHECKPOINT_CASES = [
     (
         ["method=slerp"],
         ValueError,
-        r"method 'slerp': SLERP interpolates .* exactly one expert .* \['e1', 'e2'\]: keep one",
+        r"method 'slerp': SLERP merges the pretrained model with exactly one expert .* \['e1', 'e2'\]: keep one",
     ),
     (["method=slerp", "method.t=[{filter: mlp, value: 0.5}]"], ValueError, r"option 't': end the list with a default"),
 ]

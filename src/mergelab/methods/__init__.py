@@ -14,6 +14,7 @@ from mergelab.methods.karcher import KarcherMean
 from mergelab.methods.magnitude_pruned_ta import MagnitudePrunedTA
 from mergelab.methods.metagpt import MetaGPT
 from mergelab.methods.model_stock import ModelStock
+from mergelab.methods.nearswap import NearSwap
 from mergelab.methods.regmean import RegMean
 from mergelab.methods.sce import SCE
 from mergelab.methods.slerp import SLERP
@@ -41,6 +42,7 @@ __all__ = [
     "MergeMethod",
     "MetaGPT",
     "ModelStock",
+    "NearSwap",
     "RegMean",
     "TaskArithmetic",
     "TaskVectorMethod",

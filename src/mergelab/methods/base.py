@@ -26,7 +26,7 @@ from mergelab.engine.forwarding import ForwardsPasses, View
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.method_config import named_method_config
-from mergelab.methods.declaration import checked_init
+from mergelab.methods.declaration import MergeKitMapping, checked_init
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -54,12 +54,20 @@ class MergeMethod(ABC):
     #: on construction and printed in the docs: declared once, beside the options' own annotations.
     requires: tuple[Requires, ...] = ()
 
+    #: How many experts the method merges (SLERP: exactly one, the other end being the pretrained model); None: any
+    #: number. A pool with another count is refused before any work (:meth:`check_experts`), a MergeKit config with
+    #: another count when read, and the conformance tests run such a method on a pool of that many experts.
+    expert_count: int | None = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's own constructor checks its arguments against its annotations (type, range, choices) before
         it runs, however the method is built (config, Python, a wrapper's inner method): :func:`checked_init`."""
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
+        mapping = cls.__dict__.get("mergekit")
+        if isinstance(mapping, MergeKitMapping):
+            mapping.method_class = cls  # what it maps: the class's expert count, for the reader and the export
 
     def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained.
@@ -117,7 +125,10 @@ class MergeMethod(ABC):
     per_expert_values: tuple[str, ...] = ()
 
     def check_experts(self, names: Sequence[str]) -> None:
-        """Refuse per-expert options that name experts the pool does not have, or list another number of them."""
+        """Refuse a pool of another number of experts than :attr:`expert_count`, and per-expert options that name
+        experts the pool does not have, or list another number of them."""
+        if names and self.expert_count is not None and len(names) != self.expert_count:
+            raise ValueError(expert_count_error(type(self), len(names), names))
         for key, option in self.expert_options().items():
             expert_weights(option, names, key)
         for key in self.per_expert_values:
@@ -229,6 +240,17 @@ class WrappedMethod(ForwardsPasses, TaskVectorMethod):
     def check_experts(self, names: Sequence[str]) -> None:
         super().check_experts(names)
         self.inner.check_experts(names)
+
+
+def expert_count_error(cls: type, n: int, names: Sequence[str]) -> str:
+    """Why a merge of ``n`` experts (``names``) is refused by ``cls``, which merges :attr:`MergeMethod.expert_count`."""
+    count = cls.expert_count  # type: ignore[attr-defined]
+    word = {1: "one", 2: "two", 3: "three"}.get(count, str(count))
+    plural = "s" if count != 1 else ""
+    return (
+        f"{cls.__name__} merges the pretrained model with exactly {word} expert{plural} (MergeKit: base_model and "
+        f"{word} other model{plural}); the pool has {n} experts {list(names)}: keep {word}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- building

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mergelab.config_types import Doc, Range
 from mergelab.methods.awd import LAYER_INDEX
+from mergelab.methods.base import expert_count_error
 from mergelab.methods.declaration import (
     REQUIRED,
     Exported,
@@ -142,11 +143,8 @@ class SlerpMergeKit(MergeKitMapping):
     ``t`` as written (a number, a layer gradient, or filter/value entries with a last default)."""
 
     reads = (MergeKitMethod("slerp", {"t": REQUIRED}, {}, structured=("t",)),)
-    experts = 1
 
     def export(self, method: Any, n_experts: int) -> Exported:
-        if n_experts != 1:
-            raise NotExpressible(one_expert_error(n_experts, method.expert_names(n_experts)))
         if (method.dot_threshold, method.eps) != (MERGEKIT_DOT_THRESHOLD, MERGEKIT_EPS):
             raise NotExpressible(
                 f"MergeKit's slerp fixes dot_threshold {MERGEKIT_DOT_THRESHOLD} and eps {MERGEKIT_EPS}; this merge "
@@ -161,8 +159,6 @@ class SlerpMergeKit(MergeKitMapping):
         return Exported("slerp", {}, {"t": mergekit_t(method.t)}, notes)
 
     def read(self, config: MergeKitInput) -> Import:
-        if len(config.experts) != 1:
-            raise config.fail("models", one_expert_error(len(config.experts), list(config.experts)))
         try:
             t = check_t(config.shared["t"])
         except ValueError as e:
@@ -188,6 +184,7 @@ class SLERP(GramCombination):
 
     reference = "Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); MergeKit's slerp"
     mergekit = SlerpMergeKit()
+    expert_count = 1
 
     def __init__(
         self,
@@ -202,19 +199,13 @@ class SLERP(GramCombination):
         self.t = check_t(t)
         self.dot_threshold, self.eps = float(dot_threshold), float(eps)
 
-    def check_experts(self, names: Sequence[str]) -> None:
-        """Refuse a pool that does not have exactly one expert (SLERP's second model)."""
-        super().check_experts(names)
-        if names and len(names) != 1:
-            raise ValueError(one_expert_error(len(names), names))
-
     def begin(self, names: Sequence[str]) -> None:
         super().begin(names)
         self._t = t_per_tensor(self.t, names)
 
     def models(self, base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
         if len(experts) != 1:
-            raise ValueError(one_expert_error(len(experts), self.expert_names(len(experts))))
+            raise ValueError(expert_count_error(type(self), len(experts), self.expert_names(len(experts))))
         return [base, *experts]
 
     def delta_coefficients(self, name: str, gram: Tensor) -> tuple[float, list[float]]:
@@ -226,11 +217,3 @@ class SLERP(GramCombination):
     def t_of(self, name: str) -> float:
         """The ``t`` tensor ``name`` was merged with (after :meth:`begin`)."""
         return self._t[name]
-
-
-def one_expert_error(n: int, names: Sequence[str]) -> str:
-    """The message refusing a pool of ``n`` experts for SLERP."""
-    return (
-        f"SLERP interpolates the pretrained model and exactly one expert (MergeKit: base_model and one other "
-        f"model); the pool has {n} experts {list(names)}: keep one"
-    )

@@ -80,9 +80,13 @@ def _ref(path: str) -> str:
 
 def _translate_out(method: Any, n_experts: int) -> Any:
     """What ``method``'s class declares for it in MergeKit's terms (an ``Exported``), or NotExpressible."""
+    from mergelab.methods.base import expert_count_error
+
     mapping = mergekit_of(type(method))
     if isinstance(mapping, str):
         raise NotExpressible(mapping)
+    if mapping.experts is not None and n_experts != mapping.experts:
+        raise NotExpressible(expert_count_error(type(method), n_experts, method.expert_names(n_experts)))
     return mapping.export(method, n_experts)
 
 
@@ -264,6 +268,10 @@ class _Reader:
         if base is None and not schema.base_in_models:
             raise self.fail("base_model", f"missing: {method} adds task vectors to the base model")
         models, experts = self.models(data.get("models"), schema, base, params)
+        if mapping.experts is not None and len(experts) != mapping.experts:
+            from mergelab.methods.base import expert_count_error
+
+            raise self.fail("models", expert_count_error(mapping.method_class, len(experts), list(experts)))
         spec = mapping.read(MergeKitInput(method, base, experts, models, shared, self.fail))
         self.check_dtypes(data, spec.pretrained)
         return spec
