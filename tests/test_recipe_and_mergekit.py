@@ -138,8 +138,8 @@ def test_streaming_run_writes_recipe_card_and_mergekit_config_that_round_trips(p
 
 def test_a_mergekit_config_mergelab_cannot_translate_is_refused_in_one_line(pool_dirs: Pool, tmp_path: Path) -> None:
     base, experts = pool_dirs
-    bad = tmp_path / "nearswap.yml"
-    bad.write_text(f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {experts['e0']}\n")
+    bad = tmp_path / "passthrough.yml"
+    bad.write_text(f"merge_method: passthrough\nbase_model: {base}\nmodels:\n  - model: {experts['e0']}\n")
     proc = cli(f"mergekit={bad}", f"hydra.run.dir={tmp_path / 'out'}")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -147,9 +147,9 @@ def test_a_mergekit_config_mergelab_cannot_translate_is_refused_in_one_line(pool
 
     known = sorted(mergekit_readers())  # every method's declared MergeKit reads
     expected = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "sce", "model_stock", "slerp"}
-    assert expected | {"karcher"} <= set(known)
+    assert expected | {"karcher", "nearswap"} <= set(known)
     assert lines == [
-        f"mergelab: error: mergekit config {bad}: merge_method: 'nearswap' has no mergelab equivalent "
+        f"mergelab: error: mergekit config {bad}: merge_method: 'passthrough' has no mergelab equivalent "
         f"(mergelab imports {', '.join(known)})"
     ]
     assert not (tmp_path / "out").exists()
