@@ -69,31 +69,51 @@ def expert_weights(cache: Path) -> dict[str, Path]:
     return {d.name.rsplit("-", 1)[0]: d / "model.safetensors" for d in sorted(cache.iterdir()) if d.is_dir()}
 
 
-def compare_experts(caches: dict[str, Path]) -> dict[str, Any]:
-    """Per task: whether every run's expert has the same bytes, and the largest |difference| of any weight from the
-    first run's (with the largest |weight|, for scale)."""
-    import hashlib
+def run_artifacts(run_dir: Path) -> dict[str, Path]:
+    """A table run's saved artifacts (``artifacts/<row>/``): AWD's delta and AdaMerging's coefficients."""
+    found = [*run_dir.glob("artifacts/*/delta.safetensors"), *run_dir.glob("artifacts/*/adamerging.json")]
+    return {str(p.relative_to(run_dir / "artifacts")): p for p in sorted(found)}
 
+
+def tensors(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file, or every number of a JSON file (by its path of keys) as a 1-element one."""
+    import torch
     from safetensors.torch import load_file
 
-    found = {name: expert_weights(d) for name, d in caches.items()}
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+
+    def walk(value: Any, at: str) -> dict[str, float]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in walk(item, f"{at}/{key}").items()}
+        if isinstance(value, list):
+            return {k: v for i, item in enumerate(value) for k, v in walk(item, f"{at}[{i}]").items()}
+        return {at: value} if isinstance(value, float) else {}  # counts (steps, examples) are not results
+
+    return {k: torch.tensor([v], dtype=torch.float64) for k, v in walk(json.loads(path.read_text()), "").items()}
+
+
+def compare_files(found: dict[str, dict[str, Path]]) -> dict[str, Any]:
+    """Per file present in every run (run -> name -> path): whether the runs' files have the same bytes, and the
+    largest |difference| of any number from the first run's (with the largest |number|, for scale)."""
+    import hashlib
+
     first, *others = found
     out: dict[str, Any] = {}
-    for task, path in found[first].items():
-        if not all(task in found[o] for o in others):
+    for name, path in found[first].items():
+        if not all(name in found[o] for o in others):
             continue
-        digests = {n: hashlib.sha256(found[n][task].read_bytes()).hexdigest()[:16] for n in found}
-        ref = load_file(str(path))
+        digests = {n: hashlib.sha256(found[n][name].read_bytes()).hexdigest()[:16] for n in found}
+        ref = tensors(path)
         diff = 0.0
         for o in others:
-            theirs = load_file(str(found[o][task]))
-            diff = max([diff, *(float((ref[k].double() - theirs[k].double()).abs().max()) for k in ref)])
-        scale = max(float(t.abs().max()) for t in ref.values() if t.is_floating_point())
-        out[task] = {
+            theirs = tensors(found[o][name])
+            diff = max([diff, *(float((t.double() - theirs[k].double()).abs().max()) for k, t in ref.items())])
+        out[name] = {
             "sha256": digests,
             "byte_identical": len(set(digests.values())) == 1,
             "max_abs_diff": diff,
-            "max_abs": scale,
+            "max_abs": max((float(t.double().abs().max()) for t in ref.values() if t.numel()), default=0.0),
         }
     return out
 
@@ -124,7 +144,9 @@ def main() -> None:
         "rows": {name: row_spread(name, runs, tasks) for name in names},
     }
     if args.experts:
-        result["experts"] = compare_experts({n: Path(d) for n, d in (item.split("=", 1) for item in args.experts)})
+        caches = (item.split("=", 1) for item in args.experts)
+        result["experts"] = compare_files({n: expert_weights(Path(d)) for n, d in caches})
+    result["artifacts"] = compare_files({n: run_artifacts(Path(d)) for n, d in dirs.items()})
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(args.out)
