@@ -11,6 +11,8 @@ from the files it documents, so the docs cannot drift from them:
   MergeKit merge methods);
 - ``mergekit_table``: each method's MergeKit translation or why it has none (docs/provenance.md);
 - ``first_hour``: the first-hour benchmark, ``experiments/first_hour.json``;
+- ``kernel_audit``: what differs between the embedded table's runs under different kernel choices,
+  ``experiments/embedded_table/kernel_spread.json``;
 - ``mergekit_parity``: mergelab against ``mergekit-yaml``, ``experiments/bench_mergekit_methods.json``;
 - ``streaming_merge``: the streaming benchmark's merges and whole processes, ``experiments/bench_streaming_merge.json``;
 - ``embedded_table``, ``smollm2_generative``, ``smollm2_data_free``: the measured tables of
@@ -520,6 +522,40 @@ def kernel_spreads(root: Path, name: str) -> dict[str, str] | None:
     return out
 
 
+def render_kernel_audit(root: Path) -> str | None:
+    """What differs between the embedded table's runs under different kernel choices
+    (``experiments/embedded_table/kernel_spread.json``): the runs and their environment, the rows that moved, and
+    the experts' and saved artifacts' bytes; None while that file does not exist."""
+    path = root / "experiments" / "embedded_table" / "kernel_spread.json"
+    if not path.is_file():
+        return None
+    data = load_json(path)
+    runs = field(data, "runs", path, (dict,))
+    rows = field(data, "rows", path, (dict,))
+    own = "this machine's own choice"
+    described = "; ".join(f"{code(n)}: {code(r['env']) if r.get('env') else own}" for n, r in runs.items())
+    moved = [(n, r) for n, r in rows.items() if isinstance(r, dict) and r.get("tasks_moved")]
+    which = "; ".join(
+        f"{n} (tasks {', '.join(r['tasks_moved'])}; average spread {r['avg_spread']:.2f})" for n, r in moved
+    )
+    date, machine = field(data, "date", path, (str,)), field(data, "machine", path, (str,))
+    lines = [
+        f"Measured on {date} ({prose(machine)}), complete runs of the table, each from its own cache so every expert "
+        f"and artifact was rebuilt under its choice: {described}.",
+        "",
+        f"Rows that moved: {len(moved)} of {len(rows)}{': ' + which if moved else ''}.",
+        "",
+        "| artifact | same bytes | max abs difference | max abs value |",
+        "|---|---|---:|---:|",
+    ]
+    for section in ("experts", "artifacts"):
+        for name, r in (data.get(section) or {}).items():
+            same = "yes" if r.get("byte_identical") else "no"
+            label = f"expert {name}" if section == "experts" else name
+            lines.append(f"| {code(label)} | {same} | {r['max_abs_diff']:.2g} | {r['max_abs']:.3g} |")
+    return "\n".join(lines)
+
+
 #: The embedded table before the first-hour changes (experts of format 1), kept to show what moved.
 PREVIOUS_EMBEDDED = "experiments/embedded_table/previous_2026-11-29/metrics.json"
 
@@ -570,6 +606,7 @@ RENDERERS: dict[str, Callable[[Path], str | None]] = {
     "streaming_merge": render_streaming_merge,
     **{n: render_run_table(n) for n in MEASURED_RUNS},
     "embedded_moved": render_embedded_moved,
+    "kernel_audit": render_kernel_audit,
 }
 #: The source each region is rendered from (named when a region is skipped).
 SOURCES = {
@@ -581,6 +618,7 @@ SOURCES = {
     "streaming_merge": "experiments/bench_streaming_merge.json",
     **{n: f"experiments/{n}/metrics.json" for n in MEASURED_RUNS},
     "embedded_moved": PREVIOUS_EMBEDDED,
+    "kernel_audit": "experiments/embedded_table/kernel_spread.json",
 }
 
 

@@ -317,6 +317,27 @@ def test_the_streaming_region_renders_each_methods_spread_and_the_ratio_to_merge
     assert gen.main(["--check", "--root", str(tmp_path), str(page)]) == 2  # a row without its method: refused
 
 
+def test_the_kernel_audit_region_names_the_rows_that_moved_and_the_artifacts(tmp_path: Path) -> None:
+    run = tmp_path / "experiments" / "embedded_table"
+    run.mkdir(parents=True)
+    still = {"avg_spread": 0.0, "tasks_moved": []}
+    data = {
+        "date": "2031-02-03",
+        "machine": "a 2-core test box",
+        "runs": {"avx512": {"env": ""}, "avx2": {"env": "ATEN_CPU_CAPABILITY=avx2"}},
+        "rows": {"ties": still, "awd_ta": {"avg_spread": 0.06, "tasks_moved": ["a", "c"]}},
+        "experts": {"a": {"byte_identical": False, "max_abs_diff": 3.8e-5, "max_abs": 7.91}},
+        "artifacts": {"awd_ta/delta.safetensors": {"byte_identical": True, "max_abs_diff": 0.0, "max_abs": 0.5}},
+    }
+    (run / "kernel_spread.json").write_text(json.dumps(data))
+    page = region_file(tmp_path / "bench.md", "kernel_audit")
+    assert gen.main(["--root", str(tmp_path), str(page)]) == 0
+    text = page.read_text()
+    assert "`avx512`: this machine's own choice; `avx2`: `ATEN_CPU_CAPABILITY=avx2`" in text
+    assert "Rows that moved: 1 of 2: awd_ta (tasks a, c; average spread 0.06)." in text
+    assert "| `expert a` | no | 3.8e-05 | 7.91 |" in text and "| `awd_ta/delta.safetensors` | yes | 0 | 0.5 |" in text
+
+
 def test_bad_markers_are_refused_naming_the_file_and_region(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     unknown = region_file(tmp_path / "unknown.md", "no_such_region")
     assert gen.main(["--root", str(tmp_path), "--check", str(unknown)]) == 2
