@@ -119,10 +119,12 @@ def read_files(dirs: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process."""
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set size (``VmRSS``) or its peak (``VmHWM``), in MiB. The peak is read here rather
+    than from ``getrusage``: Linux carries ``ru_maxrss`` across ``exec``, so a child started by a parent that once
+    held more (building the checkpoints) would report the parent's peak."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
 
 
 def cpu_s() -> float:
@@ -141,7 +143,7 @@ def child(method: str, base: str, experts: list[str], out: str) -> None:
     m = eval(METHODS[method])  # a fixed table of constructors above
     stream_merge(m, base, experts, out, overwrite=True, progress=False)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    peak = rss_mib("VmHWM")
     result = {"method": method, "wall_s": round(wall, 1), "cpu_s": round(cpu_s() - cpu0, 1)}
     result |= {"peak_rss_mib": round(peak), "rss_before_mib": round(rss0), **m.report()}
     print(json.dumps(result))
