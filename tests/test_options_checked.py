@@ -75,3 +75,22 @@ def test_lm_harness_on_a_pretrained_dir_without_tokenizer_fails_before_the_merge
     with pytest.raises(ValueError, match=match):
         run(make_cfg(out, [*overrides, "eval=lm_harness", "eval.tasks=[mergelab_sentiment]"], tiny=False))
     assert_nothing_written(out)
+
+
+def test_precisions_accepted_without_lightning_are_lightnings() -> None:
+    """The common precisions are accepted without importing Lightning (a streaming run that never trains would pay
+    ~200 MiB for the import); each must be one Lightning itself accepts, and a run merging a checkpoint pool with
+    one of them never imports Lightning for the check."""
+    import subprocess
+    import sys
+
+    from mergelab.training.distributed import COMMON_PRECISIONS, lightning_precisions
+
+    assert set(COMMON_PRECISIONS) <= set(lightning_precisions())
+    probe = (
+        "import sys; from mergelab.training.distributed import check_precision; "
+        "check_precision('trainer.precision', '32-true'); check_precision('tuning.precision', 'bf16-mixed'); "
+        "print('lightning' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"
