@@ -405,8 +405,8 @@ MERGEKIT_COUNTERPART = {"ta": "mergekit_ta", "metagpt": "mergekit_ta", "ties": "
 
 def spread(values: list[float], digits: int = 1) -> str:
     """Values measured several times as ``low - high`` (one value alone as itself)."""
-    low, high = min(values), max(values)
-    return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f} - {high:.{digits}f}"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low} - {high}"
 
 
 def grouped(rows: list[Any], key: str, path: Path) -> dict[str, list[dict[str, Any]]]:
