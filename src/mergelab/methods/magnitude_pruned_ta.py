@@ -29,5 +29,5 @@ class MagnitudePrunedTA(TIES):
     )
 
     def merge_chunk(self, block: Block, vectors: Sequence[Tensor]) -> Tensor:
-        trimmed, _ = self.trim_and_elect(block, vectors)
-        return trimmed.sum(0).mul_(self.scaling)
+        _, weighted = self.trim_and_weigh(block, vectors)  # no sign election: the sum of every survivor
+        return weighted.sum(0).mul_(self.scaling)

@@ -209,21 +209,18 @@ class TIES(TaskVectorMethod, FoldsLastPass, Sparsifier):
 
     # ------------------------------------------------------------------------------- merging
 
-    def trim_and_elect(self, block: Block, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Trimmed, weighed task vectors of one chunk (stacked, one row per task) and the elected sign per
-        coordinate."""
-        key = self._key(block)
-        weighted = weigh(trim(vectors, self._thresholds[key]), self._weights(len(vectors)))
-        return weighted, elect_sign(weighted, self._majority[key])
+    def trim_and_weigh(self, block: Block, vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The trimmed task vectors of one chunk (stacked, one row per task) and the same times their weights
+        (the same tensor without ``weights``)."""
+        trimmed = trim(vectors, self._thresholds[self._key(block)])
+        return trimmed, weigh(trimmed, self._weights(len(vectors)))
 
     def sparsify_chunk(self, block: Block, vectors: Sequence[Tensor]) -> list[Tensor]:
         """Each task's surviving entries (for combinations, which weigh them themselves): trimmed, unweighed, where
-        the weighed entry agrees with the elected sign."""
-        weighted, sign = self.trim_and_elect(block, vectors)
-        if self.weights is None:
-            return list(agreeing(weighted, sign)[0])
-        trimmed = trim(vectors, self._thresholds[self._key(block)])
-        return list(trimmed * agreeing(weighted, sign)[1])
+        the weighed entry agrees with the sign elected from the weighed ones."""
+        trimmed, weighted = self.trim_and_weigh(block, vectors)
+        selected, agree = agreeing(weighted, elect_sign(weighted, self._majority[self._key(block)]))
+        return list(selected if weighted is trimmed else trimmed * agree)
 
     # ------------------------------------------------------------------------------- folded sign pass
 
