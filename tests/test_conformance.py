@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from mergelab import task_vectors as tv
 from mergelab.engine import pipeline, streaming
+from mergelab.engine.passes import merge_in_memory
 from mergelab.engine.streaming import stream_merge
 from mergelab.io.reader import LazyCheckpoint
 from mergelab.io.writer import write_checkpoint
@@ -292,3 +293,25 @@ def test_option_types_follow_the_constructor(name: str, key: str, value: Any, me
     target[leaf] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         method_candidates(OmegaConf.create(node), False)
+
+
+# Rows whose options are per expert (one value per expert of the three-expert pool).
+PER_EXPERT_ROWS = sorted(n for n in VARIANTS if n not in {"slerp+gradient", "karcher+pretrained"})
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHOD_YAMLS if n.split("+")[0] in ONE_EXPERT) + PER_EXPERT_ROWS)
+def test_a_pool_the_method_cannot_merge_is_refused_on_every_way_in(
+    name: str, pool: dict[str, Any], tmp_path: Path
+) -> None:
+    """Direct calls of the engine (not only the run and the CLI) refuse the pool before any pass, writing nothing:
+    a one-expert method given three experts, per-expert options given a pool of two."""
+    one = name.split("+")[0] in ONE_EXPERT
+    n = 3 if one else 2
+    message = r"exactly one expert .* the pool has 3 experts" if one else r"method option '\w+' has 3 values for 2 experts"
+    method = build(name)
+    with pytest.raises(ValueError, match=message):
+        merge_in_memory(method, pool["base"], pool["experts"][:n])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        stream_merge(method, pool["base_dir"], pool["expert_dirs"][:n], out, progress=False)
+    assert not out.exists() and not list(tmp_path.iterdir())

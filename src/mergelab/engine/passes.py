@@ -89,6 +89,16 @@ class DeferredValues:
         self.count += index.numel()
 
 
+def check_pool(method: ChunkMethod, n_tasks: int) -> None:
+    """Refuse, before any pass, a pool the method cannot merge (its expert count, per-expert options naming
+    other experts): the one check every way into the engine goes through, the run's, the CLI's and a direct
+    :func:`merge_in_memory` or :func:`~mergelab.engine.streaming.stream_merge` call alike."""
+    check = getattr(method, "check_experts", None)
+    names = getattr(method, "expert_names", None)
+    if check is not None and names is not None:
+        check(names(n_tasks))
+
+
 def run_passes(
     method: ChunkMethod,
     blocks: Sequence[Block],
@@ -106,6 +116,7 @@ def run_passes(
     ``executor`` is a :class:`SequentialExecutor` or a :class:`~mergelab.engine.pipeline.ChunkPipeline`.
     The method's :meth:`~mergelab.engine.protocol.ChunkMethod.prior_stages` run their statistics passes first.
     """
+    check_pool(method, executor.n_tasks)
     parallel = bool(method.parallel_chunks)
     fold = deferred is not None and folds(method, executor.n_tasks)
     _run_statistics(method, blocks, executor, method.stat_passes - (1 if fold else 0), progress)

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from mergelab.config_types import Doc, Range
 from mergelab.methods.awd import LAYER_INDEX
-from mergelab.methods.base import expert_count_error
 from mergelab.methods.declaration import (
     REQUIRED,
     Exported,
@@ -204,9 +203,7 @@ class SLERP(GramCombination):
         self._t = t_per_tensor(self.t, names)
 
     def models(self, base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
-        if len(experts) != 1:
-            raise ValueError(expert_count_error(type(self), len(experts), self.expert_names(len(experts))))
-        return [base, *experts]
+        return [base, *experts]  # one expert: the engine checks expert_count before any pass
 
     def delta_coefficients(self, name: str, gram: Tensor) -> tuple[float, list[float]]:
         c0, c1 = slerp_coefficients(gram, self._t[name], self.dot_threshold, self.eps)
