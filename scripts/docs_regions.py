@@ -307,6 +307,13 @@ def load_json(path: Path) -> Any:
         raise RegionError(f"{path}: not valid JSON: {e}") from None
 
 
+def measured(root: Path, relative: str) -> tuple[Path, Any] | None:
+    """A benchmark's output ``root/relative`` and its parsed JSON; None while the benchmark has not written it (the
+    region keeps its text)."""
+    path = root / relative
+    return (path, load_json(path)) if path.is_file() else None
+
+
 def field(data: dict[str, Any], dotted: str, path: Path, kinds: tuple[type, ...]) -> Any:
     """``data``'s value at ``dotted`` (``a.b``), checked to be one of ``kinds``; a RegionError names the key."""
     value: Any = data
@@ -327,10 +334,10 @@ def seconds(value: float | None) -> str:
 
 def render_first_hour(root: Path) -> str | None:
     """The first-hour benchmark (``experiments/first_hour.json``) as a short table; None when not there yet."""
-    path = root / "experiments" / "first_hour.json"
-    if not path.is_file():
+    found = measured(root, "experiments/first_hour.json")
+    if found is None:
         return None
-    data = load_json(path)
+    path, data = found
     num, opt = (int, float), (int, float, type(None))
     date, machine = field(data, "date", path, (str,)), field(data, "machine", path, (str,))
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
@@ -363,10 +370,10 @@ def render_first_hour(root: Path) -> str | None:
 def render_mergekit_parity(root: Path) -> str | None:
     """mergelab against ``mergekit-yaml`` on one small pool (``experiments/bench_mergekit_methods.json``): each
     case's largest difference over all tensors; None when not there yet."""
-    path = root / "experiments" / "bench_mergekit_methods.json"
-    if not path.is_file():
+    found = measured(root, "experiments/bench_mergekit_methods.json")
+    if found is None:
         return None
-    data = load_json(path)
+    path, data = found
     date, version = field(data, "date", path, (str,)), field(data, "mergekit", path, (str,))
     results = field(data, "results", path, (dict,))
     lines = [
@@ -422,10 +429,10 @@ def grouped(rows: list[Any], key: str, path: Path) -> dict[str, list[dict[str, A
 def render_streaming_merge(root: Path) -> str | None:
     """The streaming benchmark (``experiments/bench_streaming_merge.json``): the merge alone per method, and whole
     processes beside MergeKit's; None when not there yet."""
-    path = root / "experiments" / "bench_streaming_merge.json"
-    if not path.is_file():
+    found = measured(root, "experiments/bench_streaming_merge.json")
+    if found is None:
         return None
-    data, lines = load_json(path), []
+    (path, data), lines = found, []
     num = (int, float)
     if "merge" in data:
         runs = grouped(field(data, "merge.rows", path, (list,)), "method", path)
@@ -473,10 +480,10 @@ def render_run_table(name: str) -> Callable[[Path], str | None]:
     """A renderer of the results table of the measured run ``experiments/<name>/metrics.json``."""
 
     def render(root: Path) -> str | None:
-        path = root / "experiments" / name / "metrics.json"
-        if not path.is_file():
+        found = measured(root, f"experiments/{name}/metrics.json")
+        if found is None:
             return None
-        data = load_json(path)
+        path, data = found
         tasks = field(data, "tasks", path, (list,))
         split = field(data, "report_split", path, (str,))
         rows = field(data, "rows", path, (dict,))
@@ -511,10 +518,11 @@ KERNEL_SPREAD_NOTE = (
 def kernel_spreads(root: Path, name: str) -> dict[str, str] | None:
     """Row -> its average's spread across kernel choices as printed (``0.13``), from
     ``experiments/<name>/kernel_spread.json``; None when that file does not exist."""
-    path = root / "experiments" / name / "kernel_spread.json"
-    if not path.is_file():
+    found = measured(root, f"experiments/{name}/kernel_spread.json")
+    if found is None:
         return None
-    rows = field(load_json(path), "rows", path, (dict,))
+    path, data = found
+    rows = field(data, "rows", path, (dict,))
     out = {}
     for row, r in rows.items():
         value = r.get("avg_spread") if isinstance(r, dict) else None
@@ -526,10 +534,10 @@ def render_kernel_audit(root: Path) -> str | None:
     """What differs between the embedded table's runs under different kernel choices
     (``experiments/embedded_table/kernel_spread.json``): the runs and their environment, the rows that moved, and
     the experts' and saved artifacts' bytes; None while that file does not exist."""
-    path = root / "experiments" / "embedded_table" / "kernel_spread.json"
-    if not path.is_file():
+    found = measured(root, "experiments/embedded_table/kernel_spread.json")
+    if found is None:
         return None
-    data = load_json(path)
+    path, data = found
     runs = field(data, "runs", path, (dict,))
     rows = field(data, "rows", path, (dict,))
     own = "this machine's own choice"
