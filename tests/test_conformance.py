@@ -307,7 +307,8 @@ def test_a_pool_the_method_cannot_merge_is_refused_on_every_way_in(
     a one-expert method given three experts, per-expert options given a pool of two."""
     one = name.split("+")[0] in ONE_EXPERT
     n = 3 if one else 2
-    message = r"exactly one expert .* the pool has 3 experts" if one else r"method option '\w+' has 3 values for 2 experts"
+    count, option = r"exactly one expert .* the pool has 3 experts", r"method option '\w+' has 3 values for 2 experts"
+    message = count if one else option
     method = build(name)
     with pytest.raises(ValueError, match=message):
         merge_in_memory(method, pool["base"], pool["experts"][:n])

@@ -82,7 +82,7 @@ def test_each_yaml_round_trips_through_mergekit_or_says_why_not(name: str, tmp_p
         found = export_merge(cls.__new__(cls), "base", NAMES, streamed=True, pool="checkpoint pool")
         assert found.config is None and found.reason == mapping
         return
-    names = NAMES[: mapping.experts or len(NAMES)]  # SLERP: the pretrained model and one expert
+    names = NAMES[: cls.expert_count or len(NAMES)]  # SLERP: the pretrained model and one expert
     overrides = [f"method={name}", *(f"method.{k}={v}" for k, v in mapping.expressible.items())]
     if "weights" in {o.name for o in options(cls)}:
         overrides.append("method.weights={" + ", ".join(f"{k}: {WEIGHTS[k]}" for k in names) + "}")
@@ -156,8 +156,8 @@ def test_each_mergekit_method_is_read_by_one_declaration() -> None:
     readers = mergekit_readers()
     assert {"task_arithmetic", "ties", "linear", "dare_linear", "dare_ties"} <= set(readers)
     assert {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce"} <= set(readers)
-    for name, (schema, mapping) in readers.items():
-        assert schema.name == name and schema in mapping.reads
+    for name, (schema, mapping, cls) in readers.items():
+        assert schema.name == name and schema in mapping.reads and cls.__dict__["mergekit"] is mapping
 
 
 @pytest.mark.parametrize("name", YAMLS)

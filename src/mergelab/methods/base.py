@@ -26,7 +26,7 @@ from mergelab.engine.forwarding import ForwardsPasses, View
 from mergelab.engine.passes import combine_in_memory, merge_in_memory
 from mergelab.engine.protocol import ChunkMethod, Sparsifier
 from mergelab.method_config import named_method_config
-from mergelab.methods.declaration import MergeKitMapping, checked_init
+from mergelab.methods.declaration import checked_init
 
 if TYPE_CHECKING:
     from mergelab.pools.base import ModelPool
@@ -65,9 +65,6 @@ class MergeMethod(ABC):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
-        mapping = cls.__dict__.get("mergekit")
-        if isinstance(mapping, MergeKitMapping):
-            mapping.method_class = cls  # what it maps: the class's expert count, for the reader and the export
 
     def run(self, pool: ModelPool) -> tv.StateDict:
         """Merge the shared (mergeable) parameters of ``pool``; unmerged ones stay pretrained.

@@ -253,14 +253,6 @@ class MergeKitMapping:
     #: The MergeKit merge methods this mapping reads.
     reads: tuple[MergeKitMethod, ...] = ()
 
-    #: The method class declaring this mapping (set when the class is defined).
-    method_class: type | None = None
-
-    @property
-    def experts(self) -> int | None:
-        """How many experts the merge takes: the declaring class's ``expert_count`` (None: any number)."""
-        return getattr(self.method_class, "expert_count", None)
-
     #: Option values under which the method's conf/method YAMLs export (none: they do as they are), for the docs
     #: and the round-trip test.
     expressible: Mapping[str, Any] = {}

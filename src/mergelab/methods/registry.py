@@ -38,10 +38,10 @@ def distinct_classes() -> list[type]:
 
 
 @functools.cache
-def mergekit_readers() -> dict[str, tuple[MergeKitMethod, MergeKitMapping]]:
-    """MergeKit merge method name -> its schema and the mapping that reads it, from every method's declaration
-    (a ValueError when two methods claim the same MergeKit method)."""
-    out: dict[str, tuple[MergeKitMethod, MergeKitMapping]] = {}
+def mergekit_readers() -> dict[str, tuple[MergeKitMethod, MergeKitMapping, type]]:
+    """MergeKit merge method name -> its schema, the mapping that reads it and the method class declaring that
+    mapping, from every method's declaration (a ValueError when two methods claim the same MergeKit method)."""
+    out: dict[str, tuple[MergeKitMethod, MergeKitMapping, type]] = {}
     for cls in distinct_classes():
         mapping = mergekit_of(cls)
         if isinstance(mapping, str):
@@ -49,5 +49,5 @@ def mergekit_readers() -> dict[str, tuple[MergeKitMethod, MergeKitMapping]]:
         for schema in mapping.reads:
             if schema.name in out and out[schema.name][1] is not mapping:
                 raise ValueError(f"MergeKit's {schema.name} is read by two methods ({cls.__name__} and another)")
-            out[schema.name] = (schema, mapping)
+            out[schema.name] = (schema, mapping, cls)
     return out

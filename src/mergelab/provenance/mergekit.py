@@ -85,7 +85,8 @@ def _translate_out(method: Any, n_experts: int) -> Any:
     mapping = mergekit_of(type(method))
     if isinstance(mapping, str):
         raise NotExpressible(mapping)
-    if mapping.experts is not None and n_experts != mapping.experts:
+    count = getattr(type(method), "expert_count", None)
+    if count is not None and n_experts != count:
         raise NotExpressible(expert_count_error(type(method), n_experts, method.expert_names(n_experts)))
     return mapping.export(method, n_experts)
 
@@ -255,7 +256,7 @@ class _Reader:
                 "merge_method",
                 f"{method!r} has no mergelab equivalent (mergelab imports {', '.join(sorted(readers))})",
             )
-        schema, mapping = readers[method]
+        schema, mapping, cls = readers[method]
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise self.fail("parameters", f"{params!r} is not a mapping")
@@ -268,10 +269,11 @@ class _Reader:
         if base is None and not schema.base_in_models:
             raise self.fail("base_model", f"missing: {method} adds task vectors to the base model")
         models, experts = self.models(data.get("models"), schema, base, params)
-        if mapping.experts is not None and len(experts) != mapping.experts:
+        count = getattr(cls, "expert_count", None)
+        if count is not None and len(experts) != count:
             from mergelab.methods.base import expert_count_error
 
-            raise self.fail("models", expert_count_error(mapping.method_class, len(experts), list(experts)))
+            raise self.fail("models", expert_count_error(cls, len(experts), list(experts)))
         spec = mapping.read(MergeKitInput(method, base, experts, models, shared, self.fail))
         self.check_dtypes(data, spec.pretrained)
         return spec
