@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mergelab.pools.base import Scores
-from mergelab.training.distributed import is_global_zero, shard_eval_loader, trainer_arguments
+from mergelab.training.distributed import is_global_zero, release_run, shard_eval_loader, trainer_arguments
 
 if TYPE_CHECKING:
     import lightning as L
@@ -111,7 +111,9 @@ def run_test(
         **{**arguments, "enable_progress_bar": bars, "use_distributed_sampler": False},
     )
     trainer.test(model, dataloaders=[shard_eval_loader(d) for d in loaders], verbose=False)
-    return dict(model.scores)
+    scores = dict(model.scores)
+    release_run(trainer, model)  # the scored model goes when its caller drops it, not at a later collection
+    return scores
 
 
 #: Version of what mergelab's scores mean (the scoring loops and metric definitions), in every cached score's key:

@@ -242,18 +242,8 @@ def fit(module: L.LightningModule, loader: Any, epochs: int, trainer_kwargs: Map
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     seconds, loss = time.perf_counter() - start, float(trainer.callback_metrics.get("train/loss", float("nan")))
-    release_training_state(trainer, module)
+    distributed.release_run(trainer, module)
     return seconds, loss
-
-
-def release_training_state(trainer: L.Trainer, module: L.LightningModule) -> None:
-    """Free the optimizer's state and the gradients now (3x the model's size with Adam): the trainer and the module
-    refer to each other, so they would otherwise live until a cyclic collection, and the next expert fine-tuned in
-    the same process would hold two of them (measured: SmolLM2-135M experts 3.1 GB apart before, see the note)."""
-    for optimizer in trainer.optimizers:
-        optimizer.state.clear()
-    module.zero_grad(set_to_none=True)
-    module.trainer = None  # the cycle trainer <-> module: the module goes with its last plain reference
 
 
 def build_expert(
