@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from mergelab.methods.awd_module import StepCounter
-from mergelab.training.distributed import release_run, trainer_arguments
+from mergelab.training.distributed import run_trainer, trainer_arguments
 
 
 class _TaskLogits(nn.Module):
@@ -135,8 +135,5 @@ def fit_coefficients(
         **trainer_arguments(trainer_kwargs),
         "use_distributed_sampler": False,  # every rank runs every step on the same batches
     }
-    trainer = L.Trainer(**kwargs)
-    trainer.fit(module)
-    coefficients = module.coefficients().detach().clone()
-    release_run(trainer, module)
-    return coefficients
+    run_trainer(kwargs, "fit", module)
+    return module.coefficients().detach().clone()

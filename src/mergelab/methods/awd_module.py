@@ -27,7 +27,7 @@ from mergelab.methods.awd_objective import (
     row_view,
     stack_rows,
 )
-from mergelab.training.distributed import release_run, trainer_arguments
+from mergelab.training.distributed import run_trainer, trainer_arguments
 
 
 class StepCounter(torch.utils.data.Dataset):
@@ -238,8 +238,7 @@ def fit_delta(
         }
         if per_tensor:
             kwargs["enable_progress_bar"] = False
-        trainer = L.Trainer(**kwargs)
-        trainer.fit(module)
+        run_trainer(kwargs, "fit", module)
         module.finish()
         for name, d in module.deltas().items():
             sq_norms[name] = float(fixed_sum(d.double().pow(2)))
@@ -254,7 +253,6 @@ def fit_delta(
         before, after = module.gram_before(), module.final["gram"]
         gram_before = before if gram_before is None else gram_before + before
         gram_after = after if gram_after is None else gram_after + after
-        release_run(trainer, module)
         del module
     if per_tensor and loggers:
         for step, rec in enumerate(history.rows(objective.alpha)):

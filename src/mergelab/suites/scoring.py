@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mergelab.pools.base import Scores
-from mergelab.training.distributed import is_global_zero, release_run, shard_eval_loader, trainer_arguments
+from mergelab.training.distributed import is_global_zero, run_trainer, shard_eval_loader, trainer_arguments
 
 if TYPE_CHECKING:
     import lightning as L
@@ -92,8 +92,6 @@ def run_test(
     example repeated) and the modules' torchmetrics sum their states across ranks when computed, so every rank
     returns the scores one process would.
     """
-    import lightning as L  # when something is scored: a merge-only run never needs it
-
     description = description or _DESCRIPTION.get()
     arguments = trainer_arguments(trainer_kwargs)
     bars = bool(arguments.get("enable_progress_bar", True)) and live_console(sys.stdout)
@@ -103,17 +101,17 @@ def run_test(
         hooks.append(described_progress_bar(description, tasks if len(tasks) == len(loaders) else []))
     elif description and is_global_zero():  # no bar: one line per scoring, from one rank
         log.info("scoring %s", description)
-    trainer = L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=hooks,
-        **{**arguments, "enable_progress_bar": bars, "use_distributed_sampler": False},
-    )
-    trainer.test(model, dataloaders=[shard_eval_loader(d) for d in loaders], verbose=False)
-    scores = dict(model.scores)
-    release_run(trainer, model)  # the scored model goes when its caller drops it, not at a later collection
-    return scores
+    kwargs = {
+        **arguments,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "callbacks": hooks,
+        "enable_progress_bar": bars,
+        "use_distributed_sampler": False,
+    }
+    run_trainer(kwargs, "test", model, dataloaders=[shard_eval_loader(d) for d in loaders], verbose=False)
+    return dict(model.scores)
 
 
 #: Version of what mergelab's scores mean (the scoring loops and metric definitions), in every cached score's key:

@@ -176,16 +176,28 @@ def trainer_arguments(trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def release_run(trainer: Any, module: Any) -> None:
-    """Free, now, what a finished ``trainer.fit`` / ``trainer.test`` of ``module`` holds: the optimizers' state and
-    the gradients (3x the weights with Adam), and the trainer itself. Lightning's trainer and module refer to each
-    other, so a dropped trainer, and the model it ran, would otherwise live until Python's next cyclic collection:
-    experts fine-tuned one after another, or merged models scored one after another, pile up meanwhile."""
+def run_trainer(kwargs: Mapping[str, Any], stage: str, module: Any, **arguments: Any) -> dict[str, Any]:
+    """``Trainer(**kwargs).<stage>(module, **arguments)`` (stage ``fit`` or ``test``); returns the trainer's
+    ``callback_metrics`` as floats, after freeing what the run holds.
+
+    Lightning's trainer and module refer to each other (and the trainer's connectors to the module), so a dropped
+    trainer, the optimizers' state (2x the weights with Adam), the gradients and the module itself would otherwise
+    live until Python's next cyclic collection: experts fine-tuned, or merged models scored, one after another in
+    one process would pile up meanwhile. Here the state and gradients are cleared, the module's link to the trainer
+    cut and the trainer collected, so ``module`` goes as soon as its caller drops it.
+    """
+    import lightning as L  # only where something is trained or scored
+
+    trainer = L.Trainer(**kwargs)
+    getattr(trainer, stage)(module, **arguments)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for optimizer in trainer.optimizers:
         optimizer.state.clear()
     module.zero_grad(set_to_none=True)
     module.trainer = None
+    del trainer
     gc.collect()
+    return metrics
 
 
 def lightning_precisions() -> list[str]:

@@ -238,12 +238,10 @@ def fit(module: L.LightningModule, loader: Any, epochs: int, trainer_kwargs: Map
         "log_every_n_steps": LOG_EVERY_N_STEPS,
         **trainer_arguments(trainer_kwargs),  # the run's trainer settings win
     }
-    trainer = L.Trainer(max_epochs=epochs, enable_checkpointing=False, enable_model_summary=False, **arguments)
+    kwargs = {"max_epochs": epochs, "enable_checkpointing": False, "enable_model_summary": False, **arguments}
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
-    seconds, loss = time.perf_counter() - start, float(trainer.callback_metrics.get("train/loss", float("nan")))
-    distributed.release_run(trainer, module)
-    return seconds, loss
+    metrics = distributed.run_trainer(kwargs, "fit", module, train_dataloaders=loader)
+    return time.perf_counter() - start, metrics.get("train/loss", float("nan"))
 
 
 def build_expert(
